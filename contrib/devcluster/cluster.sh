@@ -1,0 +1,465 @@
+#!/usr/bin/env bash
+# A real local Slurm cluster for slurmgate development and tests.
+#
+#   cluster.sh start | stop | restart | status | logs [N]
+#   cluster.sh daemon start | stop | restart | reload     (reload = SIGHUP to the slurmgate daemon)
+#
+# Two slurmd (node1: 4x a100, node2: 4x h100, fake GPU char devices) plus slurmctld on this
+# host, all configured under $DEVCLUSTER_DIR (default <repo>/.devcluster). Needs root and
+# Debian 12 (Slurm 22.05). `stop` ends slurmd, slurmctld, the slurmgate daemon and any job
+# processes of this cluster; munged is left running (other Slurm installs may share it).
+#
+# Environment:
+#   DEVCLUSTER_DIR            state folder                       (<repo>/.devcluster)
+#   SLURMGATE_VENV            venv holding the `slurmgate` CLI   (/opt/slurmgate/venv)
+#   SLURMGATE_POLICY_EXAMPLE  policy.toml to render from         (<repo>/contrib/examples/policy.toml)
+#   DEVCLUSTER_CTLD_PORT, DEVCLUSTER_NODE1_PORT, DEVCLUSTER_NODE2_PORT   (6817, 6818, 6819)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+DIR="${DEVCLUSTER_DIR:-$REPO/.devcluster}"
+VENV="${SLURMGATE_VENV:-/opt/slurmgate/venv}"
+POLICY_EXAMPLE="${SLURMGATE_POLICY_EXAMPLE:-$REPO/contrib/examples/policy.toml}"
+CTLD_PORT="${DEVCLUSTER_CTLD_PORT:-6817}"
+NODE1_PORT="${DEVCLUSTER_NODE1_PORT:-6818}"
+NODE2_PORT="${DEVCLUSTER_NODE2_PORT:-6819}"
+NODES=(node1 node2)
+RESEARCHERS=(alice bob carol mallory)
+PACKAGES=(slurmctld slurmd slurm-client munge lua-socket lua-cjson python3-venv)
+
+CONF="$DIR/etc/slurm.conf"
+SOCK="$DIR/run/slurmgate.sock"
+DAEMON_PID="$DIR/run/slurmgate.pid"
+CTLD_PID="$DIR/run/slurmctld.pid"
+export SLURM_CONF="$CONF"
+
+log() { echo "devcluster: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- process bookkeeping
+
+slurmd_pidfile() { echo "$DIR/run/slurmd-$1.pid"; }
+
+# Prints the pid from FILE if that process is alive and its command line contains PATTERN
+# (guards against a stale pid file whose number was reused).
+live_pid() {
+    local file="$1" pattern="$2" pid
+    [[ -s "$file" ]] || return 1
+    pid="$(tr -dc '0-9' <"$file")"
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$pattern" || return 1
+    echo "$pid"
+}
+
+daemon_pid() { live_pid "$DAEMON_PID" "slurmgate"; }
+ctld_pid() { live_pid "$CTLD_PID" "slurmctld"; }
+slurmd_pid() { live_pid "$(slurmd_pidfile "$1")" "slurmd"; }
+
+any_component_running() {
+    local n
+    daemon_pid >/dev/null && return 0
+    ctld_pid >/dev/null && return 0
+    for n in "${NODES[@]}"; do slurmd_pid "$n" >/dev/null && return 0; done
+    return 1
+}
+
+all_components_running() {
+    local n
+    daemon_pid >/dev/null && ctld_pid >/dev/null || return 1
+    for n in "${NODES[@]}"; do slurmd_pid "$n" >/dev/null || return 1; done
+}
+
+# Polls CMD every 0.2 s for at most SECONDS seconds.
+wait_until() {
+    local seconds="$1"; shift
+    local deadline=$((SECONDS + seconds))
+    until "$@"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
+pid_gone() { ! kill -0 "$1" 2>/dev/null; }
+
+# TERM, wait up to 20 s, then KILL.
+terminate() {
+    local pid="$1" name="$2"
+    kill -TERM "$pid" 2>/dev/null || return 0
+    if ! wait_until 20 pid_gone "$pid"; then
+        log "$name ($pid) ignored SIGTERM, killing"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_until 5 pid_gone "$pid" || die "$name ($pid) will not exit"
+    fi
+}
+
+# slurmstepd and job tasks outlive slurmd; they inherit SLURM_CONF=<our slurm.conf>, which is
+# how we tell them from processes of any other Slurm on the host.
+cluster_job_pids() {
+    local env_file pid
+    for env_file in /proc/[0-9]*/environ; do
+        pid="${env_file#/proc/}"; pid="${pid%/environ}"
+        [[ "$pid" != "$$" ]] || continue
+        tr '\0' '\n' <"$env_file" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF" || continue
+        grep -q '^slurmstepd\|' <"/proc/$pid/comm" 2>/dev/null && echo "$pid" && continue
+        tr '\0' '\n' <"$env_file" 2>/dev/null | grep -q '^SLURM_JOB_ID=' && echo "$pid"
+    done
+    return 0
+}
+
+# ---------------------------------------------------------------- host preparation
+
+install_missing_packages() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' \
+            || missing+=("$p")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+ensure_munged() {
+    if [[ ! -s /etc/munge/munge.key ]]; then
+        log "creating /etc/munge/munge.key"
+        mkdir -p /etc/munge
+        mungekey --create --keyfile=/etc/munge/munge.key 2>/dev/null \
+            || dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+    fi
+    chown munge:munge /etc/munge/munge.key
+    chmod 0400 /etc/munge/munge.key
+    munge_works && return 0
+    log "starting munged"
+    install -d -o munge -g munge -m 0755 /run/munge
+    install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
+    runuser -u munge -- /usr/sbin/munged
+    wait_until 10 munge_works || die "munged does not answer (see /var/log/munge/munged.log)"
+}
+
+ensure_researchers() {
+    local u
+    for u in "${RESEARCHERS[@]}"; do
+        id -u "$u" >/dev/null 2>&1 || useradd -m -s /bin/bash "$u"
+    done
+}
+
+make_fake_gpus() {
+    local n i dev
+    for n in "${NODES[@]}"; do
+        mkdir -p "$DIR/dev/$n"
+        for i in 0 1 2 3; do
+            dev="$DIR/dev/$n/nvidia$i"
+            [[ -c "$dev" ]] || { rm -f "$dev"; mknod -m 0666 "$dev" c 195 "$i"; }
+        done
+    done
+}
+
+make_state_dirs() {
+    local n
+    install -d -m 0755 "$DIR" "$DIR/etc" "$DIR/bin" "$DIR/dev" "$DIR/var" "$DIR/run" "$DIR/log"
+    install -d -m 0700 "$DIR/var/slurmctld"
+    for n in "${NODES[@]}"; do install -d -m 0755 "$DIR/var/slurmd/$n"; done
+    install -d -m 1777 "$DIR/spool"
+    make_fake_gpus
+}
+
+# ---------------------------------------------------------------- rendering
+
+# Replaces DEST with the content of SRC only if it differs (keeps mtimes stable on no-op starts).
+install_if_changed() {
+    local src="$1" dest="$2" mode="$3"
+    if [[ -f "$dest" ]] && cmp -s "$src" "$dest"; then
+        rm -f "$src"
+    else
+        chmod "$mode" "$src"
+        mv -f "$src" "$dest"
+    fi
+}
+
+sed_escape() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
+
+render_template() {
+    local name="$1" tmp
+    tmp="$(mktemp "$DIR/etc/.$name.XXXXXX")"
+    sed -e "s|@DIR@|$(sed_escape "$DIR")|g" \
+        -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
+        -e "s|@NODE1_PORT@|$NODE1_PORT|g" \
+        -e "s|@NODE2_PORT@|$NODE2_PORT|g" \
+        "$HERE/$name.in" >"$tmp"
+    install_if_changed "$tmp" "$DIR/etc/$name" 0644
+}
+
+render_slurm_conf() {
+    render_template slurm.conf
+    render_template gres.conf
+}
+
+# Plain `sbatch` (no SLURM_CONF) should reach this cluster, but never clobber a real config.
+link_etc_slurm_conf() {
+    local etc=/etc/slurm/slurm.conf
+    if [[ -L "$etc" || ! -e "$etc" ]]; then
+        mkdir -p /etc/slurm
+        ln -sfn "$CONF" "$etc"
+    elif [[ "$(readlink -f "$etc")" != "$CONF" ]]; then
+        log "note: $etc is a real file; use 'source $DIR/env.sh' to reach the dev cluster"
+    fi
+}
+
+write_file() {  # write_file PATH MODE <content on stdin>
+    local tmp
+    tmp="$(mktemp "$(dirname "$1")/.$(basename "$1").XXXXXX")"
+    cat >"$tmp"
+    install_if_changed "$tmp" "$1" "$2"
+}
+
+write_hook_wrapper() {
+    local hook="$1"
+    write_file "$DIR/bin/slurmgate-$hook" 0755 <<EOF
+#!/bin/bash
+# Slurm $hook hook. Always exits 0: a failing Prolog drains the node and holds the job.
+# A hung hook is cut off for the same reason.
+{
+    timeout -k 5 "\${SLURMGATE_HOOK_TIMEOUT:-30}" "$DIR/bin/slurmgate" hook $hook "\$@"
+    rc=\$?
+    ((rc == 0)) || echo "\$(date '+%F %T') slurmgate-$hook job=\${SLURM_JOB_ID:-\${JOBID:-?}} exit=\$rc"
+} </dev/null >>"$DIR/log/hooks.log" 2>&1
+exit 0
+EOF
+}
+
+write_wrappers() {
+    write_file "$DIR/bin/slurmgate" 0755 <<EOF
+#!/bin/bash
+export SLURMGATE_CONFIG="$DIR/etc/policy.toml"
+export SLURM_CONF="$CONF"
+exec "$VENV/bin/slurmgate" "\$@"
+EOF
+    write_hook_wrapper prolog
+    write_hook_wrapper epilog
+    write_hook_wrapper jobcomp
+    write_file "$DIR/env.sh" 0644 <<EOF
+# source me: points Slurm clients and the slurmgate CLI at the dev cluster
+export DEVCLUSTER_DIR="$DIR"
+export SLURMGATE_VENV="$VENV"
+export SLURM_CONF="$CONF"
+export SLURMGATE_CONFIG="$DIR/etc/policy.toml"
+case ":\$PATH:" in *":$DIR/bin:"*) ;; *) export PATH="$DIR/bin:\$PATH" ;; esac
+EOF
+}
+
+render_policy() {
+    [[ -f "$POLICY_EXAMPLE" ]] || die "missing $POLICY_EXAMPLE (set SLURMGATE_POLICY_EXAMPLE)"
+    local d tmp
+    d="$(sed_escape "$DIR")"
+    tmp="$(mktemp "$DIR/etc/.policy.toml.XXXXXX")"
+    sed -E \
+        -e "s|^([[:space:]]*socket[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/run/slurmgate.sock\"|" \
+        -e "s|^([[:space:]]*database[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/var/slurmgate.db\"|" \
+        -e "s|^([[:space:]]*spool_dir[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/spool\"|" \
+        -e "s|^([[:space:]]*log_file[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/log/slurmgate.log\"|" \
+        -e "s|^([[:space:]]*slurm_user[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"root\"|" \
+        -e "s|^([[:space:]]*checkpoint_root[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"/var/tmp/slurmgate-ckpt\"|" \
+        -e '/^\[nvml\]/,/^\[/ s|^([[:space:]]*backend[[:space:]]*=[[:space:]]*)"real"|\1"fake"|' \
+        "$POLICY_EXAMPLE" >"$tmp"
+    grep -qF "\"$DIR/run/slurmgate.sock\"" "$tmp" \
+        || log "warning: no 'socket = ...' line in $POLICY_EXAMPLE; the daemon may listen elsewhere"
+    chmod 0644 "$tmp"
+    mv -f "$tmp" "$DIR/etc/policy.toml"
+}
+
+render_job_submit_lua() {
+    local tmp
+    tmp="$(mktemp "$DIR/etc/.job_submit.lua.XXXXXX")"
+    "$VENV/bin/slurmgate" lua --socket "$SOCK" --timeout-ms 200 --fail-mode open >"$tmp" \
+        || { rm -f "$tmp"; die "'slurmgate lua' failed"; }
+    install_if_changed "$tmp" "$DIR/etc/job_submit.lua" 0644
+}
+
+# ---------------------------------------------------------------- components
+
+start_daemon() {
+    if daemon_pid >/dev/null; then return 0; fi
+    [[ -x "$VENV/bin/slurmgate" ]] || die "$VENV/bin/slurmgate missing (run 'make install')"
+    [[ -f "$DIR/etc/policy.toml" ]] || render_policy
+    rm -f "$SOCK"
+    log "starting slurmgate daemon"
+    # Not a process-group leader in a non-interactive shell, so setsid does not fork: $! is
+    # the daemon's own pid (the wrapper execs the console script).
+    setsid "$DIR/bin/slurmgate" daemon </dev/null >>"$DIR/log/slurmgate.log" 2>&1 &
+    echo $! >"$DAEMON_PID"
+    if ! wait_until 15 test -S "$SOCK"; then
+        tail -n 20 "$DIR/log/slurmgate.log" >&2 || true
+        die "slurmgate daemon did not create $SOCK within 15 s"
+    fi
+}
+
+stop_daemon() {
+    local pid
+    if pid="$(daemon_pid)"; then
+        log "stopping slurmgate daemon ($pid)"
+        terminate "$pid" "slurmgate daemon"
+    fi
+    rm -f "$DAEMON_PID" "$SOCK"
+}
+
+reload_daemon() {
+    local pid
+    pid="$(daemon_pid)" || die "slurmgate daemon is not running"
+    kill -HUP "$pid"
+    log "sent SIGHUP to slurmgate daemon ($pid)"
+}
+
+start_slurmctld() {
+    if ctld_pid >/dev/null; then return 0; fi
+    log "starting slurmctld"
+    slurmctld -f "$CONF" || { tail -n 20 "$DIR/log/slurmctld.log" >&2; die "slurmctld failed"; }
+    wait_until 15 ctld_pid >/dev/null || die "slurmctld did not stay up (see $DIR/log/slurmctld.log)"
+    wait_until 30 scontrol ping >/dev/null 2>&1 || die "slurmctld does not answer scontrol ping"
+}
+
+start_slurmd() {
+    local node="$1"
+    if slurmd_pid "$node" >/dev/null; then return 0; fi
+    log "starting slurmd $node"
+    slurmd -f "$CONF" -N "$node" \
+        || { tail -n 20 "$DIR/log/slurmd-$node.log" >&2; die "slurmd $node failed"; }
+    wait_until 15 slurmd_pid "$node" >/dev/null || die "slurmd $node did not stay up"
+}
+
+node_states() { sinfo -h -N -o '%N %T' 2>/dev/null | sort -u; }
+
+# Waits until every node is idle (or busy with jobs), resuming nodes left down or drained.
+wait_for_nodes() {
+    local deadline=$((SECONDS + 60)) states bad
+    while :; do
+        states="$(node_states)"
+        bad="$(awk '$2 !~ /^(idle|mixed|allocated|completing)$/ {print $1}' <<<"$states")"
+        if [[ -n "$states" && -z "$bad" ]]; then return 0; fi
+        if grep -Eq ' (down|drain|drained|draining|fail)' <<<"$states"; then
+            scontrol update nodename="$(grep -E ' (down|drain|drained|draining|fail)' <<<"$states" \
+                | awk '{print $1}' | paste -sd,)" state=resume 2>/dev/null || true
+        fi
+        ((SECONDS < deadline)) || { echo "$states" >&2; die "nodes not idle after 60 s"; }
+        sleep 0.5
+    done
+}
+
+stop_slurm() {
+    local pid n
+    for n in "${NODES[@]}"; do
+        if pid="$(slurmd_pid "$n")"; then
+            log "stopping slurmd $n ($pid)"
+            terminate "$pid" "slurmd $n"
+        fi
+    done
+    if pid="$(ctld_pid)"; then
+        log "stopping slurmctld ($pid)"
+        terminate "$pid" slurmctld
+    fi
+    local leftovers
+    leftovers="$(cluster_job_pids | paste -sd' ')"
+    if [[ -n "$leftovers" ]]; then
+        log "killing leftover job processes: $leftovers"
+        # shellcheck disable=SC2086
+        kill -KILL $leftovers 2>/dev/null || true
+        wait_until 5 bash -c "! kill -0 $leftovers 2>/dev/null" || log "warning: some job processes survive"
+    fi
+}
+
+# ---------------------------------------------------------------- commands
+
+cmd_start() {
+    [[ $EUID -eq 0 ]] || die "must run as root"
+    if [[ -d "$DIR" ]] && all_components_running; then
+        log "already running"
+        return 0
+    fi
+    local fresh=1
+    any_component_running && fresh=0
+    install_missing_packages
+    ensure_munged
+    ensure_researchers
+    make_state_dirs
+    render_slurm_conf
+    write_wrappers
+    link_etc_slurm_conf
+    # Tests may edit etc/policy.toml; only a cold start re-renders it from the example.
+    if ((fresh)) || [[ ! -f "$DIR/etc/policy.toml" ]]; then render_policy; fi
+    [[ -x "$VENV/bin/slurmgate" ]] || die "$VENV/bin/slurmgate missing (run 'make install')"
+    render_job_submit_lua
+    start_daemon
+    start_slurmctld
+    local n
+    for n in "${NODES[@]}"; do start_slurmd "$n"; done
+    wait_for_nodes
+    log "up: $(node_states | paste -sd' ')  (source $DIR/env.sh)"
+}
+
+cmd_stop() {
+    stop_slurm
+    stop_daemon
+    log "stopped (munged left running)"
+}
+
+component_line() {
+    local name="$1" pid
+    if pid="$("${@:2}")"; then
+        printf '%-12s running (pid %s)\n' "$name" "$pid"
+    else
+        printf '%-12s stopped\n' "$name"
+    fi
+}
+
+cmd_status() {
+    local n rc=0
+    if munge_works; then printf '%-12s running\n' munged; else printf '%-12s stopped\n' munged; fi
+    component_line slurmgate daemon_pid
+    component_line slurmctld ctld_pid
+    for n in "${NODES[@]}"; do component_line "slurmd $n" slurmd_pid "$n"; done
+    if ctld_pid >/dev/null; then
+        echo
+        sinfo -N -o '%N %P %T %G' || true
+    fi
+    all_components_running || rc=3
+    return "$rc"
+}
+
+cmd_logs() {
+    local lines="${1:-50}" f
+    shopt -s nullglob
+    for f in "$DIR"/log/*.log; do
+        echo "==> $f <=="
+        tail -n "$lines" "$f"
+        echo
+    done
+}
+
+cmd_daemon() {
+    case "${1:-}" in
+        start) start_daemon ;;
+        stop) stop_daemon ;;
+        restart) stop_daemon; start_daemon ;;
+        reload) reload_daemon ;;
+        *) die "usage: $0 daemon start|stop|restart|reload" ;;
+    esac
+}
+
+main() {
+    case "${1:-}" in
+        start) cmd_start ;;
+        stop) cmd_stop ;;
+        restart) cmd_stop; cmd_start ;;
+        status) cmd_status ;;
+        logs) cmd_logs "${2:-50}" ;;
+        daemon) cmd_daemon "${2:-}" ;;
+        *) echo "usage: $0 start|stop|restart|status|logs [N]|daemon start|stop|restart|reload" >&2
+           exit 2 ;;
+    esac
+}
+
+main "$@"

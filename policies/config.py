@@ -1,0 +1,302 @@
+"""The policy file: one TOML document, validated by pydantic.
+
+Every field has a docstring because admins read the error messages this module produces:
+an invalid file names the file, the field and what is allowed (see ``load_policy``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+DEFAULT_POLICY_PATH = "/etc/slurmgate/policy.toml"
+
+
+class PolicyError(Exception):
+    """The policy file is missing, not TOML, or does not validate. The message says where."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonSettings(_Model):
+    socket: str = "/run/slurmgate/slurmgate.sock"
+    """Unix socket the daemon listens on (job_submit.lua, hooks and the CLI connect here)."""
+    database: str = "/var/lib/slurmgate/slurmgate.db"
+    """SQLite database; the daemon is its only writer."""
+    spool_dir: str = "/var/spool/slurmgate"
+    """Where hooks drop records when the daemon is unreachable (may be shared storage)."""
+    log_file: str = ""
+    """Structured decision log; empty means standard error."""
+    slurm_user: str = "slurm"
+    """SlurmUser of slurmctld: with root, the only peer allowed to ask for decisions and send
+    job events."""
+    admins: list[str] = ["root"]
+    """Users allowed admin actions (approvals, holds, drains) and to see every team."""
+    cluster: str = "default"
+    """Cluster name recorded with every run (a run is keyed cluster, job id, restart count)."""
+    reconcile_seconds: float = 30.0
+    """How often the daemon compares its reservations with Slurm's queue."""
+    slurm_backend: Literal["cli", "pyslurm"] = "cli"
+    """How slurmgate talks to Slurm: the CLI's JSON output, or pyslurm on Slurm 25.11."""
+    metrics_listen: str = ""
+    """host:port for Prometheus metrics; empty disables them (bind to 127.0.0.1 by default)."""
+
+
+class AllowedValues(_Model):
+    values: list[str] = []
+    """Exact values allowed for this key (case-sensitive)."""
+    regex: str = ""
+    """A regular expression the whole value must match."""
+    description: str = ""
+    """Shown to users when a value is wrong, e.g. 'cost centre code like CC1234'."""
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        if v:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return v
+
+
+class TagPolicy(_Model):
+    required: list[str] = ["project"]
+    """Keys every job must carry in --comment (key=value,key=value)."""
+    allowed: dict[str, AllowedValues] = {}
+    """Allowed values per key. 'project' is checked against the team's projects as well."""
+    unknown: Literal["warn", "reject", "ignore"] = "warn"
+    """What to do with keys that are neither required nor listed in 'allowed'."""
+    max_length: int = 1024
+    """Longest --comment accepted, in bytes."""
+
+
+class Team(_Model):
+    accounts: list[str] = []
+    """Slurm accounts (--account) that belong to this team."""
+    members: list[str] = []
+    """Users whose jobs fall to this team when their account maps to no team."""
+    leads: list[str] = []
+    """Users who may see this team's data (members may too)."""
+    projects: list[str] = []
+    """Projects this team may charge; empty means any project value passes."""
+    cost_center: str = ""
+    """Default cost centre for chargeback when a job does not name one."""
+    budget: float = 0.0
+    """Budget per period in the rate card's currency; 0 means no budget is enforced."""
+    soft_limit: float = 0.8
+    """Fraction of the budget above which jobs are moved to the low-priority partition."""
+    hard_limit: float = 1.0
+    """Fraction of the budget above which jobs are rejected (approvals may lift it)."""
+    share: float = 1.0
+    """Fairshare shares: the team's slice of the cluster relative to the other teams."""
+
+    @model_validator(mode="after")
+    def _limits_ordered(self) -> Team:
+        if self.soft_limit > self.hard_limit:
+            raise ValueError("soft_limit must not be above hard_limit")
+        if self.share <= 0:
+            raise ValueError("share must be positive")
+        return self
+
+
+class Rates(_Model):
+    currency: str = "$"
+    """Symbol used in messages and reports."""
+    gpu_hour: dict[str, float] = {}
+    """Price of one GPU-hour by GPU type (e.g. a100 = 2.5)."""
+    cpu_core_hour: float = 0.0
+    """Price of one CPU core-hour."""
+    mem_gb_hour: float = 0.0
+    """Price of one GB-hour of memory."""
+    kwh: float = 0.0
+    """Price of one kWh of measured GPU energy (settlement only; 0 disables)."""
+
+
+class Partition(_Model):
+    default_gpu_type: str = ""
+    """GPU type used to price untyped requests (--gres=gpu:2) in this partition."""
+    max_time_minutes: int = 0
+    """Time limit used to price a job without -t; 0 means such GPU jobs are rejected."""
+    price_factor: float = 1.0
+    """Multiplier on the rate card (e.g. 0.3 for a preemptible partition)."""
+    shards_per_gpu: int = 8
+    """gres/shard requests are priced as shards / shards_per_gpu GPUs."""
+
+
+class Budgets(_Model):
+    period: Literal["month", "quarter", "year"] = "month"
+    """Budget period; spend and reservations reset at its start."""
+    mode: Literal["chargeback", "showback"] = "chargeback"
+    """showback: nothing is enforced as money, everything is still reported."""
+    soft_partition: str = "scavenger"
+    """Where jobs over the soft limit are moved (low priority, preemptible)."""
+    array_concurrency: Literal["all", "throttle"] = "throttle"
+    """Arrays reserve every task ('all') or only as many as the % throttle lets run."""
+
+
+class Fairshare(_Model):
+    half_life_hours: float = 168.0
+    """Half-life of the team usage decay (Slurm's PriorityDecayHalfLife)."""
+    nice_max: int = 10000
+    """nice given to a team at factor 0; factor 1 gets 0."""
+
+
+class Checkpoint(_Model):
+    inject: Literal["all", "tagged", "off"] = "tagged"
+    """Inject the checkpoint directory into every batch job, only jobs tagged ckpt=yes, or none."""
+    checkpoint_root: str = "/shared/checkpoints"
+    """Root of per-job checkpoint directories: ROOT/TEAM/USER/JOBNAME."""
+    env_var: str = "SLURMGATE_CKPT_DIR"
+    """Environment variable that names the checkpoint directory inside the job."""
+    warn_signal: str = "USR1"
+    """Signal sent to the batch shell before the time limit or preemption."""
+    warn_seconds: int = 120
+    """How long before the end the signal is sent."""
+
+
+class Requeue(_Model):
+    max_restarts: int = 3
+    """Requeues allowed per job after node failures; then the job is held."""
+    exclude_failed_nodes: bool = True
+    """Exclude the node that failed from the requeued job."""
+    credit_node_failure: bool = True
+    """Do not charge the team for a run that died with its node."""
+    credit_preemption: bool = False
+    """Do not charge the team for runs preempted from the scavenger partition."""
+    drain_after_failures: int = 3
+    """Drain a node after this many failures within the window; 0 disables draining."""
+    drain_window_hours: float = 24.0
+    """Window for counting node failures."""
+
+
+class FakeNode(_Model):
+    gpu_type: str = "a100"
+    """GPU type name of every fake device on this node."""
+    count: int = 4
+    """Number of fake devices (minor numbers 0..count-1)."""
+    power_watts: float = 300.0
+    """Mean power draw of a busy fake GPU."""
+    utilization: list[int] = [90, 95, 60, 85]
+    """Utilisation profile in percent, cycled over samples."""
+    memory_gb: float = 80.0
+    """Memory per device."""
+
+
+class Nvml(_Model):
+    backend: Literal["real", "fake"] = "real"
+    """'real' uses nvidia-ml-py; 'fake' is a deterministic stand-in for machines without GPUs."""
+    fake_nodes: dict[str, FakeNode] = {}
+    """Fake devices per node name (SLURMD_NODENAME); unnamed nodes get the defaults."""
+    sample_seconds: float = 30.0
+    """Node agent sampling interval."""
+    raw_retention_days: int = 14
+    """How long raw utilisation samples are kept before only hourly rollups remain."""
+
+
+class Export(_Model):
+    out_dir: str = "/var/lib/slurmgate/exports"
+    """Where nightly exports are written."""
+
+
+class Policy(_Model):
+    daemon: DaemonSettings = DaemonSettings()
+    tags: TagPolicy = TagPolicy()
+    teams: dict[str, Team] = {}
+    users: dict[str, str] = {}
+    """user -> team, used when the job's account maps to no team."""
+    rates: Rates = Rates()
+    partitions: dict[str, Partition] = {}
+    budgets: Budgets = Budgets()
+    fairshare: Fairshare = Fairshare()
+    checkpoint: Checkpoint = Checkpoint()
+    requeue: Requeue = Requeue()
+    nvml: Nvml = Nvml()
+    export: Export = Export()
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Policy:
+        for user, team in self.users.items():
+            if team not in self.teams:
+                raise ValueError(
+                    f"users.{user} names team '{team}', which is not defined; "
+                    f"defined teams: {', '.join(sorted(self.teams)) or '(none)'}"
+                )
+        seen: dict[str, str] = {}
+        for name, team in self.teams.items():
+            for account in team.accounts:
+                if account in seen:
+                    raise ValueError(
+                        f"account '{account}' belongs to both teams '{seen[account]}' and '{name}'"
+                    )
+                seen[account] = name
+        return self
+
+    # -- lookups used on the decision path -------------------------------------------------
+
+    def team_for(self, account: str | None, user: str | None) -> str | None:
+        """Team of a job: its Slurm account first, then the user map, then team membership."""
+        if account:
+            for name, team in self.teams.items():
+                if account in team.accounts:
+                    return name
+        if user:
+            if user in self.users:
+                return self.users[user]
+            for name, team in self.teams.items():
+                if user in team.members:
+                    return name
+        return None
+
+    def teams_of_user(self, user: str) -> list[str]:
+        """Teams whose data this user may see."""
+        if user in self.daemon.admins:
+            return sorted(self.teams)
+        mine = {n for n, t in self.teams.items() if user in t.members or user in t.leads}
+        if user in self.users:
+            mine.add(self.users[user])
+        return sorted(mine)
+
+
+def _format_error(path: str, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid policy ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; see contrib/examples/policy.toml)"
+        elif err["type"] == "literal_error":
+            msg = f"must be one of {err.get('ctx', {}).get('expected', '')}"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_policy(text: str, path: str = "<policy>") -> Policy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_format_error(path, exc)) from exc
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; raise PolicyError with a readable message."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{p}: cannot read policy file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{p}: policy file is not UTF-8: {exc}") from exc
+    return parse_policy(text, str(p))
+

@@ -1,0 +1,96 @@
+"""A job as slurmgate sees it at submit time: the job_desc fields job_submit.lua sends.
+
+The Lua shim sends raw values; Slurm marks unset numbers with NO_VAL sentinels, which
+``JobRequest.from_wire`` turns into None so nothing downstream needs to know them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+# Slurm's "not set" sentinels (NO_VAL16, INFINITE16, NO_VAL, INFINITE, NO_VAL64, INFINITE64).
+_UNSET = {0xFFFE, 0xFFFF, 0xFFFFFFFE, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFE, 0xFFFFFFFFFFFFFFFF}
+MEM_PER_CPU_FLAG = 0x8000000000000000
+
+_INT_FIELDS = (
+    "uid", "time_limit", "min_nodes", "max_nodes", "num_tasks", "ntasks_per_node",
+    "cpus_per_task", "min_cpus", "min_mem_per_node", "min_mem_per_cpu", "pn_min_memory",
+    "nice", "job_id",
+)
+_STR_FIELDS = (
+    "user", "account", "partition", "comment", "wckey", "name", "work_dir", "array_inx",
+    "tres_per_job", "tres_per_node", "tres_per_socket", "tres_per_task", "gres", "script_head",
+    "qos", "exc_nodes",
+)
+
+
+class JobRequest(BaseModel):
+    """What the policy needs to know about a submission. Times are in minutes, memory in MB."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    user: str = ""
+    uid: int | None = None
+    account: str | None = None
+    partition: str | None = None
+    comment: str | None = None
+    wckey: str | None = None
+    name: str | None = None
+    work_dir: str | None = None
+    time_limit: int | None = None
+    min_nodes: int | None = None
+    max_nodes: int | None = None
+    num_tasks: int | None = None
+    ntasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    min_cpus: int | None = None
+    min_mem_per_node: int | None = None
+    min_mem_per_cpu: int | None = None
+    array_inx: str | None = None
+    tres_per_job: str | None = None
+    tres_per_node: str | None = None
+    tres_per_socket: str | None = None
+    tres_per_task: str | None = None
+    qos: str | None = None
+    exc_nodes: str | None = None
+    job_id: int | None = None
+    batch: bool = True
+    requeue: bool | None = None
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> JobRequest:
+        """Build from job_submit.lua's JSON: drop sentinels, empty strings and wrong types."""
+        clean: dict[str, Any] = {}
+        for key in _INT_FIELDS:
+            v = raw.get(key)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            v = int(v)
+            if v in _UNSET or v < 0:
+                continue
+            clean[key] = v
+        for key in _STR_FIELDS:
+            v = raw.get(key)
+            if isinstance(v, str) and v != "":
+                clean[key] = v
+        # pn_min_memory carries either MB per node or, with the flag bit, MB per CPU.
+        pn = clean.pop("pn_min_memory", None)
+        if pn is not None:
+            if pn & MEM_PER_CPU_FLAG:
+                clean.setdefault("min_mem_per_cpu", pn & ~MEM_PER_CPU_FLAG)
+            else:
+                clean.setdefault("min_mem_per_node", pn)
+        # Older field name: job_desc.gres is tres_per_node with "gres:" prefixes.
+        gres = clean.pop("gres", None)
+        if gres and "tres_per_node" not in clean:
+            clean["tres_per_node"] = gres
+        if isinstance(raw.get("batch"), bool):
+            clean["batch"] = raw["batch"]
+        if isinstance(raw.get("requeue"), int) and not isinstance(raw.get("requeue"), bool):
+            if raw["requeue"] not in _UNSET:
+                clean["requeue"] = bool(raw["requeue"])
+        elif isinstance(raw.get("requeue"), bool):
+            clean["requeue"] = raw["requeue"]
+        return cls.model_validate(clean)
