@@ -55,6 +55,8 @@ class AllowedValues(_Model):
     """A regular expression the whole value must match."""
     description: str = ""
     """Shown to users when a value is wrong, e.g. 'cost centre code like CC1234'."""
+    example: str = ""
+    """A valid value used in the corrected example line of a rejection."""
 
     @field_validator("regex")
     @classmethod

@@ -10,14 +10,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-# Slurm's "not set" sentinels (NO_VAL16, INFINITE16, NO_VAL, INFINITE, NO_VAL64, INFINITE64).
-_UNSET = {0xFFFE, 0xFFFF, 0xFFFFFFFE, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFE, 0xFFFFFFFFFFFFFFFF}
-MEM_PER_CPU_FLAG = 0x8000000000000000
+# Slurm's "not set" sentinels are NO_VAL/INFINITE at each width. Lua numbers are doubles, so
+# 64-bit sentinels arrive rounded: anything at or above the 32-bit NO_VAL counts as unset, and
+# 16-bit fields also drop NO_VAL16/INFINITE16.
+_UNSET_32 = 0xFFFFFFFE
+_UNSET_16 = 0xFFFE
+_U16_FIELDS = {"cpus_per_task", "ntasks_per_node"}
 
 _INT_FIELDS = (
     "uid", "time_limit", "min_nodes", "max_nodes", "num_tasks", "ntasks_per_node",
     "cpus_per_task", "min_cpus", "min_mem_per_node", "min_mem_per_cpu", "pn_min_memory",
-    "nice", "job_id",
+    "nice", "job_id", "sockets_per_node",
 )
 _STR_FIELDS = (
     "user", "account", "partition", "comment", "wckey", "name", "work_dir", "array_inx",
@@ -58,6 +61,7 @@ class JobRequest(BaseModel):
     job_id: int | None = None
     batch: bool = True
     requeue: bool | None = None
+    sockets_per_node: int | None = None
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> JobRequest:
@@ -67,30 +71,29 @@ class JobRequest(BaseModel):
             v = raw.get(key)
             if isinstance(v, bool) or not isinstance(v, int | float):
                 continue
+            if v != v or v < 0 or v >= _UNSET_32:  # NaN, negative, sentinel
+                continue
             v = int(v)
-            if v in _UNSET or v < 0:
+            if key in _U16_FIELDS and v >= _UNSET_16:
                 continue
             clean[key] = v
         for key in _STR_FIELDS:
             v = raw.get(key)
             if isinstance(v, str) and v != "":
                 clean[key] = v
-        # pn_min_memory carries either MB per node or, with the flag bit, MB per CPU.
-        pn = clean.pop("pn_min_memory", None)
-        if pn is not None:
-            if pn & MEM_PER_CPU_FLAG:
-                clean.setdefault("min_mem_per_cpu", pn & ~MEM_PER_CPU_FLAG)
-            else:
-                clean.setdefault("min_mem_per_node", pn)
+        # pn_min_memory mixes per-node and per-CPU memory behind a flag bit that a double
+        # cannot carry; the Lua shim sends min_mem_per_node/min_mem_per_cpu instead.
+        clean.pop("pn_min_memory", None)
         # Older field name: job_desc.gres is tres_per_node with "gres:" prefixes.
         gres = clean.pop("gres", None)
         if gres and "tres_per_node" not in clean:
             clean["tres_per_node"] = gres
         if isinstance(raw.get("batch"), bool):
             clean["batch"] = raw["batch"]
-        if isinstance(raw.get("requeue"), int) and not isinstance(raw.get("requeue"), bool):
-            if raw["requeue"] not in _UNSET:
-                clean["requeue"] = bool(raw["requeue"])
+        rq = raw.get("requeue")
+        if isinstance(rq, int | float) and not isinstance(rq, bool):
+            if 0 <= rq < _UNSET_16:
+                clean["requeue"] = bool(rq)
         elif isinstance(raw.get("requeue"), bool):
             clean["requeue"] = raw["requeue"]
         return cls.model_validate(clean)

@@ -6,8 +6,9 @@
 #
 # Two slurmd (node1: 4x a100, node2: 4x h100, fake GPU char devices) plus slurmctld on this
 # host, all configured under $DEVCLUSTER_DIR (default <repo>/.devcluster). Needs root and
-# Debian 12 (Slurm 22.05). `stop` ends slurmd, slurmctld, the slurmgate daemon and any job
-# processes of this cluster; munged is left running (other Slurm installs may share it).
+# Debian 12 (Slurm 22.05). `stop` cancels running jobs (pending ones survive), then ends
+# slurmctld, slurmd, the slurmgate daemon and any leftover job processes of this cluster;
+# munged is left running (other Slurm installs may share it).
 #
 # Environment:
 #   DEVCLUSTER_DIR            state folder                       (<repo>/.devcluster)
@@ -48,7 +49,7 @@ live_pid() {
     [[ -s "$file" ]] || return 1
     pid="$(tr -dc '0-9' <"$file")"
     [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$pattern" || return 1
+    tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$pattern" || return 1
     echo "$pid"
 }
 
@@ -100,9 +101,9 @@ cluster_job_pids() {
     for env_file in /proc/[0-9]*/environ; do
         pid="${env_file#/proc/}"; pid="${pid%/environ}"
         [[ "$pid" != "$$" ]] || continue
-        tr '\0' '\n' <"$env_file" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF" || continue
-        grep -q '^slurmstepd\|' <"/proc/$pid/comm" 2>/dev/null && echo "$pid" && continue
-        tr '\0' '\n' <"$env_file" 2>/dev/null | grep -q '^SLURM_JOB_ID=' && echo "$pid"
+        tr '\0' '\n' 2>/dev/null <"$env_file" | grep -qxF "SLURM_CONF=$CONF" || continue
+        if [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == slurmstepd ]]; then echo "$pid"; continue; fi
+        tr '\0' '\n' 2>/dev/null <"$env_file" | grep -q '^SLURM_JOB_ID=' && echo "$pid"
     done
     return 0
 }
@@ -349,18 +350,35 @@ wait_for_nodes() {
     done
 }
 
+running_job_ids() { squeue -h -t RUNNING,SUSPENDED,CONFIGURING,COMPLETING -o %i 2>/dev/null; }
+no_running_jobs() { [[ -z "$(running_job_ids)" ]]; }
+
+# Job processes would outlive slurmd and come back as ghost RUNNING jobs on the next start, so
+# running jobs are cancelled (Epilog and jobcomp still run). Pending jobs survive a restart.
+cancel_running_jobs() {
+    local ids
+    ids="$(running_job_ids | paste -sd' ')"
+    [[ -n "$ids" ]] || return 0
+    log "cancelling running jobs: $ids"
+    # shellcheck disable=SC2086
+    scancel $ids 2>/dev/null || true
+    wait_until 30 no_running_jobs || log "warning: jobs still running: $(running_job_ids | paste -sd' ')"
+}
+
 stop_slurm() {
     local pid n
+    if ctld_pid >/dev/null; then cancel_running_jobs; fi
+    # Controller first: stopped slurmds would leave it waiting on RPCs to them at shutdown.
+    if pid="$(ctld_pid)"; then
+        log "stopping slurmctld ($pid)"
+        terminate "$pid" slurmctld
+    fi
     for n in "${NODES[@]}"; do
         if pid="$(slurmd_pid "$n")"; then
             log "stopping slurmd $n ($pid)"
             terminate "$pid" "slurmd $n"
         fi
     done
-    if pid="$(ctld_pid)"; then
-        log "stopping slurmctld ($pid)"
-        terminate "$pid" slurmctld
-    fi
     local leftovers
     leftovers="$(cluster_job_pids | paste -sd' ')"
     if [[ -n "$leftovers" ]]; then
