@@ -112,12 +112,15 @@ def check_tags(comment: str | None, policy: Policy, team: str | None) -> TagChec
     result = TagCheck()
     if comment is not None and len(comment.encode("utf-8", "surrogateescape")) > policy.tags.max_length:
         result.errors.append(
-            f"--comment is {len(comment)} characters long; the limit is {policy.tags.max_length}"
+            f"--comment is {len(comment)} characters long; the limit is "
+            f"{policy.tags.max_length} (tags only: key=value,key=value)"
         )
-        tags: dict[str, str] = {}
-    else:
-        tags, syntax = parse_tags(comment)
-        result.errors.extend(syntax)
+        example = {k: _placeholder(policy, _allowed_for(policy, team, k)[0], k)
+                   for k in policy.tags.required}
+        result.example = f'sbatch --comment "{format_tags(example)}" ...'
+        return result
+    tags, syntax = parse_tags(comment)
+    result.errors.extend(syntax)
 
     example: dict[str, str] = {}
     valid: dict[str, str] = {}

@@ -191,9 +191,17 @@ class _Handler(socketserver.BaseRequestHandler):
             if not line:
                 return
             if len(line) > MAX_LINE and not line.endswith(b"\n"):
+                # Skip the rest of the line (bounded), answer, and carry on with the next one.
+                skipped = len(line)
+                while skipped < 64 * MAX_LINE:
+                    rest = reader.readline(MAX_LINE)
+                    skipped += len(rest)
+                    if not rest or rest.endswith(b"\n"):
+                        break
                 resp = {"ok": False, "error": f"request longer than {MAX_LINE} bytes"}
-                self._send(sock, resp)
-                return
+                if not self._send(sock, resp) or skipped >= 64 * MAX_LINE:
+                    return
+                continue
             resp = daemon.handle(line, peer)
             if not self._send(sock, resp):
                 return
