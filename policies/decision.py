@@ -6,10 +6,15 @@ arguments; the daemon does the I/O around it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from policies.config import Policy
+from policies.cost import CostError, Estimate, estimate_job, format_money
+from policies.fairshare import nice_for
+from policies.gpu import GpuRequestError, parse_array
+from policies.ledger import Ledger, TeamBudget, team_budget
 from policies.request import JobRequest
 from policies.tags import check_tags, format_admin_comment
 
@@ -60,3 +65,130 @@ def decide_tags(req: JobRequest, policy: Policy, rid: str) -> Decision:
     decision = Decision("accept", team, "ok", lines, check.tags)
     decision.set_fields["admin_comment"] = format_admin_comment(team, rid, check.tags)
     return decision
+
+
+@dataclass(frozen=True)
+class ApprovalGrant:
+    """An admin's grant letting one team exceed its hard limit (what is left of it)."""
+
+    id: str
+    team: str
+    remaining_amount: float | None
+    remaining_gpu_hours: float | None
+    expires_at: float
+    revoked: bool = False
+
+
+@dataclass
+class SubmitDecision(Decision):
+    estimate: Estimate | None = None
+    reserve: float = 0.0
+    """Amount to hold against the team's budget until the job ends."""
+    approval_id: str | None = None
+    gpu_hours: float = 0.0
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def checkpoint_dir(policy: Policy, team: str, user: str, job_name: str | None) -> str:
+    """Stable per-job checkpoint directory: the same across requeues of the job."""
+    name = _SAFE_NAME.sub("_", job_name or "job").strip("._") or "job"
+    return f"{policy.checkpoint.checkpoint_root.rstrip('/')}/{team}/{user or 'unknown'}/{name[:100]}"
+
+
+def _budget_line(policy: Policy, b: TeamBudget) -> str:
+    cur = policy.rates.currency
+    pct = f" ({100 * (b.spent + b.reserved) / b.budget:.0f}%)" if b.budget > 0 else ""
+    return (f"team {b.team}: {format_money(b.spent, cur)} spent + {format_money(b.reserved, cur)} "
+            f"reserved of {format_money(b.budget, cur)}{pct}")
+
+
+def _approval_problem(grant: ApprovalGrant | None, ref: str, team: str, cost: float,
+                      gpu_hours: float, now: float) -> str:
+    if grant is None:
+        return f"approval '{ref}' does not exist"
+    if grant.team != team:
+        return f"approval '{ref}' belongs to team {grant.team}, not {team}"
+    if grant.revoked:
+        return f"approval '{ref}' was revoked"
+    if grant.expires_at <= now:
+        return f"approval '{ref}' expired"
+    if grant.remaining_amount is not None and grant.remaining_amount + 1e-9 < cost:
+        return f"approval '{ref}' has {grant.remaining_amount:.2f} left, this job needs {cost:.2f}"
+    if grant.remaining_gpu_hours is not None and grant.remaining_gpu_hours + 1e-9 < gpu_hours:
+        return (f"approval '{ref}' has {grant.remaining_gpu_hours:.1f} GPU-hours left, "
+                f"this job needs {gpu_hours:.1f}")
+    return ""
+
+
+def decide(req: JobRequest, policy: Policy, *, rid: str, ledger: Ledger,
+           fairshare: float = 1.0, approval: ApprovalGrant | None = None,
+           now: float = 0.0) -> SubmitDecision:
+    """The whole submit-time decision: team and tags, cost, budget, fairshare, checkpoint."""
+    base = decide_tags(req, policy, rid)
+    d = SubmitDecision(base.verdict, base.team, base.reason, base.lines, base.tags,
+                       base.set_fields)
+    if d.verdict == "reject" or d.team is None:
+        return d
+    team = d.team
+    cur = policy.rates.currency
+
+    try:
+        est = estimate_job(req, policy)
+        parse_array(req.array_inx)
+    except (CostError, GpuRequestError) as exc:
+        return SubmitDecision("reject", team, f"cost: {exc}",
+                              [f"slurmgate: job rejected: {exc}"], d.tags)
+    d.estimate = est
+    d.gpu_hours = est.gpus * est.hours * est.tasks_reserved
+    d.reserve = est.amount
+
+    enforce = policy.budgets.mode == "chargeback" and policy.teams[team].budget > 0
+    b = team_budget(policy, ledger, team)
+    after = b.spent + b.reserved + est.amount
+    picture = _budget_line(policy, b)
+    head = f"slurmgate: {est.describe(cur)}; {picture}"
+
+    if enforce and after > b.hard + 1e-9:
+        ref = d.tags.get("approval")
+        problem = "no approval tag" if not ref else _approval_problem(
+            approval, ref, team, est.amount, d.gpu_hours, now)
+        if problem:
+            over = after - b.hard
+            lines = [
+                f"slurmgate: job rejected: team {team} would exceed its hard limit of "
+                f"{format_money(b.hard, cur)} by {format_money(over, cur)}",
+                f"  {picture}; this job: {est.describe(cur)}",
+                "  fix: shorten -t or use fewer GPUs, wait for running jobs to finish, or ask an "
+                "admin for an approval and add approval=<id> to --comment"
+                + (f" ({problem})" if ref else ""),
+            ]
+            return SubmitDecision("reject", team, f"hard limit: {problem}", lines, d.tags,
+                                  estimate=est)
+        d.approval_id = ref
+        d.reason = f"over hard limit, approval {ref}"
+        d.lines.append(f"{head}; over the hard limit, using approval {ref}")
+    elif enforce and after > b.soft + 1e-9 and policy.budgets.soft_partition:
+        target = policy.budgets.soft_partition
+        if req.partition != target:
+            d.set_fields["partition"] = target
+            d.reason = f"soft limit: moved to {target}"
+            d.lines.append(
+                f"{head}; over the soft limit of {format_money(b.soft, cur)}: job moved to the "
+                f"low-priority, preemptible partition '{target}'"
+            )
+        else:
+            d.reason = "soft limit"
+            d.lines.append(f"{head}; over the soft limit")
+    else:
+        mode = " (showback: not enforced)" if policy.budgets.mode == "showback" else ""
+        d.lines.append(head + mode)
+
+    d.set_fields["nice"] = nice_for(policy, fairshare)
+    inject = policy.checkpoint.inject
+    if req.batch and (inject == "all" or (inject == "tagged" and d.tags.get("ckpt") == "yes")):
+        d.set_fields["env"] = {
+            policy.checkpoint.env_var: checkpoint_dir(policy, team, req.user, req.name),
+        }
+    return d

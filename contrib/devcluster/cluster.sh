@@ -244,6 +244,7 @@ EOF
     write_hook_wrapper epilog
     write_hook_wrapper jobcomp
     write_file "$DIR/env.sh" 0644 <<EOF
+# shellcheck shell=bash
 # source me: points Slurm clients and the slurmgate CLI at the dev cluster
 export DEVCLUSTER_DIR="$DIR"
 export SLURMGATE_VENV="$VENV"
@@ -276,7 +277,7 @@ render_policy() {
 render_job_submit_lua() {
     local tmp
     tmp="$(mktemp "$DIR/etc/.job_submit.lua.XXXXXX")"
-    "$VENV/bin/slurmgate" lua --socket "$SOCK" --timeout-ms 200 --fail-mode open >"$tmp" \
+    "$DIR/bin/slurmgate" --socket "$SOCK" lua --timeout-ms 200 --fail-mode open >"$tmp" \
         || { rm -f "$tmp"; die "'slurmgate lua' failed"; }
     install_if_changed "$tmp" "$DIR/etc/job_submit.lua" 0644
 }
@@ -354,11 +355,14 @@ running_job_ids() { squeue -h -t RUNNING,SUSPENDED,CONFIGURING,COMPLETING -o %i 
 no_running_jobs() { [[ -z "$(running_job_ids)" ]]; }
 
 # Job processes would outlive slurmd and come back as ghost RUNNING jobs on the next start, so
-# running jobs are cancelled (Epilog and jobcomp still run). Pending jobs survive a restart.
+# running jobs are cancelled (Epilog and jobcomp still run). Pending jobs survive a restart;
+# draining first keeps them from starting in the freed slots. `start` resumes the nodes.
 cancel_running_jobs() {
     local ids
     ids="$(running_job_ids | paste -sd' ')"
     [[ -n "$ids" ]] || return 0
+    scontrol update nodename="$(IFS=,; echo "${NODES[*]}")" state=drain reason="devcluster stop" \
+        2>/dev/null || true
     log "cancelling running jobs: $ids"
     # shellcheck disable=SC2086
     scancel $ids 2>/dev/null || true
@@ -373,12 +377,15 @@ stop_slurm() {
         log "stopping slurmctld ($pid)"
         terminate "$pid" slurmctld
     fi
+    local slurmds=()
     for n in "${NODES[@]}"; do
         if pid="$(slurmd_pid "$n")"; then
             log "stopping slurmd $n ($pid)"
-            terminate "$pid" "slurmd $n"
+            kill -TERM "$pid" 2>/dev/null || true
+            slurmds+=("$pid")
         fi
     done
+    for pid in "${slurmds[@]}"; do terminate "$pid" slurmd; done
     local leftovers
     leftovers="$(cluster_job_pids | paste -sd' ')"
     if [[ -n "$leftovers" ]]; then

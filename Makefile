@@ -1,0 +1,64 @@
+# slurmgate developer entry points. Run as root on Debian 12:
+#   make demo          install, start the local Slurm dev cluster, run the demo
+#   make test          install, start the cluster, run pytest (PYTEST_ARGS="-k tags -x")
+#   make stop | status | logs [N=100] | lint
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= /opt/slurmgate/venv
+PYTHON ?= /usr/bin/python3
+DEVCLUSTER_DIR ?= $(CURDIR)/.devcluster
+PYTEST_ARGS ?=
+N ?= 50
+
+export SLURMGATE_VENV := $(VENV)
+export DEVCLUSTER_DIR
+CLUSTER := bash contrib/devcluster/cluster.sh
+WITH_CLUSTER_ENV := source $(DEVCLUSTER_DIR)/env.sh &&
+
+.PHONY: help venv install cluster stop status logs test lint demo
+
+help:
+	@echo "targets: venv install cluster stop status logs [N=50] test [PYTEST_ARGS=...] lint demo"
+	@echo "venv: $(VENV)   cluster state: $(DEVCLUSTER_DIR)"
+
+# The venv lives outside the repo and must be world-readable: user jobs and the Slurm hooks
+# (run by slurmd/slurmctld) execute it.
+venv:
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv; }
+	@if [ ! -x $(VENV)/bin/python ]; then \
+		umask 022 && mkdir -p $(dir $(VENV)) && $(PYTHON) -m venv $(VENV) && \
+		$(VENV)/bin/pip install -q --upgrade pip; fi
+
+# Non-editable on purpose (see venv). The second pip run replaces only our own package, so
+# code changes always land even when the version number did not change.
+install: venv
+	umask 022 && $(VENV)/bin/pip install -q '.[dev]' && \
+		$(VENV)/bin/pip install -q --force-reinstall --no-deps .
+	@chmod -R a+rX $(VENV)
+
+cluster: install
+	$(CLUSTER) start
+
+stop:
+	$(CLUSTER) stop
+
+status:
+	@$(CLUSTER) status || true
+
+logs:
+	$(CLUSTER) logs $(N)
+
+test: cluster
+	$(WITH_CLUSTER_ENV) $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+$(VENV)/bin/ruff:
+	$(MAKE) install
+
+lint: $(VENV)/bin/ruff
+	$(VENV)/bin/ruff check .
+
+demo: cluster
+	$(WITH_CLUSTER_ENV) bash contrib/examples/demo.sh

@@ -1,0 +1,115 @@
+"""Fixtures for tests that drive the real local Slurm cluster (contrib/devcluster).
+
+`make test` starts the cluster first; a test run without it starts it here (idempotent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.waiting import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_SH = REPO / "contrib/devcluster/cluster.sh"
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+TAGS = {
+    "alice": "project=vit-scaling,cost_center=CC1001",
+    "carol": "project=detection,cost_center=CC1001",
+    "bob": "project=llm-pretrain,cost_center=CC2002",
+}
+
+
+@dataclass
+class Cluster:
+    dir: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "SLURM_CONF": str(self.dir / "etc/slurm.conf"),
+            "SLURMGATE_CONFIG": str(self.dir / "etc/policy.toml"),
+        }
+
+    @property
+    def policy_path(self) -> Path:
+        return self.dir / "etc/policy.toml"
+
+    @property
+    def socket(self) -> str:
+        return str(self.dir / "run/slurmgate.sock")
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.dir / "log/slurmgate.log"
+
+    def ctl(self, *args: str) -> str:
+        out = subprocess.run(["bash", str(CLUSTER_SH), *args], env=self.env, text=True,
+                             capture_output=True, timeout=180)
+        assert out.returncode == 0, f"cluster.sh {' '.join(args)}: {out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    def sbatch(self, user: str, *args: str | bytes, wrap: str = "true",
+               tags: str | bytes | None = None) -> subprocess.CompletedProcess:
+        """Submit as `user` with real sbatch; tags default to the user's valid tags."""
+        comment = TAGS.get(user, "") if tags is None else tags
+        argv: list[str | bytes] = ["runuser", "-u", user, "--", "sbatch", "--parsable",
+                                   "-o", "/dev/null", "-t", "5"]
+        if comment != "":
+            argv += [b"--comment=" + comment if isinstance(comment, bytes)
+                     else f"--comment={comment}"]
+        argv += [*args, "--wrap", wrap]
+        return subprocess.run(argv, env=self.env, cwd="/tmp", capture_output=True, timeout=60)
+
+    def submit_ok(self, user: str, *args: str, wrap: str = "true",
+                  tags: str | None = None) -> int:
+        out = self.sbatch(user, *args, wrap=wrap, tags=tags)
+        assert out.returncode == 0, out.stderr.decode(errors="replace")
+        return int(out.stdout.decode().strip().split(";")[0])
+
+    def jobs(self) -> dict[int, dict]:
+        out = subprocess.run(["squeue", "--json", "--all"], env=self.env, capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return {j["job_id"]: j for j in json.loads(out.stdout)["jobs"]}
+
+    def job(self, job_id: int) -> dict | None:
+        return self.jobs().get(job_id)
+
+    def wait_state(self, job_id: int, states: set[str] | str, timeout: float = 60) -> dict:
+        wanted = {states} if isinstance(states, str) else states
+
+        def reached() -> dict | None:
+            job = self.job(job_id)
+            return job if job and job["job_state"] in wanted else None
+
+        return wait_for(reached, timeout, 0.3, what=f"job {job_id} in {sorted(wanted)}")
+
+    def scancel(self, *job_ids: int) -> None:
+        if job_ids:
+            subprocess.run(["scancel", *map(str, job_ids)], env=self.env, timeout=30)
+
+    def log_events(self, event: str) -> list[dict]:
+        out = []
+        for line in self.daemon_log.read_text(errors="replace").splitlines():
+            if f'"event": "{event}"' in line:
+                out.append(json.loads(line))
+        return out
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Cluster:
+    state = Path(os.environ.get("DEVCLUSTER_DIR", REPO / ".devcluster"))
+    c = Cluster(state)
+    status = subprocess.run(["bash", str(CLUSTER_SH), "status"], env=c.env,
+                            capture_output=True, timeout=60)
+    if status.returncode != 0:
+        c.ctl("start")
+    return c
