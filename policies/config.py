@@ -197,6 +197,9 @@ class Nvml(_Model):
     """'real' uses nvidia-ml-py; 'fake' is a deterministic stand-in for machines without GPUs."""
     fake_nodes: dict[str, FakeNode] = {}
     """Fake devices per node name (SLURMD_NODENAME); unnamed nodes get the defaults."""
+    gpu_numbering: Literal["minor", "pci"] = "minor"
+    """How SLURM_JOB_GPUS indices map to NVML devices: by /dev/nvidiaN minor number (gres.conf
+    File=/dev/nvidia[0-N]) or by PCI bus order (AutoDetect=nvml)."""
     sample_seconds: float = 30.0
     """Node agent sampling interval."""
     raw_retention_days: int = 14
