@@ -77,6 +77,103 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _money(amount: float, currency: str) -> str:
+    from policies.cost import format_money
+
+    return format_money(amount, currency)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from slurm_plugin.sbatch_args import SbatchArgsError, job_from_sbatch
+
+    try:
+        job = job_from_sbatch(args.sbatch_args)
+    except (SbatchArgsError, OSError) as exc:
+        raise SystemExit(f"slurmgate estimate: {exc}") from exc
+    resp = _call(args, {"op": "estimate", "job": job})
+    if args.json:
+        print(json.dumps(resp, indent=2))
+    else:
+        verdict = "would be ACCEPTED" if resp["verdict"] == "accept" else "would be REJECTED"
+        print(f"job {verdict} (team {resp.get('team') or '-'})")
+        for line in resp["msg"].splitlines():
+            print(line.removeprefix("slurmgate: "))
+        moved = resp.get("set", {}).get("partition")
+        if moved:
+            print(f"partition would be set to: {moved}")
+    return 0 if resp["verdict"] == "accept" else 1
+
+
+def cmd_quota(args: argparse.Namespace) -> int:
+    req: dict = {"op": "quota"}
+    if args.team:
+        req["team"] = args.team
+    resp = _call(args, req)
+    if args.json:
+        print(json.dumps(resp, indent=2))
+        return 0
+    cur = resp["currency"]
+    print(f"budget period {resp['period']} ({resp['mode']})")
+    header = f"{'team':<14}{'budget':>13}{'spent':>13}{'reserved':>13}{'remaining':>13}" \
+             f"{'used':>6}{'fairshare':>10}"
+    print(header)
+    for r in resp["teams"]:
+        used = (r["spent"] + r["reserved"]) / r["budget"] * 100 if r["budget"] else 0.0
+        print(f"{r['team']:<14}{_money(r['budget'], cur):>13}{_money(r['spent'], cur):>13}"
+              f"{_money(r['reserved'], cur):>13}{_money(r['remaining'], cur):>13}"
+              f"{used:>5.0f}%{r['fairshare']:>10.3f}")
+    return 0
+
+
+def _parse_when(text: str) -> float:
+    from datetime import UTC, datetime, timedelta
+
+    t = text.strip()
+    units = {"h": 3600, "d": 86400, "w": 7 * 86400}
+    if t[:-1].isdigit() and t[-1:] in units:
+        return (datetime.now(UTC) + timedelta(seconds=int(t[:-1]) * units[t[-1]])).timestamp()
+    try:
+        when = datetime.fromisoformat(t)
+    except ValueError as exc:
+        raise SystemExit(f"slurmgate: --expires {t!r}: use a date like 2026-12-31, "
+                         "an ISO time, or a duration like 7d / 48h") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    req = {"op": "approve", "team": args.team, "amount": args.amount,
+           "gpu_hours": args.gpu_hours, "expires_at": _parse_when(args.expires),
+           "reason": args.reason}
+    resp = _call(args, req)
+    print(f"approval {resp['id']} created: add approval={resp['id']} to the job's --comment")
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    resp = _call(args, {"op": "approvals", "all": args.all})
+    if args.json:
+        print(json.dumps(resp, indent=2))
+        return 0
+    print(f"{'id':<14}{'team':<12}{'granted':>12}{'used':>12}{'remaining':>12}  expires     reason")
+    for a in resp["approvals"]:
+        unit = "$" if a["amount"] is not None else "GPU-h "
+        granted = a["amount"] if a["amount"] is not None else a["gpu_hours"]
+        exp = datetime.fromtimestamp(a["expires_at"], UTC).strftime("%Y-%m-%d")
+        print(f"{a['id']:<14}{a['team']:<12}{unit}{granted:>10.2f}{a['used']:>12.2f}"
+              f"{a['remaining']:>12.2f}  {exp}  {a['reason'] or ''}")
+    return 0
+
+
+def cmd_ckpt(args: argparse.Namespace) -> int:
+    from slurm_plugin.checkpoint import main as ckpt_main
+
+    return ckpt_main(args.ckpt_args)
+
+
 def cmd_tui(args: argparse.Namespace) -> int:
     from tui.app import run
 
@@ -104,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="daemon unreachable: accept and mark unchecked (open) or reject (closed)")
     sp.add_argument("-o", "--output", help="write to this path atomically instead of stdout")
     add("ping", cmd_ping, "check that the daemon answers")
+    sp = add("estimate", cmd_estimate,
+             "dry run: would this job be accepted, and what would it cost at most?")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("sbatch_args", nargs=argparse.REMAINDER,
+                    help="sbatch options and/or the batch script, as you would give sbatch")
+    sp = add("quota", cmd_quota, "budget, spent, reserved, remaining and fairshare per team")
+    sp.add_argument("--team", help="one team (you see only teams you belong to)")
+    sp.add_argument("--json", action="store_true")
+    sp = add("approve", cmd_approve, "let a team exceed its hard limit (admins only)")
+    sp.add_argument("--team", required=True)
+    grant = sp.add_mutually_exclusive_group(required=True)
+    grant.add_argument("--amount", type=float, help="money the team may go over by")
+    grant.add_argument("--gpu-hours", type=float, help="GPU-hours the team may go over by")
+    sp.add_argument("--expires", required=True, help="date (2026-12-31) or duration (7d, 48h)")
+    sp.add_argument("--reason", required=True)
+    sp = add("approvals", cmd_approvals, "list approvals (yours, or all for admins)")
+    sp.add_argument("--all", action="store_true", help="include expired, revoked and used up")
+    sp.add_argument("--json", action="store_true")
+    sp = add("ckpt", cmd_ckpt, "checkpoint helper for batch jobs: dir | latest | restarts | save | load")
+    sp.add_argument("ckpt_args", nargs=argparse.REMAINDER)
     add("check-policy", cmd_check_policy, "validate the policy file and say what is wrong")
     sp = add("tui", cmd_tui, "open the admin terminal UI")
     sp.add_argument("--demo", action="store_true", help="show a fixed sample dataset")
@@ -117,7 +234,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from slurm_plugin.hooks import main as hook_main
 
         return hook_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["ckpt"]:  # runs inside user jobs: no config, no daemon
+        from slurm_plugin.checkpoint import main as ckpt_main
+
+        return ckpt_main(argv[1:])
+    parser = build_parser()
+    if "estimate" in argv:
+        # everything after `estimate` is sbatch's, options included
+        i = argv.index("estimate")
+        rest = argv[i + 1:]
+        as_json = "--json" in rest[:1]
+        args = parser.parse_args([*argv[:i], "estimate"])
+        args.json = as_json
+        args.sbatch_args = rest[1:] if as_json else rest
+        return int(args.func(args) or 0)
+    args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
 

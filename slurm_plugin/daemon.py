@@ -22,8 +22,11 @@ from functools import lru_cache
 from typing import Any, TextIO
 
 from policies.config import Policy, PolicyError, load_policy
-from policies.decision import Decision, decide_tags
+from policies.decision import ApprovalGrant, Decision, SubmitDecision, decide
+from policies.fairshare import decayed_usage, factors
+from policies.ledger import Ledger, period_bounds, team_budget
 from policies.request import JobRequest
+from policies.tags import parse_admin_comment
 from slurm_plugin.protocol import (
     MAX_LINE,
     PROTOCOL_VERSION,
@@ -69,16 +72,31 @@ class Forbidden(Exception):
 
 
 class Daemon:
-    def __init__(self, config_path: str, policy: Policy) -> None:
+    def __init__(self, config_path: str, policy: Policy, store: Any = None,
+                 slurm: Any = None) -> None:
         self.config_path = config_path
         self.policy = policy
         self.log = EventLog(policy.daemon.log_file)
         self.lock = threading.RLock()
+        """Guards the store (one SQLite connection), the ledger and the fairshare factors."""
+        self.store = store
+        self.slurm = slurm
+        self.ledger = Ledger()
+        self.fairshare: dict[str, float] = {}
         self.started = time.time()
         self.decisions = 0
+        self.stopping = threading.Event()
+        self.ingest_wakeup = threading.Event()
+        self.missing_since: dict[str, float] = {}
         self.handlers: dict[str, Callable[[dict[str, Any], Peer], dict[str, Any]]] = {
             "ping": self.op_ping,
             "submit": self.op_submit,
+            "estimate": self.op_estimate,
+            "quota": self.op_quota,
+            "approve": self.op_approve,
+            "approvals": self.op_approvals,
+            "nudge": self.op_nudge,
+            "action": self.op_action,
         }
 
     # -- peers ------------------------------------------------------------------------------
@@ -154,25 +172,335 @@ class Daemon:
         if not isinstance(raw, dict):
             raise ProtocolError("submit needs a 'job' object")
         job = JobRequest.from_wire(raw)
-        policy = self.policy
-        decision = self.decide(job, policy)
+        with self.lock:
+            policy = self.policy
+            decision = self.decide(job, policy, dry_run=False)
+            self.record(job, decision, policy)
         self.decisions += 1
         latency_ms = (time.perf_counter() - t0) * 1000
         self.log.write(
             "decision", job_name=job.name, user=job.user, uid=job.uid, account=job.account,
             team=decision.team, verdict=decision.verdict, reason=decision.reason,
-            tags=decision.tags, latency_ms=round(latency_ms, 3),
+            tags=decision.tags, est_cost=decision.estimate.amount if decision.estimate else None,
+            set=decision.set_fields, latency_ms=round(latency_ms, 3),
         )
         return self.submit_response(decision)
 
-    def decide(self, job: JobRequest, policy: Policy) -> Decision:
+    def decide(self, job: JobRequest, policy: Policy, *, dry_run: bool) -> SubmitDecision:
+        """Decide under self.lock, against the current ledger."""
+        now = time.time()
+        self.roll_period(policy, now)
         rid = "r" + secrets.token_hex(8)
-        return decide_tags(job, policy, rid)
+        team = policy.team_for(job.account, job.user)
+        return decide(job, policy, rid=rid, ledger=self.ledger,
+                      fairshare=self.fairshare.get(team or "", 1.0),
+                      approval=self.approval_grant(job), now=now)
+
+    def approval_grant(self, job: JobRequest) -> ApprovalGrant | None:
+        from policies.tags import parse_tags
+
+        ref = parse_tags(job.comment)[0].get("approval") if job.comment else None
+        if not ref or self.store is None:
+            return None
+        rows = self.store.query("SELECT * FROM approvals WHERE id = ?", (ref,))
+        if not rows:
+            return None
+        a = rows[0]
+        left = (a["amount"] - a["used"]) if a["amount"] is not None else None
+        left_h = (a["gpu_hours"] - a["used"]) if a["amount"] is None else None
+        return ApprovalGrant(a["id"], a["team"], left, left_h, a["expires_at"], bool(a["revoked"]))
+
+    def record(self, job: JobRequest, d: SubmitDecision, policy: Policy) -> None:
+        """Persist an accepted job's reservation (and approval use) or a rejection event."""
+        if self.store is None:
+            return
+        if d.verdict == "reject":
+            self.store.add_event("reject", cluster=policy.daemon.cluster, team=d.team,
+                                 user=job.user, message="\n".join(d.lines)[:2000],
+                                 detail={"reason": d.reason[:500], "job_name": job.name,
+                                         "account": job.account})
+            return
+        est = d.estimate
+        if est is None:
+            return
+        admin = parse_admin_comment(str(d.set_fields.get("admin_comment", "")))
+        rid = admin["rid"]
+        _, _, period = period_bounds(policy.budgets.period, time.time())
+        team = d.team or ""
+        self.store.add_reservation({
+            "rid": rid, "cluster": policy.daemon.cluster, "team": team,
+            "project": d.tags.get("project"),
+            "cost_center": d.tags.get("cost_center") or policy.teams[team].cost_center or None,
+            "user": job.user, "account": job.account,
+            "partition": str(d.set_fields.get("partition") or est.partition),
+            "tags": d.tags, "gpu_type": est.gpu_type, "gpus": est.gpus, "cpus": est.cpus,
+            "mem_mb": est.mem_mb, "time_limit_min": job.time_limit,
+            "tasks": est.tasks_reserved, "est_cost": d.reserve, "approval_id": d.approval_id,
+            "period": period,
+        })
+        self.ledger.reserve(rid, team, d.reserve)
+        if d.approval_id:
+            grant = self.approval_grant(job)
+            amount = d.reserve if grant and grant.remaining_amount is not None else d.gpu_hours
+            self.store.use_approval(d.approval_id, amount, cluster=policy.daemon.cluster,
+                                    user=job.user, rid=rid)
 
     @staticmethod
     def submit_response(decision: Decision) -> dict[str, Any]:
         return {"ok": True, "verdict": decision.verdict, "msg": decision.message,
                 "set": decision.set_fields}
+
+    # -- researcher and admin requests ------------------------------------------------------
+
+    def op_estimate(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """Dry run of a submission; the user is who is asking, not who the request names."""
+        raw = req.get("job")
+        if not isinstance(raw, dict):
+            raise ProtocolError("estimate needs a 'job' object")
+        raw = dict(raw)
+        if not self.is_controller(peer) or not raw.get("user"):
+            raw["user"] = user_name(peer.uid)
+        job = JobRequest.from_wire(raw)
+        with self.lock:
+            d = self.decide(job, self.policy, dry_run=True)
+        est = d.estimate
+        return {"ok": True, "verdict": d.verdict, "team": d.team, "msg": d.message,
+                "reason": d.reason, "set": {k: v for k, v in d.set_fields.items()
+                                            if k != "admin_comment"},
+                "est_cost": est.amount if est else None,
+                "gpu_type": est.gpu_type if est else None, "gpus": est.gpus if est else None,
+                "hours": est.hours if est else None}
+
+    def visible_teams(self, peer: Peer) -> list[str]:
+        if self.is_admin(peer):
+            return sorted(self.policy.teams)
+        return self.policy.teams_of_user(user_name(peer.uid))
+
+    def op_quota(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        wanted = req.get("team")
+        visible = self.visible_teams(peer)
+        if wanted is not None:
+            if not isinstance(wanted, str) or wanted not in self.policy.teams:
+                return {"ok": False, "error": f"unknown team {wanted!r}; teams you can see: "
+                        f"{', '.join(visible) or 'none'}"}
+            if wanted not in visible:
+                raise Forbidden(f"you ({user_name(peer.uid)}) are not a member or lead of team "
+                                f"{wanted}; teams you can see: {', '.join(visible) or 'none'}")
+            visible = [wanted]
+        with self.lock:
+            policy = self.policy
+            self.roll_period(policy, time.time())
+            rows = []
+            for team in visible:
+                b = team_budget(policy, self.ledger, team)
+                rows.append({
+                    "team": team, "budget": b.budget, "spent": round(b.spent, 6),
+                    "reserved": round(b.reserved, 6), "remaining": round(b.remaining, 6),
+                    "soft_limit": b.soft, "hard_limit": b.hard,
+                    "fairshare": round(self.fairshare.get(team, 1.0), 6),
+                    "share": policy.teams[team].share,
+                })
+        return {"ok": True, "period": self.ledger.period, "currency": policy.rates.currency,
+                "mode": policy.budgets.mode, "teams": rows}
+
+    def op_approve(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        if not self.is_admin(peer):
+            raise Forbidden(f"only slurmgate admins may approve; you are {user_name(peer.uid)} "
+                            "(admins are listed in [daemon] admins)")
+        team = req.get("team")
+        if team not in self.policy.teams:
+            return {"ok": False, "error": f"unknown team {team!r}"}
+        amount, hours = req.get("amount"), req.get("gpu_hours")
+        if (amount is None) == (hours is None):
+            return {"ok": False, "error": "give exactly one of --amount or --gpu-hours"}
+        value = amount if amount is not None else hours
+        if not isinstance(value, int | float) or not value > 0:
+            return {"ok": False, "error": "the approved amount must be a positive number"}
+        expires = req.get("expires_at")
+        if not isinstance(expires, int | float) or expires <= time.time():
+            return {"ok": False, "error": "expires must be in the future"}
+        reason = str(req.get("reason") or "")[:500]
+        if not reason:
+            return {"ok": False, "error": "an approval needs a --reason"}
+        with self.lock:
+            aid = self.store.add_approval(team=team, expires_at=float(expires),
+                                          amount=amount, gpu_hours=hours, reason=reason,
+                                          created_by=user_name(peer.uid))
+        self.log.write("approval", id=aid, team=team, amount=amount, gpu_hours=hours,
+                       by=user_name(peer.uid))
+        return {"ok": True, "id": aid}
+
+    def op_approvals(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        visible = set(self.visible_teams(peer))
+        with self.lock:
+            rows = self.store.approvals(active_only=not req.get("all"))
+        return {"ok": True, "approvals": [r for r in rows if r["team"] in visible]}
+
+    JOB_ACTIONS = ("hold", "release", "requeue", "cancel")
+    NODE_ACTIONS = ("drain", "resume")
+
+    def op_action(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """An admin's action on a job or node, done through the Slurm client and audited."""
+        who = user_name(peer.uid)
+        if not self.is_admin(peer):
+            raise Forbidden(f"only slurmgate admins may act on jobs and nodes; you are {who}")
+        if self.slurm is None:
+            return {"ok": False, "error": "the daemon has no Slurm client configured"}
+        action = req.get("action")
+        reason = str(req.get("reason") or f"by {who} via slurmgate")[:200]
+        if action in self.JOB_ACTIONS:
+            job_id = req.get("job_id")
+            if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id <= 0:
+                return {"ok": False, "error": "job_id must be a positive integer"}
+            target = {"job_id": job_id}
+            if action == "hold":
+                self.slurm.hold(job_id)
+            else:
+                getattr(self.slurm, action)(job_id)
+        elif action in self.NODE_ACTIONS:
+            node = req.get("node")
+            if not isinstance(node, str) or not node.replace("-", "").replace("_", "").isalnum():
+                return {"ok": False, "error": "node must be a node name"}
+            target = {"node": node}
+            if action == "drain":
+                self.slurm.drain(node, f"slurmgate: {reason}")
+            else:
+                self.slurm.resume(node)
+        else:
+            return {"ok": False, "error": f"unknown action {action!r}; one of "
+                    f"{', '.join(self.JOB_ACTIONS + self.NODE_ACTIONS)}"}
+        with self.lock:
+            self.store.add_event("admin_action", cluster=self.policy.daemon.cluster, actor=who,
+                                 message=f"{action} {target}: {reason}", detail=target | {
+                                     "action": action}, **target)
+        self.log.write("admin_action", action=action, by=who, **target)
+        return {"ok": True}
+
+    def op_nudge(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        self.require_controller(peer, "nudge")
+        self.ingest_wakeup.set()
+        return {"ok": True}
+
+    # -- ledger -----------------------------------------------------------------------------
+
+    def roll_period(self, policy: Policy, now: float) -> None:
+        if self.ledger.period != period_bounds(policy.budgets.period, now)[2]:
+            self.refresh_ledger(policy, now)
+
+    def refresh_ledger(self, policy: Policy | None = None, now: float | None = None) -> None:
+        """Rebuild spend, reservations and fairshare from SQLite (caller may hold the lock)."""
+        if self.store is None:
+            return
+        from db.reports import quota_rows
+
+        policy = policy or self.policy
+        now = time.time() if now is None else now
+        start, end, label = period_bounds(policy.budgets.period, now)
+        with self.lock:
+            ledger = Ledger(period=label)
+            for row in quota_rows(self.store, start, end):
+                team = row["team"] or ""
+                ledger.spent[team] = row["net"]
+                ledger.reserved[team] = row["reserved"]
+            half_life = policy.fairshare.half_life_hours
+            since = now - 10 * half_life * 3600
+            usage = decayed_usage(self.store.team_usage_gpu_hours(since), now, half_life)
+            self.fairshare = factors(policy, usage)
+            self.ledger = ledger
+
+    # -- background work --------------------------------------------------------------------
+
+    def ingest_once(self, limit: int = 1000) -> int:
+        """Move one batch from the spool into SQLite; returns how many records were handled."""
+        from db.ingest import ingest_records
+        from slurm_plugin import spool
+
+        spool_dir = self.policy.daemon.spool_dir
+        items = spool.claim_batch(spool_dir, limit)
+        if not items:
+            return 0
+        good = [i for i in items if i.error is None and i.record is not None]
+        for item in items:
+            if item.error is not None or item.record is None:
+                self.quarantine(item, item.error or "unreadable")
+        with self.lock:
+            result = ingest_records(self.store, [i.record for i in good], self.policy)
+            failed = {id(rec) for rec, _ in result.errors}
+            for rec, reason in result.errors:
+                item = next(i for i in good if i.record is rec)
+                self.quarantine(item, reason)
+            spool.remove([i for i in good if id(i.record) not in failed])
+            if result.settled or result.runs_touched:
+                self.refresh_ledger()
+        self.log.write("ingested", records=len(items), counts=result.counts,
+                       settled=len(result.settled), errors=len(result.errors))
+        return len(items)
+
+    def quarantine(self, item: Any, reason: str) -> None:
+        from slurm_plugin import spool
+
+        spool.quarantine(self.policy.daemon.spool_dir, item, reason)
+        self.log.write("quarantined", file=str(item.path), reason=reason)
+        if self.store is not None:
+            with self.lock:
+                self.store.add_event("quarantine", message=f"{item.path.name}: {reason}"[:2000])
+
+    def ingest_loop(self) -> None:
+        while not self.stopping.is_set():
+            self.ingest_wakeup.wait(2.0)
+            self.ingest_wakeup.clear()
+            try:
+                while self.ingest_once() >= 1000:
+                    pass
+            except Exception as exc:  # keep the records; try again on the next round
+                self.log.write("ingest_error", error=repr(exc))
+                self.stopping.wait(5.0)
+
+    def reconcile_once(self) -> dict[str, int]:
+        """Bind reservations to job ids and release those whose jobs vanished."""
+        if self.slurm is None or self.store is None:
+            return {}
+        jobs = self.slurm.jobs()
+        now = time.time()
+        seen: dict[str, int] = {}
+        for j in jobs:
+            rid = parse_admin_comment(j.admin_comment).get("rid")
+            if rid:
+                seen.setdefault(rid, j.array_job_id or j.job_id)
+        grace = max(120.0, 3 * self.policy.daemon.reconcile_seconds)
+        bound = released = 0
+        with self.lock:
+            policy = self.policy
+            for r in self.store.live_reservations():
+                rid = r["rid"]
+                if rid in seen:
+                    self.missing_since.pop(rid, None)
+                    if r["job_id"] is None:
+                        self.store.bind_reservation(rid, seen[rid], policy.daemon.cluster,
+                                                    policy=policy)
+                        bound += 1
+                    continue
+                first = self.missing_since.setdefault(rid, now)
+                if now - max(first, r["created_at"]) < grace:
+                    continue
+                why = ("job never appeared in Slurm's queue (rejected later or submission "
+                       "failed)" if r["job_id"] is None else
+                       "job left Slurm's queue without a completion record")
+                self.store.finish_reservation(rid, "released", why)
+                self.missing_since.pop(rid, None)
+                released += 1
+            if bound or released:
+                self.refresh_ledger()
+        if bound or released:
+            self.log.write("reconciled", bound=bound, released=released, jobs=len(jobs))
+        return {"bound": bound, "released": released}
+
+    def reconcile_loop(self) -> None:
+        while not self.stopping.wait(self.policy.daemon.reconcile_seconds):
+            try:
+                self.reconcile_once()
+            except Exception as exc:
+                self.log.write("reconcile_error", error=repr(exc))
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -226,7 +554,24 @@ def serve(config_path: str) -> int:
     except PolicyError as exc:
         print(f"slurmgate daemon: {exc}", file=sys.stderr)
         return 2
-    daemon = Daemon(config_path, policy)
+    from db.store import StoreError, open_store
+
+    try:
+        os.makedirs(os.path.dirname(policy.daemon.database) or ".", exist_ok=True)
+        store = open_store(policy.daemon.database)
+    except (StoreError, OSError) as exc:
+        print(f"slurmgate daemon: {exc}", file=sys.stderr)
+        return 2
+    slurm = None
+    try:
+        from slurm_plugin.slurm_client import open_client
+
+        slurm = open_client(policy)
+    except Exception as exc:  # the daemon still decides; reconcile waits for Slurm
+        print(f"slurmgate daemon: no Slurm client ({exc}); reconcile disabled", file=sys.stderr)
+    daemon = Daemon(config_path, policy, store, slurm)
+    daemon.refresh_ledger()
+    os.makedirs(policy.daemon.spool_dir, exist_ok=True)
     path = policy.daemon.socket
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if os.path.exists(path):
@@ -257,9 +602,13 @@ def serve(config_path: str) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     daemon.log.write("daemon_started", pid=os.getpid(), socket=path, config=config_path)
+    for target in (daemon.ingest_loop, daemon.reconcile_loop):
+        threading.Thread(target=target, daemon=True, name=target.__name__).start()
+    daemon.ingest_wakeup.set()
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
+        daemon.stopping.set()
         server.server_close()
         try:
             os.unlink(path)
