@@ -113,3 +113,34 @@ def cluster() -> Cluster:
     if status.returncode != 0:
         c.ctl("start")
     return c
+
+
+def daemon_call(cluster: Cluster, **req) -> dict:
+    from slurm_plugin.protocol import call
+
+    return call(cluster.socket, req, timeout=10)
+
+
+class PolicyOverride:
+    """Edit the running cluster's policy, reload the daemon, restore on exit."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.original = cluster.policy_path.read_text()
+
+    def apply(self, text: str) -> None:
+        before = len(self.cluster.log_events("policy_reloaded"))
+        self.cluster.policy_path.write_text(text)
+        self.cluster.ctl("daemon", "reload")
+        wait_for(lambda: len(self.cluster.log_events("policy_reloaded")) > before, 20,
+                 what="policy reload")
+
+    def restore(self) -> None:
+        self.apply(self.original)
+
+
+@pytest.fixture
+def policy_override(cluster: Cluster):
+    override = PolicyOverride(cluster)
+    yield override
+    override.restore()
