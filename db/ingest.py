@@ -1,0 +1,1023 @@
+"""Ingest spool records (node_run, jobcomp, gpu_sample) into the store and settle runs.
+
+``ingest_records(store, records, policy)`` writes a whole batch in ONE transaction and is
+idempotent: ingesting the same records again changes nothing. A record that does not
+validate is returned in ``errors`` with the reason; it never raises and never blocks the rest.
+
+Run matching (a run is keyed cluster, job_id, restart_count; Slurm reuses job ids after a
+requeue and when the id counter wraps):
+
+- node_run carries Slurm's restart count: it joins run (cluster, job_id, restart_count) when
+  that run's time span is compatible (within JOB_ID_REUSE_GAP_S, so a wrapped job id never
+  joins a months-old run), else the run whose start is within MATCH_WINDOW_S of the node's
+  start, else it creates the run.
+- jobcomp carries no restart count (slurmctld's jobcomp/script does not get one). It is a
+  duplicate when a finished run of (cluster, job_id) has the same state, end and start. Else
+  it finishes: the unfinished run with the record's restart count (when given); else the
+  newest unfinished run whose start is within MATCH_WINDOW_S of the record's start; else the
+  newest unfinished run that could be this one (it did not start after the record ended, nor
+  end before the record started); else a new run. The new run's restart_count is the
+  record's, or, without one, the number of runs of this job that started before it (a
+  requeue whose earlier run's records are still in flight); when that key is taken (an old
+  job with a wrapped id) it is max + 1. The key is then our ordinal, not Slurm's count.
+
+Settlement happens when a run has its jobcomp (final state): team, project, tags and the
+request (cpus, memory, GPUs) come from its reservation (matched by job id, or by the array's
+job id for array tasks), else the team from the policy's account/user map. GPU-seconds and
+energy are the sum over its node_run records (nodes that never reported add their share of
+the allocation x elapsed), else allocated GPUs x elapsed. ``policies.cost.run_cost`` prices
+it; node failures (and preemptions, when the policy says so) are credited in full. When
+node records arrive after the jobcomp the run is re-settled, and the daily rollup follows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from db.schema import ROLLUP_MEASURES, ROLLUPS
+
+if TYPE_CHECKING:
+    from db.store import Store
+    from policies.config import Policy
+
+RunKey = tuple[str, int, int]
+CostFn = Callable[..., dict[str, float]]
+
+MATCH_WINDOW_S = 5.0
+"""A jobcomp and a run belong together when their start times are this close."""
+JOB_ID_REUSE_GAP_S = 3600.0
+"""A record this far outside a run's time span belongs to another job with the same id."""
+REQUEUE_LOOKBACK_S = 30 * 86400.0
+"""Earlier runs of a job are looked for this far back when numbering a new run."""
+RECORD_VERSION = 1
+KINDS = ("node_run", "jobcomp", "gpu_sample")
+
+# Final states after which Slurm may requeue the job (the reservation stays live for the next
+# run; the daemon closes it when the job is gone). Any other state ends the job.
+REQUEUE_STATES = frozenset({"NODE_FAIL", "PREEMPTED", "REQUEUED", "REQUEUE_FED",
+                            "REQUEUE_HOLD", "RESIZING", "SUSPENDED"})
+AUTO_CREDIT_REASONS = frozenset({"node_failure", "preemption"})
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'
+
+
+RUN_COLUMNS = (
+    "cluster", "job_id", "restart_count", "submit_ts", "start_ts", "end_ts", "state",
+    "exit_code", "derived_ec", "user", "uid", "account", "team", "project", "cost_center",
+    "tags", "partition", "nodes", "node_count", "gpu_type", "gpus", "cpus", "mem_mb",
+    "time_limit_min", "rid", "gpu_seconds", "energy_j", "util_mean", "cost", "cost_gpu",
+    "cost_cpu", "cost_mem", "cost_energy", "cost_idle", "credit", "credit_reason",
+    "array_job_id", "array_task_id", "work_dir", "jobcomp_at", "settled_at", "updated_at",
+)
+NODE_COLUMNS = (
+    "cluster", "job_id", "restart_count", "node", "start_ts", "end_ts", "gpus", "gpu_type",
+    "gpu_count", "gpu_seconds", "energy_j", "util_mean", "util_max", "mem_max_bytes",
+    "record_id",
+)
+_NODE_FACTS = NODE_COLUMNS[4:14]  # what makes two node records "the same"
+_RESV_COLUMNS = ", ".join(_q(c) for c in (
+    "rid", "cluster", "job_id", "team", "project", "cost_center", "user", "account",
+    "partition", "tags", "gpu_type", "gpus", "cpus", "mem_mb", "time_limit_min", "state",
+    "created_at"))
+_run_values = operator.itemgetter(*RUN_COLUMNS)
+_run_facts = operator.itemgetter(*RUN_COLUMNS[:-2])  # all but settled_at, updated_at
+_node_values = operator.itemgetter(*NODE_COLUMNS)
+_node_fact_values = operator.itemgetter(*_NODE_FACTS)
+
+
+def _upsert_sql(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    cols = ", ".join(_q(c) for c in columns)
+    sets = ", ".join(f"{_q(c)} = excluded.{_q(c)}" for c in columns if c not in key)
+    return (f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}")
+
+
+_RUN_UPSERT = _upsert_sql("runs", RUN_COLUMNS, ("cluster", "job_id", "restart_count"))
+_NODE_UPSERT = _upsert_sql("run_nodes", NODE_COLUMNS,
+                           ("cluster", "job_id", "restart_count", "node"))
+_SAMPLE_INSERT = (
+    "INSERT OR IGNORE INTO gpu_samples "
+    "(node, gpu_uuid, ts, gpu_index, gpu_type, util, mem_used_bytes, power_w) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _rollup_sql(table: str, dims: tuple[str, ...], measures: tuple[str, ...]
+                ) -> tuple[str, str]:
+    key = ("day", *dims)
+    cols = key + measures
+    upsert = (f"INSERT INTO {table} ({', '.join(_q(c) for c in cols)}) "
+              f"VALUES ({', '.join('?' for _ in cols)}) "
+              f"ON CONFLICT ({', '.join(_q(c) for c in key)}) DO UPDATE SET "
+              + ", ".join(f"{m} = {m} + excluded.{m}" for m in measures))
+    prune = (f"DELETE FROM {table} WHERE runs <= 0 AND "
+             + " AND ".join(f"{_q(c)} = ?" for c in key))
+    return upsert, prune
+
+
+# (upsert, prune, key of a run row, does the table keep credited_gpu_seconds)
+_ROLLUPS = [(*_rollup_sql(table, dims, measures), operator.itemgetter(*dims),
+             "credited_gpu_seconds" in measures) for table, dims, measures in ROLLUPS]
+
+
+@dataclass
+class IngestResult:
+    """What one batch did. ``errors`` holds (record, reason) for records NOT ingested."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    runs_touched: list[RunKey] = field(default_factory=list)
+    errors: list[tuple[Any, str]] = field(default_factory=list)
+    duplicates: int = 0
+    settled: list[RunKey] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "int": _is_int,
+    "num": _is_num,
+    "str": lambda v: isinstance(v, str),
+    "list": lambda v: isinstance(v, list),
+}
+_WHAT = {"int": "an integer", "num": "a finite number", "str": "a string", "list": "a list"}
+
+# (field, type, required-and-not-null)
+_COMMON_SPEC = (("cluster", "str", True), ("record_id", "str", True),
+                ("written_at", "num", True))
+_SPECS: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "node_run": (
+        ("job_id", "int", True), ("restart_count", "int", True), ("node", "str", True),
+        ("user", "str", False), ("account", "str", False), ("start_ts", "num", True),
+        ("end_ts", "num", True), ("gpus", "list", True),
+    ),
+    "jobcomp": (
+        ("job_id", "int", True), ("restart_count", "int", False), ("state", "str", True),
+        ("submit_ts", "num", False), ("start_ts", "num", False), ("end_ts", "num", False),
+        ("nodes", "str", False), ("node_count", "int", False), ("partition", "str", False),
+        ("uid", "int", False), ("user", "str", False), ("account", "str", False),
+        ("exit_code", "str", False), ("derived_ec", "str", False),
+        ("time_limit_min", "int", False), ("array_job_id", "int", False),
+        ("array_task_id", "int", False), ("work_dir", "str", False),
+    ),
+    "gpu_sample": (("node", "str", True), ("ts", "num", True), ("gpus", "list", True)),
+}
+_NODE_GPU_SPEC = (
+    ("index", "int", True), ("minor", "int", False), ("uuid", "str", True),
+    ("gpu_type", "str", True), ("energy_j", "num", False), ("util_mean", "num", False),
+    ("util_max", "num", False), ("mem_max_bytes", "int", False), ("gpu_seconds", "num", True),
+)
+_SAMPLE_GPU_SPEC = (
+    ("uuid", "str", True), ("index", "int", True), ("gpu_type", "str", True),
+    ("util", "num", True), ("mem_used_bytes", "int", True), ("power_w", "num", False),
+)
+_NON_NEGATIVE = frozenset({"job_id", "restart_count", "node_count", "uid", "energy_j",
+                           "gpu_seconds", "mem_max_bytes", "mem_used_bytes", "power_w",
+                           "util_mean", "util_max", "util", "index", "time_limit_min",
+                           "array_job_id", "array_task_id", "start_ts", "end_ts",
+                           "submit_ts", "written_at", "ts"})
+_PERCENT = frozenset({"util_mean", "util_max", "util"})
+
+
+def _check(obj: dict[str, Any], spec: tuple[tuple[str, str, bool], ...], where: str) -> None:
+    for name, typ, required in spec:
+        v = obj.get(name)
+        if v is None:
+            if required:
+                raise _Invalid(f"{where}{name} is missing")
+            continue
+        if not _CHECKS[typ](v):
+            raise _Invalid(f"{where}{name} must be {_WHAT[typ]}, got {v!r:.60}")
+        if typ == "str" and required and not v:
+            raise _Invalid(f"{where}{name} must not be empty")
+        if name in _NON_NEGATIVE and v < 0:
+            raise _Invalid(f"{where}{name} must not be negative, got {v!r}")
+        if name in _PERCENT and v > 100:
+            raise _Invalid(f"{where}{name} is a percentage, got {v!r}")
+
+
+# Quick acceptance: most records are fine, and the ingest must sustain tens of thousands of
+# runs a second. These predicates accept only what the spec-driven checks above accept too;
+# a record they do not accept is judged (and its error worded) by the full checks.
+_INF = math.inf
+
+
+def _nn(v: Any) -> bool:
+    """A finite, non-negative number (not a bool)."""
+    t = type(v)
+    return (t is float and 0.0 <= v < _INF) or (t is int and v >= 0)
+
+
+def _opt_nn(v: Any) -> bool:
+    return v is None or _nn(v)
+
+
+def _opt_pct(v: Any) -> bool:
+    return v is None or (_nn(v) and v <= 100)
+
+
+def _opt_str(v: Any) -> bool:
+    return v is None or type(v) is str
+
+
+def _opt_int(v: Any) -> bool:
+    return v is None or (type(v) is int and v >= 0)
+
+
+def _word(v: Any) -> bool:
+    return type(v) is str and v != ""
+
+
+def _quick_common(rec: dict[str, Any]) -> bool:
+    return _word(rec.get("cluster")) and _word(rec.get("record_id")) and _nn(
+        rec.get("written_at"))
+
+
+def _quick_node_run(rec: dict[str, Any]) -> bool:
+    g = rec.get
+    job_id, restart, start, end, gpus = (g("job_id"), g("restart_count"), g("start_ts"),
+                                         g("end_ts"), g("gpus"))
+    if not (type(job_id) is int and job_id >= 0 and type(restart) is int and restart >= 0
+            and _word(g("node")) and _opt_str(g("user")) and _opt_str(g("account"))
+            and _nn(start) and _nn(end) and end >= start and type(gpus) is list
+            and _quick_common(rec)):
+        return False
+    uuids = set()
+    for gpu in gpus:
+        if type(gpu) is not dict:
+            return False
+        q = gpu.get
+        index, uuid = q("index"), q("uuid")
+        if not (type(index) is int and index >= 0 and _word(uuid) and _word(q("gpu_type"))
+                and _nn(q("gpu_seconds")) and _opt_nn(q("energy_j"))
+                and _opt_pct(q("util_mean")) and _opt_pct(q("util_max"))
+                and _opt_int(q("mem_max_bytes"))
+                and (q("minor") is None or type(q("minor")) is int)):
+            return False
+        uuids.add(uuid)
+    return len(uuids) == len(gpus)
+
+
+def _quick_jobcomp(rec: dict[str, Any]) -> bool:
+    g = rec.get
+    job_id, start, end = g("job_id"), g("start_ts"), g("end_ts")
+    return (type(job_id) is int and job_id >= 0 and _opt_int(g("restart_count"))
+            and _word(g("state")) and _opt_nn(g("submit_ts")) and _opt_nn(start)
+            and _opt_nn(end) and not (start and end and end < start)
+            and _opt_str(g("nodes")) and _opt_int(g("node_count"))
+            and _opt_str(g("partition")) and _opt_int(g("uid")) and _opt_str(g("user"))
+            and _opt_str(g("account")) and _opt_str(g("exit_code"))
+            and _opt_str(g("derived_ec")) and _opt_int(g("time_limit_min"))
+            and _opt_int(g("array_job_id")) and _opt_int(g("array_task_id"))
+            and _opt_str(g("work_dir")) and _quick_common(rec))
+
+
+_QUICK = {"node_run": _quick_node_run, "jobcomp": _quick_jobcomp}
+
+
+def validate_record(rec: Any) -> str:
+    """Return the record's kind, or raise ValueError saying what is wrong with it."""
+    if type(rec) is dict and rec.get("v") == RECORD_VERSION and type(rec.get("v")) is int:
+        kind = rec.get("kind")
+        quick = _QUICK.get(kind)  # type: ignore[arg-type]
+        if quick is not None and quick(rec):
+            return str(kind)
+    if not isinstance(rec, dict):
+        raise _Invalid(f"a record must be a JSON object, got {type(rec).__name__}")
+    if rec.get("v") != RECORD_VERSION or isinstance(rec.get("v"), bool):
+        raise _Invalid(f"unsupported record version v={rec.get('v')!r} "
+                       f"(this slurmgate reads v={RECORD_VERSION})")
+    kind = rec.get("kind")
+    if kind not in _SPECS:
+        raise _Invalid(f"unknown record kind {kind!r:.40} (known: {', '.join(KINDS)})")
+    _check(rec, _COMMON_SPEC, "")
+    _check(rec, _SPECS[kind], "")
+    gpu_spec = _NODE_GPU_SPEC if kind == "node_run" else _SAMPLE_GPU_SPEC
+    if kind in ("node_run", "gpu_sample"):
+        seen: set[str] = set()
+        for i, gpu in enumerate(rec["gpus"]):
+            if not isinstance(gpu, dict):
+                raise _Invalid(f"gpus[{i}] must be an object")
+            _check(gpu, gpu_spec, f"gpus[{i}].")
+            if gpu["uuid"] in seen:
+                raise _Invalid(f"gpus[{i}].uuid {gpu['uuid']!r:.60} appears twice")
+            seen.add(gpu["uuid"])
+    if kind == "node_run" and rec["end_ts"] < rec["start_ts"]:
+        raise _Invalid(f"end_ts {rec['end_ts']} is before start_ts {rec['start_ts']}")
+    if kind == "jobcomp":
+        s, e = rec.get("start_ts"), rec.get("end_ts")
+        if s and e and e < s:
+            raise _Invalid(f"end_ts {e} is before start_ts {s}")
+    return str(kind)
+
+
+# -- node facts -----------------------------------------------------------------------------
+
+
+_GPUS_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
+def _node_row(rec: dict[str, Any], restart_count: int) -> dict[str, Any]:
+    gpus = rec["gpus"]
+    seconds = 0.0
+    energy = util_w = util_s = util_plain = 0.0
+    n_energy = n_util = 0
+    util_max: float | None = None
+    mem_max: int | None = None
+    by_type: dict[str, float] = {}
+    for g in gpus:
+        gs = float(g["gpu_seconds"])
+        seconds += gs
+        t = g["gpu_type"]
+        by_type[t] = by_type.get(t, 0.0) + gs
+        e = g.get("energy_j")
+        if e is not None:
+            energy += e
+            n_energy += 1
+        u = g.get("util_mean")
+        if u is not None:
+            util_w += u * gs
+            util_s += gs
+            util_plain += u
+            n_util += 1
+        u = g.get("util_max")
+        if u is not None and (util_max is None or u > util_max):
+            util_max = u
+        m = g.get("mem_max_bytes")
+        if m is not None and (mem_max is None or m > mem_max):
+            mem_max = m
+    if util_s > 0:
+        util_mean: float | None = util_w / util_s
+    elif n_util and n_util == len(gpus):
+        util_mean = util_plain / n_util
+    else:
+        util_mean = None
+    if len(by_type) == 1:
+        gpu_type: str | None = t
+    else:
+        gpu_type = max(by_type, key=lambda k: (by_type[k], k)) if by_type else None
+    return {
+        "cluster": rec["cluster"], "job_id": rec["job_id"], "restart_count": restart_count,
+        "node": rec["node"], "start_ts": float(rec["start_ts"]), "end_ts": float(rec["end_ts"]),
+        "gpus": _GPUS_JSON(gpus), "gpu_type": gpu_type, "gpu_count": len(gpus),
+        "gpu_seconds": seconds, "energy_j": energy if n_energy else None,
+        "util_mean": util_mean, "util_max": util_max, "mem_max_bytes": mem_max,
+        "record_id": rec["record_id"],
+    }
+
+
+def _close(a: float | None, b: float | None, tol: float = 1e-3) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= tol
+
+
+def _ts(v: Any) -> float | None:
+    """Slurm writes 0 for a time that never happened (a job cancelled while pending)."""
+    return float(v) if v else None
+
+
+# -- the batch --------------------------------------------------------------------------------
+
+
+class _Run:
+    __slots__ = ("row", "old", "nodes", "changed")
+
+    def __init__(self, row: dict[str, Any], old: dict[str, Any] | None) -> None:
+        self.row = row
+        self.old = old
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.changed: set[str] = set()  # node names written in this batch
+
+    @property
+    def key(self) -> RunKey:
+        r = self.row
+        return (r["cluster"], r["job_id"], r["restart_count"])
+
+    def span(self) -> tuple[float | None, float | None]:
+        r = self.row
+        lo = r["start_ts"] if r["start_ts"] is not None else (r["submit_ts"] or r["end_ts"])
+        hi = r["end_ts"] if r["end_ts"] is not None else lo
+        if lo is not None and hi is not None and hi < lo:
+            hi = lo
+        return lo, hi
+
+    def compatible(self, start: float | None, end: float | None) -> bool:
+        """Could a record spanning [start, end] belong to this run (not a wrapped job id)?"""
+        lo, hi = self.span()
+        if lo is None or hi is None:
+            return True
+        s = start if start is not None else end
+        e = end if end is not None else start
+        if s is None or e is None:
+            return True
+        return s <= hi + JOB_ID_REUSE_GAP_S and e >= lo - JOB_ID_REUSE_GAP_S
+
+
+def _json_list(values: Iterable[Any]) -> str:
+    return json.dumps(sorted(set(values)))
+
+
+class _Batch:
+    def __init__(self, store: Store, policy: Policy, cost_fn: CostFn | None,
+                 now: float) -> None:
+        self.store = store
+        self.conn = store.conn
+        self.policy = policy
+        if cost_fn is None:
+            from policies.cost import run_cost
+
+            cost_fn = run_cost
+        self.cost_fn: CostFn = cost_fn
+        self.now = now
+        self.jobs: dict[tuple[str, int], list[_Run]] = {}
+        self.dirty: dict[RunKey, _Run] = {}
+        self.resv_by_job: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self.resv_by_rid: dict[str, dict[str, Any]] = {}
+        self.duplicates = 0
+        self.warnings: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self.settled: list[RunKey] = []
+
+    # loading ---------------------------------------------------------------------------------
+
+    def load(self, job_keys: set[tuple[str, int]]) -> None:
+        by_cluster: dict[str, list[int]] = {}
+        for cluster, job_id in job_keys:
+            by_cluster.setdefault(cluster, []).append(job_id)
+            self.jobs.setdefault((cluster, job_id), [])
+        resv_jobs: dict[str, set[int]] = {c: set(ids) for c, ids in by_cluster.items()}
+        rids: set[str] = set()
+        for cluster, ids in by_cluster.items():
+            ids_json = json.dumps(ids)
+            cur = self.conn.execute(
+                "SELECT * FROM runs WHERE cluster = ? AND job_id IN "
+                "(SELECT value FROM json_each(?))", (cluster, ids_json))
+            names = [d[0] for d in cur.description]
+            for values in cur:
+                row = dict(zip(names, values, strict=True))
+                run = _Run(row, dict(row))
+                self.jobs[(cluster, row["job_id"])].append(run)
+                if row["array_job_id"] is not None:
+                    resv_jobs[cluster].add(row["array_job_id"])
+                if row["rid"]:
+                    rids.add(row["rid"])
+            cur = self.conn.execute(
+                f"SELECT {', '.join(_q(c) for c in NODE_COLUMNS)} FROM run_nodes "
+                "WHERE cluster = ? AND job_id IN (SELECT value FROM json_each(?))",
+                (cluster, ids_json))
+            index = {run.key: run for runs in self.jobs.values() for run in runs
+                     if run.row["cluster"] == cluster}
+            for values in cur:
+                node = dict(zip(NODE_COLUMNS, values, strict=True))
+                run = index.get((cluster, node["job_id"], node["restart_count"]))
+                if run is not None:
+                    run.nodes[node["node"]] = node
+        self._resv_jobs = resv_jobs
+        self._resv_rids = rids
+
+    def load_reservations(self, extra_jobs: dict[str, set[int]]) -> None:
+        for cluster, ids in extra_jobs.items():
+            self._resv_jobs.setdefault(cluster, set()).update(ids)
+        for cluster, ids in self._resv_jobs.items():
+            cur = self.conn.execute(
+                f"SELECT {_RESV_COLUMNS} FROM reservations WHERE (cluster = ? AND job_id IN "
+                "(SELECT value FROM json_each(?))) OR rid IN (SELECT value FROM json_each(?))",
+                (cluster, _json_list(ids), _json_list(self._resv_rids)))
+            names = [d[0] for d in cur.description]
+            for values in cur:
+                self._add_resv(dict(zip(names, values, strict=True)))
+        if not self._resv_jobs and self._resv_rids:
+            cur = self.conn.execute(
+                f"SELECT {_RESV_COLUMNS} FROM reservations "
+                "WHERE rid IN (SELECT value FROM json_each(?))",
+                (_json_list(self._resv_rids),))
+            names = [d[0] for d in cur.description]
+            for values in cur:
+                self._add_resv(dict(zip(names, values, strict=True)))
+
+    def _add_resv(self, resv: dict[str, Any]) -> None:
+        if resv["rid"] in self.resv_by_rid:
+            return
+        self.resv_by_rid[resv["rid"]] = resv
+        if resv["job_id"] is not None:
+            self.resv_by_job.setdefault((resv["cluster"], resv["job_id"]), []).append(resv)
+
+    # matching ---------------------------------------------------------------------------------
+
+    def _new_run(self, cluster: str, job_id: int, restart_count: int) -> _Run:
+        row: dict[str, Any] = dict.fromkeys(RUN_COLUMNS)
+        row.update(cluster=cluster, job_id=job_id, restart_count=restart_count, credit=0.0)
+        run = _Run(row, None)
+        self.jobs[(cluster, job_id)].append(run)
+        return run
+
+    @staticmethod
+    def _free_key(runs: list[_Run], wanted: int) -> int:
+        taken = {r.row["restart_count"] for r in runs}
+        if wanted not in taken:
+            return wanted
+        return max(taken) + 1
+
+    def add_node_run(self, rec: dict[str, Any]) -> bool:
+        cluster, job_id, restart = rec["cluster"], rec["job_id"], rec["restart_count"]
+        start, end = float(rec["start_ts"]), float(rec["end_ts"])
+        runs = self.jobs[(cluster, job_id)]
+        run = next((r for r in runs if r.row["restart_count"] == restart
+                    and r.compatible(start, end)), None)
+        if run is None:
+            near = [r for r in runs if r.row["start_ts"] is not None
+                    and abs(r.row["start_ts"] - start) <= MATCH_WINDOW_S]
+            run = max(near, key=lambda r: r.row["restart_count"]) if near else None
+        if run is None:
+            run = self._new_run(cluster, job_id, self._free_key(runs, restart))
+        node = _node_row(rec, run.row["restart_count"])
+        old = run.nodes.get(rec["node"])
+        if old is not None and _node_fact_values(old) == _node_fact_values(node):
+            self.duplicates += 1
+            return False
+        run.nodes[rec["node"]] = node
+        run.changed.add(rec["node"])
+        row = run.row
+        if row["jobcomp_at"] is None:  # until the jobcomp says, the nodes define the span
+            row["start_ts"] = start if row["start_ts"] is None else min(row["start_ts"], start)
+            row["end_ts"] = end if row["end_ts"] is None else max(row["end_ts"], end)
+        if row["user"] is None:
+            row["user"] = rec.get("user")
+        if row["account"] is None:
+            row["account"] = rec.get("account")
+        self.dirty[run.key] = run
+        return True
+
+    def add_jobcomp(self, rec: dict[str, Any]) -> bool:
+        cluster, job_id = rec["cluster"], rec["job_id"]
+        state = rec["state"].split()[0].upper()
+        start, end = _ts(rec.get("start_ts")), _ts(rec.get("end_ts"))
+        runs = self.jobs[(cluster, job_id)]
+        for r in runs:
+            row = r.row
+            if row["jobcomp_at"] is None or row["state"] != state:
+                continue
+            if start is None and end is None:
+                same = _close(row["jobcomp_at"], float(rec["written_at"]))
+            else:
+                same = ((end is None or _close(row["end_ts"], end))
+                        and (start is None or _close(row["start_ts"], start)))
+            if same:
+                self.duplicates += 1
+                return False
+        unfinished = [r for r in runs if r.row["state"] is None]
+        rc = rec.get("restart_count")
+        run = None
+        if rc is not None:
+            run = next((r for r in unfinished if r.row["restart_count"] == rc
+                        and r.compatible(start, end)), None)
+        if run is None and start is not None:
+            near = [r for r in unfinished if r.row["start_ts"] is not None
+                    and abs(r.row["start_ts"] - start) <= MATCH_WINDOW_S]
+            run = max(near, key=lambda r: r.row["restart_count"]) if near else None
+        if run is None:
+            ref_end = end if end is not None else start
+            plausible = [
+                r for r in unfinished
+                if r.compatible(start, end)
+                and not (r.row["start_ts"] is not None and ref_end is not None
+                         and r.row["start_ts"] > ref_end + MATCH_WINDOW_S)
+                and not (r.row["end_ts"] is not None and start is not None
+                         and start > r.row["end_ts"] + MATCH_WINDOW_S)
+            ]
+            run = max(plausible, key=lambda r: r.row["restart_count"]) if plausible else None
+        if run is None:
+            if rc is None:
+                rc = 0
+                if start is not None:
+                    rc = sum(1 for r in runs if r.row["start_ts"] is not None
+                             and start - REQUEUE_LOOKBACK_S < r.row["start_ts"]
+                             < start - MATCH_WINDOW_S)
+            run = self._new_run(cluster, job_id, self._free_key(runs, rc))
+        row = run.row
+        row["state"] = state
+        row["jobcomp_at"] = float(rec["written_at"])
+        if start is not None:
+            row["start_ts"] = start
+        if end is not None:
+            row["end_ts"] = end
+        elif row["end_ts"] is None:
+            row["end_ts"] = start if start is not None else float(rec["written_at"])
+        if _ts(rec.get("submit_ts")) is not None:
+            row["submit_ts"] = _ts(rec.get("submit_ts"))
+        for name in ("exit_code", "derived_ec", "uid", "user", "account", "partition", "nodes",
+                     "node_count", "time_limit_min", "array_task_id", "work_dir"):
+            if rec.get(name) is not None:
+                row[name] = rec[name]
+        if rec.get("array_job_id"):
+            row["array_job_id"] = rec["array_job_id"]
+        self.dirty[run.key] = run
+        return True
+
+    def mark_dirty(self, keys: Iterable[RunKey]) -> None:
+        for cluster, job_id, restart in keys:
+            for run in self.jobs.get((cluster, job_id), []):
+                if run.row["restart_count"] == restart:
+                    self.dirty[run.key] = run
+
+    # settlement -------------------------------------------------------------------------------
+
+    def _reservation_for(self, run: _Run) -> dict[str, Any] | None:
+        row = run.row
+        if row["rid"]:
+            return self.resv_by_rid.get(row["rid"])
+        when = row["submit_ts"] or row["start_ts"] or row["end_ts"]
+        for job_id in (row["job_id"], row["array_job_id"]):
+            if job_id is None:
+                continue
+            cands = [r for r in self.resv_by_job.get((row["cluster"], job_id), [])
+                     if when is None or r["created_at"] <= when + 60]
+            if cands:
+                return max(cands, key=lambda r: r["created_at"])
+        return None
+
+    def _aggregate_nodes(self, run: _Run) -> None:
+        row = run.row
+        nodes = run.nodes.values()
+        if not nodes:
+            return
+        if row["jobcomp_at"] is None:
+            row["start_ts"] = min(n["start_ts"] for n in nodes)
+            row["end_ts"] = max(n["end_ts"] for n in nodes)
+        energy = [n["energy_j"] for n in nodes if n["energy_j"] is not None]
+        row["energy_j"] = sum(energy) if energy else None
+        with_util = [n for n in nodes if n["util_mean"] is not None]
+        weight = sum(n["gpu_seconds"] for n in with_util)
+        if weight > 0:
+            row["util_mean"] = sum(n["util_mean"] * n["gpu_seconds"] for n in with_util) / weight
+        elif with_util:
+            row["util_mean"] = sum(n["util_mean"] for n in with_util) / len(with_util)
+        by_type: dict[str, float] = {}
+        for n in nodes:
+            if n["gpu_type"]:
+                by_type[n["gpu_type"]] = by_type.get(n["gpu_type"], 0.0) + n["gpu_seconds"]
+        if by_type:
+            row["gpu_type"] = max(by_type, key=lambda t: (by_type[t], t))
+        row["gpu_seconds"] = sum(n["gpu_seconds"] for n in nodes)
+
+    def _fill_from_reservation(self, run: _Run) -> dict[str, Any] | None:
+        row = run.row
+        resv = self._reservation_for(run)
+        if resv is not None:
+            row["rid"] = resv["rid"]
+            for name in ("team", "project", "cost_center", "tags", "cpus", "mem_mb"):
+                row[name] = resv[name]
+            row["gpus"] = resv["gpus"]
+            if not run.nodes and resv["gpu_type"]:
+                row["gpu_type"] = resv["gpu_type"]
+            for name in ("user", "account", "partition", "time_limit_min"):
+                if row[name] is None:
+                    row[name] = resv[name]
+        elif run.nodes:
+            # no request known: the allocation is what the nodes reported, scaled to the
+            # job's node count when some nodes never reported
+            per_node = sum(n["gpu_count"] for n in run.nodes.values()) / len(run.nodes)
+            row["gpus"] = per_node * max(row["node_count"] or 0, len(run.nodes))
+        if row["team"] is None:
+            row["team"] = self.policy.team_for(row["account"], row["user"])
+        if row["cost_center"] is None and row["team"] in self.policy.teams:
+            row["cost_center"] = self.policy.teams[row["team"]].cost_center or None
+        return resv
+
+    def _gpu_seconds_by_type(self, run: _Run, seconds: float) -> dict[str | None, float]:
+        row = run.row
+        alloc = row["gpus"] or 0.0
+        by_type: dict[str | None, float] = {}
+        if run.nodes:
+            for n in run.nodes.values():
+                by_type[n["gpu_type"]] = by_type.get(n["gpu_type"], 0.0) + n["gpu_seconds"]
+            missing = (row["node_count"] or 0) - len(run.nodes)
+            if missing > 0 and seconds > 0:
+                per_node = (alloc / row["node_count"] if alloc and row["rid"] else
+                            sum(n["gpu_count"] for n in run.nodes.values()) / len(run.nodes))
+                key = row["gpu_type"]
+                by_type[key] = by_type.get(key, 0.0) + missing * per_node * seconds
+        elif alloc and seconds > 0:
+            types = [t for t in (row["gpu_type"] or "").split("+") if t] or [None]
+            for t in types:
+                by_type[t] = by_type.get(t, 0.0) + alloc * seconds / len(types)
+        return by_type
+
+    def _settle(self, run: _Run) -> None:
+        row = run.row
+        elapsed = 0.0
+        if row["start_ts"] is not None and row["end_ts"] is not None:
+            elapsed = max(0.0, row["end_ts"] - row["start_ts"])
+        if elapsed <= 0 and run.nodes:
+            nodes = run.nodes.values()
+            elapsed = max(0.0, max(n["end_ts"] for n in nodes) - min(n["start_ts"] for n in nodes))
+        by_type = self._gpu_seconds_by_type(run, elapsed)
+        gpu_seconds = sum(by_type.values())
+        seconds = elapsed
+        if seconds <= 0 and gpu_seconds > 0:
+            seconds = gpu_seconds / max(row["gpus"] or 1.0, 1.0)
+        if len(by_type) == 1:
+            parts = [(t, gs) for t, gs in by_type.items() if gs > 0]
+        else:
+            parts = [(t, gs) for t, gs in sorted(by_type.items(), key=lambda kv: -kv[1])
+                     if gs > 0]
+        if not parts:
+            parts = [(row["gpu_type"] if row["gpu_type"] and "+" not in row["gpu_type"]
+                      else None, 0.0)]
+        cost_fn = self.cost_fn
+        try:
+            total = {"gpu": 0.0, "cpu": 0.0, "mem": 0.0, "energy": 0.0, "total": 0.0}
+            for i, (gpu_type, gs) in enumerate(parts):
+                c = cost_fn(
+                    gpu_type=gpu_type, gpus=gs / seconds if seconds > 0 else 0.0,
+                    cpus=int(round(row["cpus"] or 0)) if i == 0 else 0,
+                    mem_mb=int(round(row["mem_mb"] or 0)) if i == 0 else 0,
+                    seconds=seconds, energy_j=row["energy_j"] if i == 0 else None,
+                    policy=self.policy, partition=row["partition"],
+                )
+                if len(parts) == 1:
+                    total = c
+                else:
+                    for k in total:
+                        total[k] += float(c.get(k, 0.0))
+        except (ValueError, TypeError, KeyError) as exc:
+            key = "/".join(str(k) for k in run.key)
+            msg = f"run {key} cannot be settled: {exc}"
+            self.warnings.append(msg)
+            self.events.append({
+                "ts": self.now, "kind": "settle_error", "cluster": row["cluster"],
+                "job_id": row["job_id"], "restart_count": row["restart_count"],
+                "team": row["team"], "user": row["user"], "message": msg, "detail": None,
+            })
+            return
+        if row["gpu_type"] is None and gpu_seconds > 0:
+            part = self.policy.partitions.get(row["partition"] or "")
+            row["gpu_type"] = (part.default_gpu_type or None) if part else None
+        row["gpu_seconds"] = gpu_seconds
+        row["cost"] = round(total["total"], 6)
+        row["cost_gpu"] = round(total["gpu"], 6)
+        row["cost_cpu"] = round(total["cpu"], 6)
+        row["cost_mem"] = round(total["mem"], 6)
+        row["cost_energy"] = round(total["energy"], 6)
+        util = row["util_mean"]
+        row["cost_idle"] = (round(row["cost_gpu"] * (1.0 - min(max(util, 0.0), 100.0) / 100.0), 6)
+                            if util is not None else None)
+        self._credit(run)
+
+    def _credit(self, run: _Run) -> None:
+        row = run.row
+        if row["credit_reason"] is not None and row["credit_reason"] not in AUTO_CREDIT_REASONS:
+            return  # an admin's credit stands
+        rq = self.policy.requeue
+        reason = None
+        if row["state"] == "NODE_FAIL" and rq.credit_node_failure:
+            reason = "node_failure"
+        elif row["state"] == "PREEMPTED" and rq.credit_preemption:
+            reason = "preemption"
+        credit = row["cost"] if reason else 0.0
+        first = reason is not None and (row["credit_reason"] != reason)
+        row["credit"], row["credit_reason"] = credit, reason
+        if first:
+            self.events.append({
+                "ts": self.now, "kind": "credit", "cluster": row["cluster"],
+                "job_id": row["job_id"], "restart_count": row["restart_count"],
+                "team": row["team"], "user": row["user"], "actor": "slurmgate",
+                "message": f"{row['state']}: run credited ({reason})",
+                "detail": json.dumps({"amount": credit, "reason": reason}),
+            })
+
+    def finish(self) -> list[RunKey]:
+        """Aggregate node facts, settle finished runs, write everything. Returns run keys
+        whose row changed."""
+        resv_updates: list[tuple[str, float, str]] = []
+        touched: list[RunKey] = []
+        run_rows: list[tuple[Any, ...]] = []
+        node_rows: list[tuple[Any, ...]] = []
+        rollup: list[tuple[dict[str, Any] | None, dict[str, Any]]] = []
+        for run in self.dirty.values():
+            row = run.row
+            self._aggregate_nodes(run)
+            resv = self._fill_from_reservation(run)
+            if row["state"] is not None:
+                self._settle(run)
+            for name in run.changed:
+                node_rows.append(_node_values(run.nodes[name]))
+            old = run.old
+            if old is not None and _run_facts(old) == _run_facts(row):
+                continue
+            if row["cost"] is not None and (
+                    old is None or _settled_facts(old) != _settled_facts(row)):
+                row["settled_at"] = self.now
+                self.settled.append(run.key)
+            row["updated_at"] = self.now
+            run_rows.append(_run_values(row))
+            touched.append(run.key)
+            rollup.append((old, row))
+            if (resv is not None and row["cost"] is not None and row["array_job_id"] is None
+                    and row["state"] not in REQUEUE_STATES and resv["state"] != "settled"):
+                reason = f"run {'/'.join(str(k) for k in run.key)} {row['state']}"
+                resv_updates.append((reason, self.now, resv["rid"]))
+                resv["state"] = "settled"
+        if node_rows:
+            self.conn.executemany(_NODE_UPSERT, node_rows)
+        if run_rows:
+            self.conn.executemany(_RUN_UPSERT, run_rows)
+        if rollup:
+            apply_rollup_delta(self.conn, rollup)
+        if resv_updates:
+            self.conn.executemany(
+                "UPDATE reservations SET state = 'settled', reason = ?, updated_at = ? "
+                "WHERE rid = ?", resv_updates)
+        if self.events:
+            cols = ("ts", "kind", "cluster", "job_id", "restart_count", "team", "user", "actor",
+                    "message", "detail")
+            self.conn.executemany(
+                f"INSERT INTO events ({', '.join(_q(c) for c in cols)}) "
+                f"VALUES ({', '.join('?' for _ in cols)})",
+                [tuple(e.get(c) for c in cols) for e in self.events])
+        return touched
+
+
+# Run columns whose change means the run was (re-)settled.
+_settled_facts = operator.itemgetter(
+    "cost", "cost_gpu", "cost_cpu", "cost_mem", "cost_energy", "cost_idle", "credit",
+    "gpu_seconds", "energy_j", "end_ts", "team", "project", "cost_center", "user", "account",
+    "partition", "gpu_type")
+
+
+_rollup_measures = operator.itemgetter(*ROLLUP_MEASURES[1:])
+
+
+def apply_rollup_delta(conn: sqlite3.Connection,
+                       pairs: list[tuple[dict[str, Any] | None, dict[str, Any]]]) -> None:
+    """Move settled runs' contributions in the daily rollups from (old row) to (new row).
+
+    Key columns hold '' for a missing team, project, etc. (see db.schema)."""
+    accs: list[dict[tuple[Any, ...], list[float]]] = [{} for _ in _ROLLUPS]
+    for old, new in pairs:
+        for row, sign in ((old, -1.0), (new, 1.0)):
+            if row is None or row["cost"] is None or row["end_ts"] is None:
+                continue
+            day = int(row["end_ts"] // 86400)
+            values = [sign, *(sign * (v or 0.0) for v in _rollup_measures(row))]
+            cost, gs = row["cost"], row["gpu_seconds"] or 0.0
+            credited = sign * gs * min(1.0, row["credit"] / cost) if cost > 0 else 0.0
+            for acc, (_, _, dims_of, with_credited) in zip(accs, _ROLLUPS, strict=True):
+                key = (day, *(v or "" for v in dims_of(row)))
+                vals = [*values, credited] if with_credited else values
+                have = acc.get(key)
+                if have is None:
+                    acc[key] = list(vals)
+                else:
+                    for i, v in enumerate(vals):
+                        have[i] += v
+    for acc, (upsert, prune, _, _) in zip(accs, _ROLLUPS, strict=True):
+        rows, removed = [], []
+        for key, values in acc.items():
+            if values[0] == 0 and all(abs(v) < 1e-12 for v in values):
+                continue
+            rows.append((*key, int(values[0]), *values[1:]))
+            if values[0] < 0:
+                removed.append(key)
+        if rows:
+            conn.executemany(upsert, rows)
+        if removed:
+            conn.executemany(prune, removed)
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+
+def _run_batch(store: Store, policy: Policy, records: list[tuple[str, dict[str, Any]]],
+               cost_fn: CostFn | None, now: float, result: IngestResult) -> None:
+    samples: list[list[tuple[Any, ...]]] = []
+    node_runs: list[dict[str, Any]] = []
+    jobcomps: list[dict[str, Any]] = []
+    for kind, rec in records:
+        if kind == "gpu_sample":
+            ts = float(rec["ts"])
+            samples.append([(rec["node"], g["uuid"], ts, g["index"], g["gpu_type"],
+                             float(g["util"]), g["mem_used_bytes"], g.get("power_w"))
+                            for g in rec["gpus"]])
+        elif kind == "node_run":
+            node_runs.append(rec)
+        else:
+            jobcomps.append(rec)
+    conn = store.conn
+    for rows in samples:
+        before = conn.total_changes
+        conn.executemany(_SAMPLE_INSERT, rows)
+        if rows and conn.total_changes == before:
+            result.duplicates += 1
+    if not node_runs and not jobcomps:
+        return
+    batch = _Batch(store, policy, cost_fn, now)
+    batch.load({(r["cluster"], r["job_id"]) for r in node_runs + jobcomps})
+    extra: dict[str, set[int]] = {}
+    for r in jobcomps:
+        if r.get("array_job_id"):
+            extra.setdefault(r["cluster"], set()).add(r["array_job_id"])
+    batch.load_reservations(extra)
+    node_runs.sort(key=lambda r: (r["start_ts"], r["node"]))
+    jobcomps.sort(key=lambda r: (_ts(r.get("start_ts")) or _ts(r.get("end_ts")) or 0.0,
+                                 _ts(r.get("end_ts")) or 0.0))
+    for rec in node_runs:
+        batch.add_node_run(rec)
+    for rec in jobcomps:
+        batch.add_jobcomp(rec)
+    result.runs_touched.extend(batch.finish())
+    result.duplicates += batch.duplicates
+    result.settled.extend(batch.settled)
+    result.warnings.extend(batch.warnings)
+
+
+def ingest_records(store: Store, records: list[Any], policy: Policy, *,
+                   now: float | None = None, cost_fn: CostFn | None = None) -> IngestResult:
+    """Validate and ingest a batch in one transaction; see the module docstring.
+
+    A database error (locked past busy_timeout, disk full) raises sqlite3.Error and writes
+    nothing: the caller keeps the records and retries. Any other failure inside the batch
+    falls back to one record per savepoint, so only the record that fails lands in errors.
+    """
+    ts = time.time() if now is None else now
+    result = IngestResult()
+    valid: list[tuple[str, dict[str, Any]]] = []
+    for rec in records:
+        try:
+            kind = validate_record(rec)
+        except ValueError as exc:
+            result.errors.append((rec, str(exc)))
+            continue
+        valid.append((kind, rec))
+    if not valid:
+        return result
+    try:
+        with store.transaction():
+            _run_batch(store, policy, valid, cost_fn, ts, result)
+    except sqlite3.OperationalError:
+        raise
+    except Exception:
+        result = IngestResult(errors=result.errors)
+        with store.transaction():
+            for kind, rec in valid:
+                one = IngestResult()
+                try:
+                    with store.db.atomic():
+                        _run_batch(store, policy, [(kind, rec)], cost_fn, ts, one)
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as exc:  # a bug must not block the other records
+                    result.errors.append((rec, f"internal error while ingesting: {exc!r}"))
+                    continue
+                _merge(result, one)
+                result.counts[kind] = result.counts.get(kind, 0) + 1
+        return result
+    for kind, _ in valid:
+        result.counts[kind] = result.counts.get(kind, 0) + 1
+    result.runs_touched = list(dict.fromkeys(result.runs_touched))
+    return result
+
+
+def _merge(into: IngestResult, one: IngestResult) -> None:
+    into.runs_touched.extend(k for k in one.runs_touched if k not in into.runs_touched)
+    into.duplicates += one.duplicates
+    into.settled.extend(one.settled)
+    into.warnings.extend(one.warnings)
+
+
+def resettle_runs(store: Store, keys: Iterable[RunKey], policy: Policy, *,
+                  now: float | None = None, cost_fn: CostFn | None = None) -> list[RunKey]:
+    """Settle the given runs again (after a late reservation bind, a policy change, or a
+    credit rule change). Returns the runs whose row changed."""
+    keys = list(keys)
+    if not keys:
+        return []
+    batch = _Batch(store, policy, cost_fn, time.time() if now is None else now)
+    with store.transaction():
+        batch.load({(c, j) for c, j, _ in keys})
+        batch.load_reservations({})
+        batch.mark_dirty(keys)
+        return batch.finish()

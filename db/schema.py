@@ -1,0 +1,388 @@
+"""Schema of the accounting store, as numbered migrations.
+
+A migration is ``(version, step)`` where ``step`` is SQL (one or more statements) or a
+callable taking the ``sqlite3.Connection``. ``migrate`` applies every pending step in ONE
+transaction and records each in ``schema_migrations``: a database is either fully at the new
+version or untouched. Never edit a released migration; add the next number instead.
+
+- v1: the base tables.
+- v2: ``runs.cost_idle`` (the GPU part of a run's cost that its GPUs spent idle), backfilled
+  from ``cost_gpu`` and ``util_mean``; an index for the event log by kind.
+- v3: ``usage_daily``, the per-day rollup of settled runs that month-long reports read
+  instead of scanning millions of runs (kept up to date by the ingest), backfilled from runs.
+- v4: ``usage_daily_team`` and ``usage_daily_project``: the same without users (and without
+  projects), for the daemon's ledger and fairshare and for the usual chargeback.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+
+Step = str | Callable[[sqlite3.Connection], None]
+
+SCHEMA_V1 = """
+CREATE TABLE reservations (
+    rid TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    job_id INTEGER,
+    team TEXT,
+    project TEXT,
+    cost_center TEXT,
+    "user" TEXT,
+    account TEXT,
+    "partition" TEXT,
+    tags TEXT NOT NULL DEFAULT '{}',
+    gpu_type TEXT,
+    gpus REAL NOT NULL DEFAULT 0,
+    cpus REAL,
+    mem_mb REAL,
+    time_limit_min INTEGER,
+    tasks INTEGER,
+    est_cost REAL NOT NULL DEFAULT 0,
+    approval_id TEXT,
+    state TEXT NOT NULL DEFAULT 'reserved'
+        CHECK (state IN ('reserved', 'bound', 'settled', 'released')),
+    period TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    reason TEXT
+);
+CREATE INDEX reservations_job ON reservations (cluster, job_id);
+CREATE INDEX reservations_live ON reservations (team) WHERE state IN ('reserved', 'bound');
+
+CREATE TABLE runs (
+    cluster TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    restart_count INTEGER NOT NULL,
+    submit_ts REAL,
+    start_ts REAL,
+    end_ts REAL,
+    state TEXT,
+    exit_code TEXT,
+    derived_ec TEXT,
+    "user" TEXT,
+    uid INTEGER,
+    account TEXT,
+    team TEXT,
+    project TEXT,
+    cost_center TEXT,
+    tags TEXT,
+    "partition" TEXT,
+    nodes TEXT,
+    node_count INTEGER,
+    gpu_type TEXT,
+    gpus REAL,
+    cpus REAL,
+    mem_mb REAL,
+    time_limit_min INTEGER,
+    rid TEXT,
+    gpu_seconds REAL,
+    energy_j REAL,
+    util_mean REAL,
+    cost REAL,
+    cost_gpu REAL,
+    cost_cpu REAL,
+    cost_mem REAL,
+    cost_energy REAL,
+    credit REAL NOT NULL DEFAULT 0,
+    credit_reason TEXT,
+    array_job_id INTEGER,
+    array_task_id INTEGER,
+    work_dir TEXT,
+    settled_at REAL,
+    jobcomp_at REAL,
+    updated_at REAL,
+    PRIMARY KEY (cluster, job_id, restart_count)
+);
+CREATE INDEX runs_end ON runs (end_ts);
+CREATE INDEX runs_team_end ON runs (team, end_ts);
+CREATE INDEX runs_rid ON runs (rid) WHERE rid IS NOT NULL;
+CREATE INDEX runs_unfinished ON runs (end_ts) WHERE state IS NULL;
+
+CREATE TABLE run_nodes (
+    cluster TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    restart_count INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    start_ts REAL,
+    end_ts REAL,
+    gpus TEXT NOT NULL DEFAULT '[]',
+    gpu_type TEXT,
+    gpu_count INTEGER NOT NULL DEFAULT 0,
+    gpu_seconds REAL NOT NULL DEFAULT 0,
+    energy_j REAL,
+    util_mean REAL,
+    util_max REAL,
+    mem_max_bytes INTEGER,
+    record_id TEXT,
+    PRIMARY KEY (cluster, job_id, restart_count, node)
+);
+CREATE INDEX run_nodes_node ON run_nodes (node, end_ts);
+
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    cluster TEXT,
+    job_id INTEGER,
+    restart_count INTEGER,
+    team TEXT,
+    "user" TEXT,
+    node TEXT,
+    actor TEXT,
+    message TEXT,
+    detail TEXT
+);
+CREATE INDEX events_ts ON events (ts);
+
+CREATE TABLE approvals (
+    id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    amount REAL,
+    gpu_hours REAL,
+    used REAL NOT NULL DEFAULT 0,
+    expires_at REAL NOT NULL,
+    reason TEXT,
+    created_by TEXT,
+    created_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX approvals_team ON approvals (team, expires_at);
+
+CREATE TABLE gpu_samples (
+    node TEXT NOT NULL,
+    gpu_uuid TEXT NOT NULL,
+    ts REAL NOT NULL,
+    gpu_index INTEGER,
+    gpu_type TEXT,
+    util REAL,
+    mem_used_bytes INTEGER,
+    power_w REAL,
+    PRIMARY KEY (node, gpu_uuid, ts)
+) WITHOUT ROWID;
+CREATE INDEX gpu_samples_ts ON gpu_samples (ts);
+
+CREATE TABLE gpu_samples_hourly (
+    node TEXT NOT NULL,
+    gpu_uuid TEXT NOT NULL,
+    hour_ts REAL NOT NULL,
+    gpu_type TEXT,
+    util_mean REAL,
+    util_max REAL,
+    mem_max_bytes INTEGER,
+    samples INTEGER NOT NULL,
+    PRIMARY KEY (node, gpu_uuid, hour_ts)
+) WITHOUT ROWID;
+"""
+
+SCHEMA_V2 = """
+ALTER TABLE runs ADD COLUMN cost_idle REAL;
+UPDATE runs SET cost_idle = cost_gpu * (1.0 - min(max(util_mean, 0.0), 100.0) / 100.0)
+    WHERE cost_gpu IS NOT NULL AND util_mean IS NOT NULL;
+CREATE INDEX events_kind_ts ON events (kind, ts);
+"""
+
+# Dimensions of the daily rollup. Key columns hold '' instead of NULL so that the UNIQUE key
+# (and ON CONFLICT upserts) treat "no project" as one value.
+ROLLUP_DIMENSIONS = ("cluster", "team", "project", "cost_center", "user", "account",
+                     "partition", "gpu_type")
+ROLLUP_MEASURES = ("runs", "gpu_seconds", "energy_j", "cost", "cost_gpu", "cost_cpu",
+                   "cost_mem", "cost_energy", "cost_idle", "credit")
+
+SCHEMA_V3 = """
+CREATE TABLE usage_daily (
+    day INTEGER NOT NULL,
+    cluster TEXT NOT NULL,
+    team TEXT NOT NULL,
+    project TEXT NOT NULL,
+    cost_center TEXT NOT NULL,
+    "user" TEXT NOT NULL,
+    account TEXT NOT NULL,
+    "partition" TEXT NOT NULL,
+    gpu_type TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0,
+    gpu_seconds REAL NOT NULL DEFAULT 0,
+    energy_j REAL NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0,
+    cost_gpu REAL NOT NULL DEFAULT 0,
+    cost_cpu REAL NOT NULL DEFAULT 0,
+    cost_mem REAL NOT NULL DEFAULT 0,
+    cost_energy REAL NOT NULL DEFAULT 0,
+    cost_idle REAL NOT NULL DEFAULT 0,
+    credit REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, cluster, team, project, cost_center, "user", account, "partition",
+                 gpu_type)
+) WITHOUT ROWID;
+INSERT INTO usage_daily
+SELECT CAST(end_ts / 86400 AS INTEGER), cluster, coalesce(team, ''), coalesce(project, ''),
+       coalesce(cost_center, ''), coalesce("user", ''), coalesce(account, ''),
+       coalesce("partition", ''), coalesce(gpu_type, ''),
+       count(*), total(gpu_seconds), total(energy_j), total(cost), total(cost_gpu),
+       total(cost_cpu), total(cost_mem), total(cost_energy), total(cost_idle), total(credit)
+FROM runs
+WHERE cost IS NOT NULL AND end_ts IS NOT NULL
+GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9;
+"""
+
+# v4: two smaller rollups. The daemon rebuilds its ledger (spend per team) and fairshare usage
+# after every settled batch, so the team rollup keeps that O(teams x days) however many users
+# there are; ``credited_gpu_seconds`` lets fairshare drop credited GPU time run by run. Reports
+# by team/project/cost centre/GPU type (the usual chargeback) read the project rollup, which
+# does not grow with the number of users.
+TEAM_ROLLUP_DIMENSIONS = ("cluster", "team")
+TEAM_ROLLUP_MEASURES = (*ROLLUP_MEASURES, "credited_gpu_seconds")
+PROJECT_ROLLUP_DIMENSIONS = ("cluster", "team", "project", "cost_center", "partition",
+                             "gpu_type")
+
+SCHEMA_V4 = """
+CREATE TABLE usage_daily_team (
+    day INTEGER NOT NULL,
+    cluster TEXT NOT NULL,
+    team TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0,
+    gpu_seconds REAL NOT NULL DEFAULT 0,
+    energy_j REAL NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0,
+    cost_gpu REAL NOT NULL DEFAULT 0,
+    cost_cpu REAL NOT NULL DEFAULT 0,
+    cost_mem REAL NOT NULL DEFAULT 0,
+    cost_energy REAL NOT NULL DEFAULT 0,
+    cost_idle REAL NOT NULL DEFAULT 0,
+    credit REAL NOT NULL DEFAULT 0,
+    credited_gpu_seconds REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, cluster, team)
+) WITHOUT ROWID;
+INSERT INTO usage_daily_team
+SELECT CAST(end_ts / 86400 AS INTEGER), cluster, coalesce(team, ''),
+       count(*), total(gpu_seconds), total(energy_j), total(cost), total(cost_gpu),
+       total(cost_cpu), total(cost_mem), total(cost_energy), total(cost_idle), total(credit),
+       total(CASE WHEN cost > 0 THEN coalesce(gpu_seconds, 0) * min(1.0, credit / cost)
+             ELSE 0 END)
+FROM runs
+WHERE cost IS NOT NULL AND end_ts IS NOT NULL
+GROUP BY 1, 2, 3;
+CREATE TABLE usage_daily_project (
+    day INTEGER NOT NULL,
+    cluster TEXT NOT NULL,
+    team TEXT NOT NULL,
+    project TEXT NOT NULL,
+    cost_center TEXT NOT NULL,
+    "partition" TEXT NOT NULL,
+    gpu_type TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0,
+    gpu_seconds REAL NOT NULL DEFAULT 0,
+    energy_j REAL NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0,
+    cost_gpu REAL NOT NULL DEFAULT 0,
+    cost_cpu REAL NOT NULL DEFAULT 0,
+    cost_mem REAL NOT NULL DEFAULT 0,
+    cost_energy REAL NOT NULL DEFAULT 0,
+    cost_idle REAL NOT NULL DEFAULT 0,
+    credit REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, cluster, team, project, cost_center, "partition", gpu_type)
+) WITHOUT ROWID;
+INSERT INTO usage_daily_project
+SELECT day, cluster, team, project, cost_center, "partition", gpu_type,
+       sum(runs), total(gpu_seconds), total(energy_j), total(cost), total(cost_gpu),
+       total(cost_cpu), total(cost_mem), total(cost_energy), total(cost_idle), total(credit)
+FROM usage_daily
+GROUP BY 1, 2, 3, 4, 5, 6, 7;
+"""
+
+# Every daily rollup of settled runs, smallest first: (table, key dimensions, measures). The
+# ingest keeps all of them; a report reads the first whose dimensions cover its grouping.
+ROLLUPS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("usage_daily_team", TEAM_ROLLUP_DIMENSIONS, TEAM_ROLLUP_MEASURES),
+    ("usage_daily_project", PROJECT_ROLLUP_DIMENSIONS, ROLLUP_MEASURES),
+    ("usage_daily", ROLLUP_DIMENSIONS, ROLLUP_MEASURES),
+)
+
+MIGRATIONS: list[tuple[int, Step]] = [
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+]
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+class MigrationError(RuntimeError):
+    """The database cannot be brought to this slurmgate's schema; the message says why."""
+
+
+def split_statements(sql: str) -> Iterator[str]:
+    """Complete SQL statements in ``sql`` (sqlite3.complete_statement decides the ends)."""
+    buf = ""
+    for piece in sql.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \t\r\n;"):
+                yield buf.strip()
+            buf = ""
+    rest = buf.strip(" \t\r\n;")
+    if rest:
+        raise MigrationError(f"incomplete SQL statement in migration: {rest[:80]!r}")
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    """Highest applied migration; 0 for an empty database."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if not exists:
+        return 0
+    row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    return int(row[0] or 0)
+
+
+def _apply(conn: sqlite3.Connection, step: Step) -> None:
+    if callable(step):
+        step(conn)
+    else:
+        for statement in split_statements(step):
+            conn.execute(statement)
+
+
+def migrate(conn: sqlite3.Connection, *, target: int | None = None,
+            migrations: list[tuple[int, Step]] | None = None) -> list[int]:
+    """Apply pending migrations up to ``target`` (default: all) in one transaction.
+
+    Returns the versions applied. ``BEGIN IMMEDIATE`` takes the write lock first, so two
+    processes opening the same file cannot both migrate it. A database newer than this code
+    raises MigrationError (an older slurmgate must not write a schema it does not know).
+    """
+    steps = MIGRATIONS if migrations is None else migrations
+    target = steps[-1][0] if target is None else target
+    if conn.in_transaction:
+        raise MigrationError("migrate() must not run inside an open transaction")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        have = current_version(conn)
+        known = steps[-1][0]
+        if have > known:
+            raise MigrationError(
+                f"database schema is version {have}, newer than this slurmgate knows "
+                f"({known}); upgrade slurmgate before running the daemon on it"
+            )
+        applied: list[int] = []
+        for version, step in steps:
+            if have < version <= target:
+                _apply(conn, step)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, time.time()),
+                )
+                applied.append(version)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return applied

@@ -1,0 +1,468 @@
+"""The accounting store: one SQLite file, one writer (the daemon), many readers.
+
+``open_store(path)`` opens the writer: WAL, ``synchronous=NORMAL``, migrations applied.
+``open_store(path, readonly=True)`` opens a reader (CLI, TUI, exports): ``mode=ro``, never
+migrates, ``query_only``. Every connection waits up to 5 s on a lock (``busy_timeout``).
+
+Write several things atomically with ``with store.transaction(): ...``. Prefer it to
+``with store.db.conn:``: Python's sqlite3 only opens a transaction at the first INSERT, so a
+sqlite-utils call made first would commit on its own; ``transaction()`` issues
+``BEGIN IMMEDIATE`` up front (nested calls become savepoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlite_utils
+
+from db.schema import LATEST_VERSION, current_version, migrate
+
+if TYPE_CHECKING:
+    from policies.config import Policy
+
+BUSY_TIMEOUT_MS = 5000
+RESERVATION_STATES = ("reserved", "bound", "settled", "released")
+LIVE_STATES = ("reserved", "bound")
+
+_RESERVATION_FIELDS = (
+    "rid", "cluster", "job_id", "team", "project", "cost_center", "user", "account",
+    "partition", "tags", "gpu_type", "gpus", "cpus", "mem_mb", "time_limit_min", "tasks",
+    "est_cost", "approval_id", "state", "period", "created_at", "updated_at", "reason",
+)
+_EVENT_FIELDS = (
+    "ts", "cluster", "job_id", "restart_count", "team", "user", "node", "actor", "message",
+    "detail",
+)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used as asked; the message says what to do."""
+
+
+def _decode_tags(row: dict[str, Any]) -> dict[str, Any]:
+    tags = row.get("tags")
+    if isinstance(tags, str):
+        try:
+            row["tags"] = json.loads(tags)
+        except ValueError:
+            row["tags"] = {}
+    elif tags is None:
+        row["tags"] = {}
+    return row
+
+
+class Store:
+    """A thin wrapper over ``sqlite_utils.Database`` (``.db``) with the daemon's operations."""
+
+    def __init__(self, db: sqlite_utils.Database, *, path: str, readonly: bool) -> None:
+        self.db = db
+        self.path = path
+        self.readonly = readonly
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.db.conn
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return current_version(self.conn)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """One write transaction (``BEGIN IMMEDIATE``); nested use becomes a savepoint."""
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only; only the daemon writes")
+        if self.conn.in_transaction:
+            with self.db.atomic():
+                yield self
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        cur = self.conn.execute(sql, params)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    # -- reservations -----------------------------------------------------------------------
+
+    def add_reservation(self, reservation: dict[str, Any], *, now: float | None = None) -> str:
+        """Record a reservation made at submit; returns its rid (generated when absent).
+
+        ``tags`` may be a dict (stored as JSON). ``state`` defaults to 'bound' when a job id is
+        given, else 'reserved'. Raises ValueError for unknown fields, a missing cluster or a
+        rid that exists already.
+        """
+        unknown = set(reservation) - set(_RESERVATION_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown reservation field(s): {', '.join(sorted(unknown))}")
+        row = dict(reservation)
+        if not row.get("cluster"):
+            raise ValueError("a reservation needs its cluster")
+        ts = time.time() if now is None else now
+        row.setdefault("rid", uuid.uuid4().hex)
+        row.setdefault("state", "bound" if row.get("job_id") is not None else "reserved")
+        if row["state"] not in RESERVATION_STATES:
+            raise ValueError(f"reservation state must be one of {', '.join(RESERVATION_STATES)}")
+        row.setdefault("created_at", ts)
+        row.setdefault("updated_at", ts)
+        row["tags"] = json.dumps(row.get("tags") or {}, sort_keys=True)
+        for key in ("gpus", "est_cost"):
+            if row.get(key) is None:
+                row[key] = 0.0
+        try:
+            with self.transaction():
+                self.db["reservations"].insert(row)
+        except sqlite3.IntegrityError as exc:
+            raise ValueError(f"reservation {row['rid']} cannot be added: {exc}") from exc
+        return str(row["rid"])
+
+    def bind_reservation(self, rid: str, job_id: int, cluster: str, *,
+                         policy: Policy | None = None, now: float | None = None) -> bool:
+        """Attach a reservation to its Slurm job id (state 'bound').
+
+        A short job can finish before the daemon learns its id, so runs of (cluster, job_id)
+        that already arrived without a reservation are attached too; with ``policy`` they are
+        re-settled with the reservation's team, tags and request. Returns False when the rid
+        is unknown or already settled/released.
+        """
+        ts = time.time() if now is None else now
+        with self.transaction():
+            cur = self.conn.execute(
+                "UPDATE reservations SET job_id = ?, cluster = ?, state = 'bound', "
+                "updated_at = ? WHERE rid = ? AND state IN ('reserved', 'bound')",
+                (job_id, cluster, ts, rid),
+            )
+            if cur.rowcount != 1:
+                return False
+            created = self.conn.execute(
+                "SELECT created_at FROM reservations WHERE rid = ?", (rid,)
+            ).fetchone()[0]
+            orphans = self.conn.execute(
+                "SELECT restart_count FROM runs WHERE cluster = ? AND job_id = ? AND rid IS NULL"
+                " AND coalesce(submit_ts, start_ts, end_ts, ?) >= ? - 60",
+                (cluster, job_id, created, created),
+            ).fetchall()
+            if orphans:
+                keys = [(cluster, job_id, r[0]) for r in orphans]
+                self.conn.executemany(
+                    "UPDATE runs SET rid = ? WHERE cluster = ? AND job_id = ? "
+                    "AND restart_count = ?", [(rid, *k) for k in keys],
+                )
+                if policy is not None:
+                    from db.ingest import resettle_runs
+
+                    resettle_runs(self, keys, policy, now=ts)
+        return True
+
+    def finish_reservation(self, rid: str, state: str, reason: str | None = None, *,
+                           now: float | None = None) -> bool:
+        """Close a reservation ('settled' or 'released'); False when it is not live."""
+        if state not in ("settled", "released"):
+            raise ValueError("a reservation finishes as 'settled' or 'released'")
+        ts = time.time() if now is None else now
+        with self.transaction():
+            cur = self.conn.execute(
+                "UPDATE reservations SET state = ?, reason = ?, updated_at = ? "
+                "WHERE rid = ? AND state IN ('reserved', 'bound')",
+                (state, reason, ts, rid),
+            )
+        return cur.rowcount == 1
+
+    def live_reservations(self) -> list[dict[str, Any]]:
+        """Reserved and bound reservations, tags decoded, with ``charged``: the net cost of
+        runs already settled against them (a requeued job keeps its reservation)."""
+        rows = self.query(
+            "SELECT r.*, coalesce((SELECT total(u.cost - u.credit) FROM runs u "
+            "WHERE u.rid = r.rid AND u.cost IS NOT NULL), 0) AS charged "
+            "FROM reservations r WHERE r.state IN ('reserved', 'bound') ORDER BY r.created_at"
+        )
+        return [_decode_tags(r) for r in rows]
+
+    def reservation(self, rid: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM reservations WHERE rid = ?", (rid,))
+        return _decode_tags(rows[0]) if rows else None
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def run(self, cluster: str, job_id: int, restart_count: int) -> dict[str, Any] | None:
+        rows = self.query(
+            "SELECT * FROM runs WHERE cluster = ? AND job_id = ? AND restart_count = ?",
+            (cluster, job_id, restart_count),
+        )
+        return rows[0] if rows else None
+
+    def runs_of_job(self, cluster: str, job_id: int) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT * FROM runs WHERE cluster = ? AND job_id = ? ORDER BY restart_count",
+            (cluster, job_id),
+        )
+
+    def run_nodes(self, cluster: str, job_id: int, restart_count: int) -> list[dict[str, Any]]:
+        rows = self.query(
+            "SELECT * FROM run_nodes WHERE cluster = ? AND job_id = ? AND restart_count = ? "
+            "ORDER BY node", (cluster, job_id, restart_count),
+        )
+        for r in rows:
+            r["gpus"] = json.loads(r["gpus"] or "[]")
+        return rows
+
+    def credit_run(self, cluster: str, job_id: int, restart_count: int, amount: float,
+                   reason: str, *, actor: str | None = None, now: float | None = None) -> bool:
+        """Admin credit on a settled run (replaces its credit); logs a 'credit' event.
+
+        The daily rollup follows. Returns False when the run does not exist or is not
+        settled yet.
+        """
+        from db.ingest import apply_rollup_delta
+
+        if amount < 0:
+            raise ValueError("a credit cannot be negative")
+        ts = time.time() if now is None else now
+        with self.transaction():
+            before = self.run(cluster, job_id, restart_count)
+            if before is None or before["cost"] is None:
+                return False
+            self.conn.execute(
+                "UPDATE runs SET credit = ?, credit_reason = ?, updated_at = ? "
+                "WHERE cluster = ? AND job_id = ? AND restart_count = ?",
+                (amount, reason, ts, cluster, job_id, restart_count),
+            )
+            after = dict(before, credit=amount, credit_reason=reason)
+            apply_rollup_delta(self.conn, [(before, after)])
+            self.add_event("credit", ts=ts, cluster=cluster, job_id=job_id,
+                           restart_count=restart_count, team=before["team"],
+                           user=before["user"], actor=actor,
+                           message=f"credit {amount:g}: {reason}",
+                           detail={"amount": amount, "previous": before["credit"]})
+        return True
+
+    # -- events -----------------------------------------------------------------------------
+
+    def add_event(self, kind: str, **fields: Any) -> int:
+        """Append to the event log; ``detail`` may be any JSON-able value. Returns the id."""
+        unknown = set(fields) - set(_EVENT_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown event field(s): {', '.join(sorted(unknown))}")
+        if not kind:
+            raise ValueError("an event needs a kind")
+        row = dict(fields, kind=kind)
+        if row.get("ts") is None:
+            row["ts"] = time.time()
+        if "detail" in row and row["detail"] is not None and not isinstance(row["detail"], str):
+            row["detail"] = json.dumps(row["detail"], sort_keys=True, default=str)
+        cols = list(row)
+        with self.transaction():
+            cur = self.conn.execute(
+                f"INSERT INTO events ({', '.join(_q(c) for c in cols)}) "
+                f"VALUES ({', '.join('?' for _ in cols)})",
+                [row[c] for c in cols],
+            )
+        return int(cur.lastrowid or 0)
+
+    def add_events(self, events: list[dict[str, Any]]) -> int:
+        """Batch insert of event dicts (each with ``kind``); returns how many."""
+        rows = []
+        for e in events:
+            row = dict(e)
+            row.setdefault("ts", time.time())
+            if row.get("detail") is not None and not isinstance(row["detail"], str):
+                row["detail"] = json.dumps(row["detail"], sort_keys=True, default=str)
+            rows.append(row)
+        with self.transaction():
+            self.db["events"].insert_all(rows, batch_size=1000)
+        return len(rows)
+
+    # -- approvals --------------------------------------------------------------------------
+
+    def add_approval(self, *, team: str, expires_at: float, amount: float | None = None,
+                     gpu_hours: float | None = None, reason: str | None = None,
+                     created_by: str | None = None, approval_id: str | None = None,
+                     now: float | None = None) -> str:
+        """An admin lets ``team`` go over its hard limit by ``amount`` (money) or
+        ``gpu_hours``, until ``expires_at``. Logs an 'approval' event; returns the id."""
+        if amount is None and gpu_hours is None:
+            raise ValueError("an approval needs an amount or gpu_hours")
+        ts = time.time() if now is None else now
+        aid = approval_id or uuid.uuid4().hex[:12]
+        with self.transaction():
+            self.db["approvals"].insert({
+                "id": aid, "team": team, "amount": amount, "gpu_hours": gpu_hours,
+                "used": 0.0, "expires_at": expires_at, "reason": reason,
+                "created_by": created_by, "created_at": ts, "revoked": 0,
+            })
+            self.add_event("approval", ts=ts, team=team, actor=created_by, message=reason,
+                           detail={"approval_id": aid, "amount": amount,
+                                   "gpu_hours": gpu_hours, "expires_at": expires_at})
+        return aid
+
+    def use_approval(self, approval_id: str, amount: float, *, cluster: str | None = None,
+                     job_id: int | None = None, user: str | None = None,
+                     rid: str | None = None, now: float | None = None) -> bool:
+        """Draw ``amount`` (in the approval's unit: money, else GPU-hours) from an approval.
+
+        Atomic: False (and nothing written) when the approval is unknown, revoked, expired
+        or would be overdrawn. Logs an 'approval_use' event.
+        """
+        ts = time.time() if now is None else now
+        with self.transaction():
+            cur = self.conn.execute(
+                "UPDATE approvals SET used = used + ? WHERE id = ? AND revoked = 0 "
+                "AND expires_at > ? AND used + ? <= coalesce(amount, gpu_hours) + 1e-9 "
+                "RETURNING team, used",
+                (amount, approval_id, ts, amount),
+            )
+            row = cur.fetchone()
+            if row is None:
+                return False
+            self.add_event("approval_use", ts=ts, cluster=cluster, job_id=job_id,
+                           team=row[0], user=user,
+                           message=f"approval {approval_id}: used {amount:g}",
+                           detail={"approval_id": approval_id, "amount": amount,
+                                   "used": row[1], "rid": rid})
+        return True
+
+    def revoke_approval(self, approval_id: str, *, actor: str | None = None,
+                        now: float | None = None) -> bool:
+        ts = time.time() if now is None else now
+        with self.transaction():
+            cur = self.conn.execute(
+                "UPDATE approvals SET revoked = 1 WHERE id = ? AND revoked = 0 RETURNING team",
+                (approval_id,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                return False
+            self.add_event("approval", ts=ts, team=row[0], actor=actor,
+                           message=f"approval {approval_id} revoked",
+                           detail={"approval_id": approval_id, "revoked": True})
+        return True
+
+    def approvals(self, active_only: bool = True, *, team: str | None = None,
+                  now: float | None = None) -> list[dict[str, Any]]:
+        """Approvals, newest first; ``active_only``: not revoked, not expired, not used up.
+        Each row has ``remaining`` in its unit."""
+        ts = time.time() if now is None else now
+        where, params = ["1"], []
+        if active_only:
+            where.append("revoked = 0 AND expires_at > ? "
+                         "AND used < coalesce(amount, gpu_hours) - 1e-9")
+            params.append(ts)
+        if team is not None:
+            where.append("team = ?")
+            params.append(team)
+        return self.query(
+            "SELECT *, coalesce(amount, gpu_hours) - used AS remaining FROM approvals "
+            f"WHERE {' AND '.join(where)} ORDER BY created_at DESC", params,
+        )
+
+    # -- ledger inputs ----------------------------------------------------------------------
+
+    def spend_by_team(self, period_start_ts: float, period_end_ts: float) -> dict[str, float]:
+        """Settled cost minus credits of runs that ENDED in [start, end), by team.
+
+        Runs with no team are under ``""``. Reads the daily rollup for whole days and the runs
+        table for the partial days at the edges (see db.reports.usage_rows).
+        """
+        from db.reports import usage_rows
+
+        out: dict[str, float] = {}
+        for row in usage_rows(self, period_start_ts, period_end_ts, ("team",)):
+            out[row["team"]] = out.get(row["team"], 0.0) + row["cost"] - row["credit"]
+        return out
+
+    def team_usage_gpu_hours(self, since_ts: float, *,
+                             now: float | None = None) -> list[tuple[str, float, float]]:
+        """(team, ts, gpu_hours) for fairshare decay: one row per team per UTC day of end time,
+        from the daily rollup (the daemon asks after every settled batch, so this must not
+        scan millions of runs). ``ts`` is the day's midpoint, capped at ``now``: at most 12 h
+        off, under 5 % of a run's weight with a one-week half-life. The day holding
+        ``since_ts`` is included whole. Runs with no team are under ``""``.
+
+        Credited GPU time does not count: each run weighs ``1 - credit/cost`` (a
+        node-failure credit removes the run)."""
+        ts_now = time.time() if now is None else now
+        rows = self.conn.execute(
+            "SELECT team, day, total(gpu_seconds - credited_gpu_seconds) / 3600.0 "
+            "FROM usage_daily_team WHERE day >= ? GROUP BY team, day ORDER BY day, team",
+            (math.floor(since_ts / 86400.0),),
+        ).fetchall()
+        return [(team, min(day * 86400.0 + 43200.0, ts_now), float(hours))
+                for team, day, hours in rows if hours > 1e-9]
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'
+
+
+def _configure(conn: sqlite3.Connection, *, writer: bool) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if writer:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    else:
+        conn.execute("PRAGMA query_only = 1")
+
+
+def open_store(path: str | Path, *, readonly: bool = False) -> Store:
+    """Open the store at ``path`` (``":memory:"`` for tests).
+
+    The writer creates the file and applies migrations. A reader opens with ``mode=ro``,
+    never migrates, and refuses a missing file or one older than this code (the daemon
+    upgrades it when it starts).
+    """
+    spath = str(path)
+    if readonly:
+        if spath == ":memory:":
+            raise StoreError("a read-only store needs a database file")
+        p = Path(spath)
+        if not p.exists():
+            raise StoreError(f"{p}: no database here; is the daemon's [daemon] database set "
+                             "to this path, and has the daemon started once?")
+        try:
+            # autocommit: a reader never holds a transaction open (and so never pins an old
+            # snapshot of the WAL) between its queries
+            conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True,
+                                   check_same_thread=False, isolation_level=None)
+            _configure(conn, writer=False)
+            version = current_version(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{p}: cannot open read-only: {exc}") from exc
+        if version < LATEST_VERSION:
+            conn.close()
+            raise StoreError(
+                f"{p}: database schema is version {version}, this slurmgate needs "
+                f"{LATEST_VERSION}; start the daemon (the only writer) once to upgrade it"
+            )
+        return Store(sqlite_utils.Database(conn), path=spath, readonly=True)
+    try:
+        conn = sqlite3.connect(spath, check_same_thread=False)
+        _configure(conn, writer=True)
+        migrate(conn)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{spath}: cannot open the database for writing: {exc}") from exc
+    return Store(sqlite_utils.Database(conn), path=spath, readonly=False)

@@ -1,0 +1,434 @@
+"""Ingest of spool records: matching, idempotency, validation, settlement."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+import pytest
+
+from db import ingest_records, open_store
+from db.store import Store
+from policies.config import Policy
+
+T0 = 1_790_035_200.0  # 2026-09-22 00:00 UTC: a whole number of days (20718)
+HOUR = 3600.0
+
+
+def make_policy(**overrides: Any) -> Policy:
+    data: dict[str, Any] = {
+        "daemon": {"cluster": "c1"},
+        "teams": {
+            "vision": {"accounts": ["vis"], "cost_center": "CC-V"},
+            "nlp": {"accounts": ["nlp"], "members": ["nora"]},
+        },
+        "rates": {"gpu_hour": {"a100": 2.0, "h100": 4.0}, "cpu_core_hour": 0.01,
+                  "mem_gb_hour": 0.001, "kwh": 0.1},
+        "partitions": {"gpu": {"default_gpu_type": "a100"},
+                       "scavenger": {"default_gpu_type": "a100", "price_factor": 0.3}},
+    }
+    data.update(overrides)
+    return Policy.model_validate(data)
+
+
+def make_node_run(job_id: int, *, node: str = "node1", restart: int = 0, start: float = T0,
+                  end: float = T0 + 2 * HOUR, gpus: int = 4, gpu_type: str = "a100",
+                  util: float | None = 50.0, energy_per_gpu: float | None = 3.6e6,
+                  cluster: str = "c1", user: str | None = "vera",
+                  account: str | None = "vis") -> dict[str, Any]:
+    return {
+        "v": 1, "kind": "node_run", "record_id": uuid.uuid4().hex, "cluster": cluster,
+        "written_at": end + 1, "job_id": job_id, "restart_count": restart, "node": node,
+        "user": user, "account": account, "start_ts": start, "end_ts": end,
+        "gpus": [
+            {"index": i, "minor": i, "uuid": f"GPU-{node}-{i}", "gpu_type": gpu_type,
+             "energy_j": energy_per_gpu, "util_mean": util,
+             "util_max": None if util is None else min(100.0, util + 10),
+             "mem_max_bytes": 10 * 2**30, "gpu_seconds": end - start}
+            for i in range(gpus)
+        ],
+    }
+
+
+def make_jobcomp(job_id: int, *, state: str = "COMPLETED", start: float | None = T0,
+                 end: float | None = T0 + 2 * HOUR, nodes: str = "node1", node_count: int = 1,
+                 partition: str = "gpu", cluster: str = "c1", user: str = "vera",
+                 account: str = "vis", array_job_id: int | None = None,
+                 array_task_id: int | None = None, restart: int | None = None
+                 ) -> dict[str, Any]:
+    return {
+        "v": 1, "kind": "jobcomp", "record_id": uuid.uuid4().hex, "cluster": cluster,
+        "written_at": (end or start or T0) + 0.5, "job_id": job_id, "restart_count": restart,
+        "state": state, "submit_ts": (start or T0) - 60, "start_ts": start, "end_ts": end,
+        "nodes": nodes, "node_count": node_count, "partition": partition, "uid": 1001,
+        "user": user, "account": account, "exit_code": "0:0", "derived_ec": "0:0",
+        "time_limit_min": 240, "array_job_id": array_job_id, "array_task_id": array_task_id,
+        "work_dir": "/home/vera",
+    }
+
+
+def make_sample(node: str = "node1", ts: float = T0, gpus: int = 2) -> dict[str, Any]:
+    return {
+        "v": 1, "kind": "gpu_sample", "record_id": uuid.uuid4().hex, "cluster": "c1",
+        "written_at": ts, "node": node, "ts": ts,
+        "gpus": [{"uuid": f"GPU-{node}-{i}", "index": i, "gpu_type": "a100",
+                  "util": 10.0 * (i + 1), "mem_used_bytes": 2**30, "power_w": 250.0}
+                 for i in range(gpus)],
+    }
+
+
+def reserve(store: Store, job_id: int | None, *, team: str = "vision", gpus: float = 4,
+            gpu_type: str = "a100", cpus: int = 32, mem_mb: int = 256_000,
+            project: str = "llm", est_cost: float = 40.0, cluster: str = "c1",
+            created_at: float = T0 - 120) -> str:
+    return store.add_reservation({
+        "cluster": cluster, "job_id": job_id, "team": team, "project": project,
+        "cost_center": "CC42", "user": "vera", "account": "vis", "partition": "gpu",
+        "tags": {"project": project}, "gpu_type": gpu_type, "gpus": gpus, "cpus": cpus,
+        "mem_mb": mem_mb, "time_limit_min": 240, "tasks": 1, "est_cost": est_cost,
+        "period": "2026-09", "created_at": created_at,
+    }, now=created_at)
+
+
+def dump(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, minus the event ids' autoincrement noise."""
+    out = {}
+    for table in store.db.table_names():
+        if table == "schema_migrations":
+            continue
+        out[table] = sorted(store.conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+    return out
+
+
+def check_rollups(store: Store) -> None:
+    """The incrementally kept daily rollups equal a rebuild from the runs table."""
+    from db.schema import SCHEMA_V3, SCHEMA_V4, split_statements
+
+    v3, v4 = list(split_statements(SCHEMA_V3)), list(split_statements(SCHEMA_V4))
+    for table, rebuild in (("usage_daily", v3[-1]), ("usage_daily_team", v4[1]),
+                           ("usage_daily_project", v4[3])):
+        assert rebuild.startswith(f"INSERT INTO {table}")
+        expected = store.conn.execute("SELECT" + rebuild.split("SELECT", 1)[1]).fetchall()
+        have = store.conn.execute(f"SELECT * FROM {table}").fetchall()
+        assert len(have) == len(expected), table
+        for a, b in zip(sorted(have), sorted(expected), strict=True):
+            assert a == pytest.approx(b, abs=1e-6), table
+
+
+@pytest.fixture
+def store() -> Store:
+    s = open_store(":memory:")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def policy() -> Policy:
+    return make_policy()
+
+
+# -- settlement arithmetic -------------------------------------------------------------------
+
+
+def test_settlement_by_hand(store: Store, policy: Policy) -> None:
+    rid = reserve(store, 101)
+    res = ingest_records(store, [make_node_run(101), make_jobcomp(101)], policy, now=T0 + 9000)
+    assert res.errors == [] and res.counts == {"node_run": 1, "jobcomp": 1}
+    run = store.run("c1", 101, 0)
+    assert run is not None
+    # 4 x a100 for 2 h at 2.0 = 16; 32 cores x 2 h x 0.01 = 0.64;
+    # 256000 MB = 250 GB x 2 h x 0.001 = 0.5; 4 GPUs x 3.6e6 J = 4 kWh x 0.1 = 0.4
+    assert run["cost_gpu"] == pytest.approx(16.0)
+    assert run["cost_cpu"] == pytest.approx(0.64)
+    assert run["cost_mem"] == pytest.approx(0.5)
+    assert run["cost_energy"] == pytest.approx(0.4)
+    assert run["cost"] == pytest.approx(17.54)
+    assert run["gpu_seconds"] == pytest.approx(4 * 7200)
+    assert run["energy_j"] == pytest.approx(4 * 3.6e6)
+    assert run["util_mean"] == pytest.approx(50.0)
+    assert run["cost_idle"] == pytest.approx(8.0)  # half of the GPU cost was idle
+    assert (run["team"], run["project"], run["cost_center"], run["rid"]) == (
+        "vision", "llm", "CC42", rid)
+    assert run["state"] == "COMPLETED" and run["credit"] == 0
+    assert store.reservation(rid)["state"] == "settled"
+    assert res.settled == [("c1", 101, 0)]
+
+
+def test_partition_price_factor_and_fallback_without_nodes(store: Store, policy: Policy) -> None:
+    reserve(store, 102, gpus=2, cpus=0, mem_mb=0)
+    ingest_records(store, [make_jobcomp(102, partition="scavenger")], policy)
+    run = store.run("c1", 102, 0)
+    # no node records: allocated 2 GPUs x 2 h x 2.0 x 0.3 = 2.4
+    assert run["gpu_seconds"] == pytest.approx(2 * 7200)
+    assert run["cost"] == pytest.approx(2.4)
+    assert run["energy_j"] is None and run["cost_idle"] is None
+
+
+def test_run_without_reservation_takes_team_from_policy(store: Store, policy: Policy) -> None:
+    ingest_records(store, [make_node_run(103, account="nlp", gpus=1),
+                           make_jobcomp(103, account="nlp")], policy)
+    run = store.run("c1", 103, 0)
+    assert run["team"] == "nlp" and run["rid"] is None
+    assert run["gpus"] == 1 and run["cost_gpu"] == pytest.approx(4.0)
+
+
+def test_missing_node_records_charge_their_share(store: Store, policy: Policy) -> None:
+    reserve(store, 104, gpus=8, cpus=0, mem_mb=0)
+    # two nodes allocated, only node1 reported (node2 died): node2 is billed 4 GPUs x elapsed
+    ingest_records(store, [make_node_run(104, energy_per_gpu=None),
+                           make_jobcomp(104, nodes="node[1-2]", node_count=2)], policy)
+    run = store.run("c1", 104, 0)
+    assert run["gpu_seconds"] == pytest.approx(8 * 7200)
+    assert run["cost_gpu"] == pytest.approx(32.0)
+
+
+# -- ordering --------------------------------------------------------------------------------
+
+
+def test_jobcomp_before_node_run(store: Store, policy: Policy) -> None:
+    rid = reserve(store, 201)
+    first = ingest_records(store, [make_jobcomp(201)], policy)
+    run = store.run("c1", 201, 0)
+    assert first.settled == [("c1", 201, 0)]
+    assert run["gpu_seconds"] == pytest.approx(4 * 7200)  # allocation x elapsed for now
+    assert run["energy_j"] is None and run["cost_energy"] == 0
+    assert store.reservation(rid)["state"] == "settled"
+
+    # the epilog arrives later, with the measured GPU time (3 of 4 GPUs busy only 1 h)
+    late = make_node_run(201)
+    for g in late["gpus"][1:]:
+        g["gpu_seconds"] = 3600.0
+    second = ingest_records(store, [late], policy)
+    assert second.runs_touched == [("c1", 201, 0)] and second.settled == [("c1", 201, 0)]
+    run = store.run("c1", 201, 0)
+    assert run["gpu_seconds"] == pytest.approx(7200 + 3 * 3600)
+    assert run["cost_gpu"] == pytest.approx((7200 + 3 * 3600) / 3600 * 2.0)
+    assert run["cost_energy"] == pytest.approx(0.4)
+    assert len(store.runs_of_job("c1", 201)) == 1
+    # the rollup moved with the re-settlement
+    day = store.query("SELECT * FROM usage_daily")
+    assert len(day) == 1 and day[0]["runs"] == 1
+    assert day[0]["cost"] == pytest.approx(run["cost"])
+    check_rollups(store)
+
+
+def test_node_run_then_jobcomp_in_separate_batches(store: Store, policy: Policy) -> None:
+    reserve(store, 202)
+    ingest_records(store, [make_node_run(202, node="node1"),
+                           make_node_run(202, node="node2")], policy)
+    run = store.run("c1", 202, 0)
+    assert run["state"] is None and run["cost"] is None
+    ingest_records(store, [make_jobcomp(202, nodes="node[1-2]", node_count=2)], policy)
+    run = store.run("c1", 202, 0)
+    assert run["state"] == "COMPLETED"
+    assert run["gpu_seconds"] == pytest.approx(8 * 7200)
+    assert len(store.run_nodes("c1", 202, 0)) == 2
+
+
+def test_requeue_after_node_failure(store: Store, policy: Policy) -> None:
+    rid = reserve(store, 301)
+    t1 = T0 + HOUR  # node1 dies
+    t2 = T0 + 2 * HOUR  # requeued run starts
+    t3 = t2 + 3 * HOUR
+    records = [
+        make_node_run(301, node="node2", restart=0, start=T0, end=t1),
+        make_jobcomp(301, state="NODE_FAIL", start=T0, end=t1, nodes="node[1-2]",
+                     node_count=2),
+        make_node_run(301, node="node2", restart=1, start=t2, end=t3),
+        make_node_run(301, node="node3", restart=1, start=t2, end=t3),
+        make_jobcomp(301, state="COMPLETED", start=t2, end=t3, nodes="node[2-3]",
+                     node_count=2),
+    ]
+    res = ingest_records(store, records[::-1], policy)  # order within a batch is irrelevant
+    assert res.errors == []
+    r0, r1 = store.runs_of_job("c1", 301)
+    assert (r0["restart_count"], r0["state"]) == (0, "NODE_FAIL")
+    assert (r1["restart_count"], r1["state"]) == (1, "COMPLETED")
+    assert r0["credit"] == pytest.approx(r0["cost"]) and r0["credit_reason"] == "node_failure"
+    assert r1["credit"] == 0
+    assert {r0["rid"], r1["rid"]} == {rid}
+    assert store.reservation(rid)["state"] == "settled"
+    spend = store.spend_by_team(T0 - 86400, T0 + 86400)
+    assert spend == {"vision": pytest.approx(r1["cost"])}
+    kinds = [e["kind"] for e in store.query("SELECT kind FROM events")]
+    assert kinds == ["credit"]
+    check_rollups(store)
+
+
+def test_node_fail_jobcomp_arriving_after_the_requeued_run_started(store: Store,
+                                                                  policy: Policy) -> None:
+    rid = reserve(store, 302)
+    t1, t2 = T0 + HOUR, T0 + 2 * HOUR
+    # the failed run's nodes never reported; the requeued run's epilog is already in
+    ingest_records(store, [make_node_run(302, restart=1, start=t2, end=t2 + HOUR)], policy)
+    ingest_records(store, [make_jobcomp(302, state="NODE_FAIL", start=T0, end=t1)], policy)
+    runs = store.runs_of_job("c1", 302)
+    assert [(r["restart_count"], r["state"]) for r in runs] == [(0, "NODE_FAIL"), (1, None)]
+    assert store.reservation(rid)["state"] == "bound"  # the job goes on
+    ingest_records(store, [make_jobcomp(302, start=t2, end=t2 + HOUR)], policy)
+    assert store.run("c1", 302, 1)["state"] == "COMPLETED"
+    assert store.reservation(rid)["state"] == "settled"
+
+
+def test_jobcomps_of_a_requeued_job_before_any_node_record(store: Store, policy: Policy) -> None:
+    t1, t2 = T0 + HOUR, T0 + 2 * HOUR
+    ingest_records(store, [make_jobcomp(303, state="NODE_FAIL", start=T0, end=t1)], policy)
+    ingest_records(store, [make_jobcomp(303, start=t2, end=t2 + HOUR)], policy)
+    ingest_records(store, [make_node_run(303, restart=1, start=t2, end=t2 + HOUR),
+                           make_node_run(303, restart=0, start=T0, end=t1)], policy)
+    runs = store.runs_of_job("c1", 303)
+    assert [(r["restart_count"], r["state"]) for r in runs] == [(0, "NODE_FAIL"),
+                                                                (1, "COMPLETED")]
+    assert [len(store.run_nodes("c1", 303, r)) for r in (0, 1)] == [1, 1]
+
+
+def test_wrapped_job_id_gets_its_own_run(store: Store, policy: Policy) -> None:
+    ingest_records(store, [make_node_run(401), make_jobcomp(401)], policy)
+    later = T0 + 200 * 86400  # the id counter wrapped; a new job got id 401
+    ingest_records(store, [make_node_run(401, start=later, end=later + HOUR),
+                           make_jobcomp(401, start=later, end=later + HOUR)], policy)
+    runs = store.runs_of_job("c1", 401)
+    assert [(r["restart_count"], r["start_ts"]) for r in runs] == [(0, T0), (1, later)]
+    assert all(r["state"] == "COMPLETED" for r in runs)
+
+
+def test_job_cancelled_while_pending(store: Store, policy: Policy) -> None:
+    rid = reserve(store, 501)
+    res = ingest_records(store, [make_jobcomp(501, state="CANCELLED", start=0, end=T0)],
+                         policy)
+    assert res.errors == []
+    run = store.run("c1", 501, 0)
+    assert run["state"] == "CANCELLED" and run["cost"] == 0 and run["start_ts"] is None
+    assert store.reservation(rid)["state"] == "settled"
+    again = ingest_records(store, [make_jobcomp(501, state="CANCELLED", start=0, end=T0)],
+                           policy)
+    assert again.duplicates == 1 and len(store.runs_of_job("c1", 501)) == 1
+
+
+def test_array_tasks_settle_against_the_array_reservation(store: Store, policy: Policy) -> None:
+    rid = reserve(store, 600, gpus=1, est_cost=100.0)
+    records = []
+    for task, job_id in enumerate((600, 601, 602)):
+        records += [make_node_run(job_id, gpus=1),
+                    make_jobcomp(job_id, array_job_id=600, array_task_id=task)]
+    ingest_records(store, records, policy)
+    runs = [store.run("c1", j, 0) for j in (600, 601, 602)]
+    assert {r["rid"] for r in runs} == {rid}
+    assert {r["project"] for r in runs} == {"llm"}
+    # other tasks may still be pending: the array's reservation stays live
+    live = store.live_reservations()
+    assert [r["rid"] for r in live] == [rid]
+    assert live[0]["charged"] == pytest.approx(sum(r["cost"] for r in runs))
+
+
+# -- idempotency -----------------------------------------------------------------------------
+
+
+def test_same_batch_twice_changes_nothing(store: Store, policy: Policy) -> None:
+    reserve(store, 701)
+    reserve(store, 702, team="nlp", project="chat")
+    batch = [
+        make_node_run(701), make_jobcomp(701),
+        make_node_run(702, node="node2", gpu_type="h100", account="nlp"),
+        make_node_run(702, node="node3", gpu_type="h100", account="nlp"),
+        make_jobcomp(702, nodes="node[2-3]", node_count=2, account="nlp"),
+        make_jobcomp(703, state="NODE_FAIL"),
+        make_sample("node1", T0), make_sample("node1", T0 + 30),
+    ]
+    first = ingest_records(store, batch, policy, now=T0 + 9000)
+    assert first.errors == [] and first.duplicates == 0
+    before = dump(store)
+    totals = store.spend_by_team(T0 - 86400, T0 + 86400)
+
+    second = ingest_records(store, batch, policy, now=T0 + 99999)
+    assert second.errors == []
+    assert second.duplicates == len(batch)
+    assert second.runs_touched == [] and second.settled == []
+    assert dump(store) == before
+    assert store.spend_by_team(T0 - 86400, T0 + 86400) == totals
+
+    # the same facts re-sent under new record ids are duplicates too
+    resent = [dict(r, record_id=uuid.uuid4().hex) for r in batch]
+    third = ingest_records(store, resent, policy, now=T0 + 99999)
+    assert third.duplicates == len(batch) and dump(store) == before
+    check_rollups(store)
+
+
+def test_gpu_samples_dedupe(store: Store, policy: Policy) -> None:
+    ingest_records(store, [make_sample(ts=T0), make_sample(ts=T0)], policy)
+    assert store.conn.execute("SELECT count(*) FROM gpu_samples").fetchone()[0] == 2
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_invalid_records_are_reported_and_the_rest_ingest(store: Store, policy: Policy) -> None:
+    bad_gpu = make_node_run(802)
+    bad_gpu["gpus"][1]["gpu_seconds"] = -5
+    nan = make_jobcomp(803)
+    nan["end_ts"] = math.nan
+    dup_uuid = make_node_run(804)
+    dup_uuid["gpus"][1]["uuid"] = dup_uuid["gpus"][0]["uuid"]
+    backwards = dict(make_node_run(805), end_ts=T0 - 10)
+    bad = [
+        "not a record",
+        {"v": 2, "kind": "jobcomp"},
+        {"v": 1, "kind": "mystery", "cluster": "c1"},
+        dict(make_jobcomp(801), job_id="801"),
+        {k: v for k, v in make_node_run(806).items() if k != "node"},
+        dict(make_jobcomp(807), state=""),
+        bad_gpu, nan, dup_uuid, backwards,
+        dict(make_node_run(808), gpus=[{"index": 0}]),
+        dict(make_sample(), ts=True),
+        dict(make_node_run(809), v=True),
+        dict(make_node_run(810), cluster=""),
+        {**make_node_run(811), "gpus": [dict(make_node_run(811)["gpus"][0], util_mean=140.0)]},
+    ]
+    good = [make_node_run(900), make_jobcomp(900), make_sample()]
+    res = ingest_records(store, bad[:6] + good + bad[6:], policy)
+    assert [r for r, _ in res.errors] == bad
+    reasons = [why for _, why in res.errors]
+    assert "JSON object" in reasons[0]
+    assert "version" in reasons[1]
+    assert "unknown record kind" in reasons[2]
+    assert "job_id must be an integer" in reasons[3]
+    assert "node is missing" in reasons[4]
+    assert "state must not be empty" in reasons[5]
+    assert "gpus[1].gpu_seconds must not be negative" in reasons[6]
+    assert "end_ts must be a finite number" in reasons[7]
+    assert "appears twice" in reasons[8]
+    assert "before start_ts" in reasons[9]
+    assert "percentage" in reasons[14]
+    assert res.counts == {"node_run": 1, "jobcomp": 1, "gpu_sample": 1}
+    assert store.run("c1", 900, 0)["state"] == "COMPLETED"
+    assert store.conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+
+
+def test_unpriceable_run_is_kept_unsettled_with_a_warning(store: Store, policy: Policy) -> None:
+    res = ingest_records(store, [make_node_run(950, gpu_type="v100"), make_jobcomp(950)],
+                         policy)
+    assert res.errors == []
+    assert res.warnings and "v100" in res.warnings[0]
+    run = store.run("c1", 950, 0)
+    assert run["state"] == "COMPLETED" and run["cost"] is None
+    assert run["gpu_seconds"] == pytest.approx(4 * 7200)  # the facts are kept
+    assert [e["kind"] for e in store.query("SELECT kind FROM events")] == ["settle_error"]
+
+
+def test_a_failing_record_does_not_block_the_batch(store: Store, policy: Policy) -> None:
+    from policies.cost import run_cost
+
+    def flaky_cost(**kw: Any) -> dict[str, float]:
+        if kw["partition"] == "broken":
+            raise RuntimeError("rate service exploded")
+        return run_cost(**kw)
+
+    res = ingest_records(store, [make_jobcomp(960, partition="broken"), make_jobcomp(961),
+                                 make_node_run(962)], policy, cost_fn=flaky_cost)
+    assert len(res.errors) == 1 and "rate service exploded" in res.errors[0][1]
+    assert res.errors[0][0]["job_id"] == 960
+    assert store.run("c1", 960, 0) is None
+    assert store.run("c1", 961, 0)["cost"] is not None
+    assert store.run("c1", 962, 0) is not None
+    assert res.counts == {"jobcomp": 1, "node_run": 1}
