@@ -168,6 +168,70 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_store(args: argparse.Namespace):
+    from db.store import StoreError, open_store
+
+    try:
+        return open_store(_policy(args).daemon.database, readonly=True)
+    except StoreError as exc:
+        raise SystemExit(f"slurmgate: {exc}") from exc
+
+
+def _ts(value: float | None) -> str:
+    from datetime import UTC, datetime
+
+    if not value:
+        return "-"
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    import time
+
+    from db.metrics import failure_metrics, node_history
+
+    store = _read_store(args)
+    since = time.time() - args.days * 86400
+    rows = node_history(store, since)
+    metrics = failure_metrics(store, since, time.time())
+    if args.json:
+        print(json.dumps({"nodes": rows, "metrics": metrics}, indent=2))
+        return 0
+    print(f"node failures in the last {args.days:g} days")
+    print(f"{'node':<12}{'failures':>9}{'per day':>9}  {'last failure':<17}{'drains':>7}  last drain")
+    for r in rows:
+        rate = metrics["node_failure_rate_per_day"].get(r["node"], 0.0)
+        print(f"{r['node']:<12}{int(r['failures']):>9}{rate:>9.2f}  {_ts(r['last_failure']):<17}"
+              f"{int(r['drains']):>7}  {_ts(r['last_drain'])}")
+    if not rows:
+        print("(no node failures recorded)")
+    return 0
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    import time
+
+    from db.metrics import failure_metrics
+
+    store = _read_store(args)
+    m = failure_metrics(store, time.time() - args.days * 86400, time.time())
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    mttr = f"{m['mttr_seconds']:.0f} s" if m["mttr_seconds"] is not None else "-"
+    rate = m["scavenger_preemption_rate"]
+    print(f"last {args.days:g} days: {m['interruptions']} interruptions "
+          f"({m['interruptions_per_day']:.2f}/day): {m['node_failures']} node failures, "
+          f"{m['preemptions']} preemptions")
+    print(f"mean time to recover (failure -> running again): {mttr} over "
+          f"{m['recoveries']} recoveries")
+    print(f"GPU-hours lost: {m['gpu_hours_lost']:.2f}; credited: {m['gpu_hours_credited']:.2f} "
+          f"GPU-hours ({m['money_credited']:.2f})")
+    print("scavenger preemption rate: " + (f"{rate:.1%} of {m['scavenger_runs']} runs"
+                                           if rate is not None else "-"))
+    return 0
+
+
 def cmd_ckpt(args: argparse.Namespace) -> int:
     from slurm_plugin.checkpoint import main as ckpt_main
 
@@ -218,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reason", required=True)
     sp = add("approvals", cmd_approvals, "list approvals (yours, or all for admins)")
     sp.add_argument("--all", action="store_true", help="include expired, revoked and used up")
+    sp.add_argument("--json", action="store_true")
+    sp = add("nodes", cmd_nodes, "per-node failure history and drains")
+    sp.add_argument("--days", type=float, default=30)
+    sp.add_argument("--json", action="store_true")
+    sp = add("failures", cmd_failures,
+             "interruptions, mean time to recover, GPU-hours lost and credited, preemption rate")
+    sp.add_argument("--days", type=float, default=7)
     sp.add_argument("--json", action="store_true")
     sp = add("ckpt", cmd_ckpt, "checkpoint helper for batch jobs: dir | latest | restarts | save | load")
     sp.add_argument("ckpt_args", nargs=argparse.REMAINDER)

@@ -67,6 +67,25 @@ def uid_of(name: str) -> int | None:
         return None
 
 
+class LockedStore:
+    """The store seen through the daemon's lock, one call at a time, for work that also waits
+    on Slurm (failure handling) and so must not hold the lock across those waits."""
+
+    def __init__(self, store: Any, lock: threading.RLock) -> None:
+        self._store, self._lock = store, lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
 class Forbidden(Exception):
     """The peer may not ask for this."""
 
@@ -88,6 +107,12 @@ class Daemon:
         self.stopping = threading.Event()
         self.ingest_wakeup = threading.Event()
         self.missing_since: dict[str, float] = {}
+        self.failures = None
+        if store is not None and slurm is not None:
+            from slurm_plugin.requeue import FailureHandler
+
+            self.failures = FailureHandler(LockedStore(store, self.lock), slurm,
+                                           lambda: self.policy, self.log.write)
         self.handlers: dict[str, Callable[[dict[str, Any], Peer], dict[str, Any]]] = {
             "ping": self.op_ping,
             "submit": self.op_submit,
@@ -353,22 +378,24 @@ class Daemon:
             if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id <= 0:
                 return {"ok": False, "error": "job_id must be a positive integer"}
             target = {"job_id": job_id}
-            if action == "hold":
-                self.slurm.hold(job_id)
-            else:
-                getattr(self.slurm, action)(job_id)
+            do = (lambda: self.slurm.hold(job_id, reason)) if action == "hold" else (
+                lambda: getattr(self.slurm, action)(job_id))
         elif action in self.NODE_ACTIONS:
             node = req.get("node")
             if not isinstance(node, str) or not node.replace("-", "").replace("_", "").isalnum():
                 return {"ok": False, "error": "node must be a node name"}
             target = {"node": node}
-            if action == "drain":
-                self.slurm.drain(node, f"slurmgate: {reason}")
-            else:
-                self.slurm.resume(node)
+            do = (lambda: self.slurm.drain(node, f"slurmgate: {reason}")) if action == "drain" \
+                else (lambda: self.slurm.resume(node))
         else:
             return {"ok": False, "error": f"unknown action {action!r}; one of "
                     f"{', '.join(self.JOB_ACTIONS + self.NODE_ACTIONS)}"}
+        try:
+            do()
+        except Exception as exc:  # Slurm said no: tell the admin why, in Slurm's words
+            self.log.write("admin_action_failed", action=action, by=who, error=str(exc),
+                           **target)
+            return {"ok": False, "error": f"{action} failed: {exc}"}
         with self.lock:
             self.store.add_event("admin_action", cluster=self.policy.daemon.cluster, actor=who,
                                  message=f"{action} {target}: {reason}", detail=target | {
@@ -434,6 +461,11 @@ class Daemon:
                 self.refresh_ledger()
         self.log.write("ingested", records=len(items), counts=result.counts,
                        settled=len(result.settled), errors=len(result.errors))
+        if self.failures is not None:
+            try:
+                self.failures.handle([i.record for i in good if id(i.record) not in failed])
+            except Exception as exc:  # the records are committed; log and carry on
+                self.log.write("failure_handling_error", error=repr(exc))
         return len(items)
 
     def quarantine(self, item: Any, reason: str) -> None:
@@ -462,6 +494,8 @@ class Daemon:
             return {}
         jobs = self.slurm.jobs()
         now = time.time()
+        if self.failures is not None:
+            self.failures.note_recoveries(jobs)
         seen: dict[str, int] = {}
         for j in jobs:
             rid = parse_admin_comment(j.admin_comment).get("rid")

@@ -43,6 +43,7 @@ _SCONTROL_JOB_TAGS = {
     "comment": "Comment",
     "admin_comment": "AdminComment",
     "time_limit": "TimeLimit",
+    "start_time": "StartTime",
 }
 _NO_VAL = 0xFFFFFFFE  # NO_VAL (and INFINITE above it) for 32-bit fields
 
@@ -175,6 +176,7 @@ def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
         exit_code=_exit_code(rec.get("exit_code")),
         cpus=_num(rec.get("cpus")) or 0,
         work_dir=_text(rec.get("current_working_directory")),
+        name=_text(rec.get("name")),
         cluster=_text(rec.get("cluster")),
         exc_nodes=_text(rec.get("excluded_nodes")),
         gpu_request_error=gpu_error,

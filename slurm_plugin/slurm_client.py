@@ -122,6 +122,7 @@ class Job:
     exit_code: str | None = None
     cpus: int = 0
     work_dir: str | None = None
+    name: str | None = None
     cluster: str | None = None
     exc_nodes: str | None = None
     gpu_request_error: str | None = None
@@ -249,7 +250,8 @@ _HOSTLIST_RE = re.compile(r"[A-Za-z0-9_.\-\[\],]*")
 _PARTITIONS_RE = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
-JOB_FIELDS = ("exc_nodes", "nice", "partition", "comment", "admin_comment", "time_limit")
+JOB_FIELDS = ("exc_nodes", "nice", "partition", "comment", "admin_comment", "time_limit",
+              "start_time")
 
 
 def check_job_id(job_id: Any) -> int:
@@ -338,6 +340,11 @@ def check_job_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
             out[name] = check_text(name, value)
         elif name == "time_limit":
             out[name] = _check_int("time_limit (minutes)", value, 1, 365 * 24 * 60 * 100)
+        elif name == "start_time":
+            if value != "now":
+                raise InvalidSlurmValue("start_time can only be set to 'now' (lets a requeued "
+                                        "job start without Slurm's requeue delay)")
+            out[name] = value
         else:
             raise InvalidSlurmValue(
                 f"cannot update job field {name!r}; fields: {', '.join(JOB_FIELDS)}")

@@ -51,6 +51,7 @@ _SUBMIT_FIELDS = {  # update_job field -> JobSubmitDescription attribute
     "comment": "comment",
     "admin_comment": "admin_comment",
     "time_limit": "time_limit",
+    "start_time": "begin_time",
 }
 
 
@@ -219,6 +220,7 @@ class PySlurm:
             exit_code=None if code is None and sig is None else f"{code or 0}:{sig or 0}",
             cpus=_int(getattr(pj, "cpus", None)) or 0,
             work_dir=_text(getattr(pj, "working_directory", None)),
+            name=_text(getattr(pj, "name", None)),
             cluster=_text(getattr(pj, "cluster", None)),
             exc_nodes=_text(getattr(pj, "excluded_nodes", None)),
             gpu_request_error=error,

@@ -400,7 +400,7 @@ class JobSubmitDescription:
         "name", "account", "user_id", "group_id", "priority", "comment", "admin_comment",
         "excluded_nodes", "required_nodes", "nice", "partitions", "time_limit",
         "time_limit_min", "qos", "dependencies", "requeue", "working_directory",
-        "gres_per_node", "gpus", "gpus_per_node", "gpus_per_task",
+        "gres_per_node", "gpus", "gpus_per_node", "gpus_per_task", "begin_time",
     })
 
     def __init__(self, **kwargs: Any):

@@ -166,6 +166,8 @@ make_state_dirs() {
     install -d -m 0700 "$DIR/var/slurmctld"
     for n in "${NODES[@]}"; do install -d -m 0755 "$DIR/var/slurmd/$n"; done
     install -d -m 1777 "$DIR/spool"
+    # checkpoint_root of the dev policy: every researcher creates team/user dirs below it
+    install -d -m 1777 /var/tmp/slurmgate-ckpt
     make_fake_gpus
 }
 

@@ -1,0 +1,202 @@
+"""Chargeback view: spend by team -> project -> user for this month, last month or custom
+days; GPU-hours by type, energy, idle cost, credits. ``e`` exports the rows shown to CSV.
+
+Money is settled runs by the time they ended (``db.reports.chargeback``), months in UTC.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import Static
+
+from db.reports import chargeback
+from tui import format as fmt
+from tui.keyed_table import KeyedTable, Row
+from tui.range_screen import Range, RangeScreen
+from tui.refresh import call_ui
+from tui.sources import Sources
+from tui.view import View
+
+LEVELS = ("team", "project", "user")
+COLUMNS = (("name", "Team / project / user"), ("runs", "Runs"), ("gpuh", "GPU-h"),
+           ("types", "GPU-h by type"), ("kwh", "kWh"), ("cost", "Cost"), ("idle", "Idle cost"),
+           ("credits", "Credits"), ("net", "Net"))
+MEASURES = ("runs", "gpu_hours", "energy_kwh", "cost", "idle_cost", "credits", "net")
+
+
+def month(now: float, back: int = 0) -> Range:
+    t = datetime.fromtimestamp(now, UTC)
+    y, m = t.year, t.month - back
+    while m < 1:
+        y, m = y - 1, m + 12
+    start = datetime(y, m, 1, tzinfo=UTC)
+    end = datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=UTC)
+    return start.timestamp(), end.timestamp(), f"{y:04d}-{m:02d}"
+
+
+@dataclass
+class Group:
+    level: int
+    path: tuple[str, ...]
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MEASURES, 0.0))
+    by_type: dict[str, float] = field(default_factory=dict)
+    children: dict[str, Group] = field(default_factory=dict)
+
+    def add(self, row: dict[str, Any]) -> None:
+        for m in MEASURES:
+            self.totals[m] += row[m]
+        for t, h in row["gpu_hours_by_type"].items():
+            self.by_type[t] = self.by_type.get(t, 0.0) + h
+
+
+def hierarchy(rows: list[dict[str, Any]], depth: int) -> list[Group]:
+    """Groups in display order (dearest first at every level), down to ``depth`` levels."""
+    root = Group(-1, ())
+    for r in rows:
+        node = root
+        for level in range(depth):
+            name = r.get(LEVELS[level]) or "(none)"
+            child = node.children.get(name)
+            if child is None:
+                child = node.children[name] = Group(level, (*node.path, name))
+            child.add(r)
+            node = child
+    out: list[Group] = []
+
+    def walk(g: Group) -> None:
+        for child in sorted(g.children.values(), key=lambda c: (-c.totals["net"], c.path)):
+            out.append(child)
+            walk(child)
+
+    walk(root)
+    return out
+
+
+def group_cells(g: Group, cur: str) -> tuple[str | Text, ...]:
+    t = g.totals
+
+    def right(text: str) -> Text:
+        return Text(text, justify="right")
+
+    name = Text("  " * g.level + g.path[-1], style="bold" if g.level == 0 else "")
+    types = " ".join(f"{k} {v:.1f}" for k, v in sorted(g.by_type.items()))
+    return (name, right(f"{int(t['runs'])}"), right(f"{t['gpu_hours']:.1f}"), types,
+            right(f"{t['energy_kwh']:.1f}"), right(fmt.money(t["cost"], cur)),
+            right(fmt.money(t["idle_cost"], cur)), right(fmt.money(t["credits"], cur)),
+            right(fmt.money(t["net"], cur)))
+
+
+def write_csv(path: str, groups: list[Group], label: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["period", "level", *LEVELS, *MEASURES, "gpu_hours_by_type"])
+        for g in groups:
+            path_cols = list(g.path) + [""] * (len(LEVELS) - len(g.path))
+            types = ";".join(f"{k}={v:.4f}" for k, v in sorted(g.by_type.items()))
+            w.writerow([label, LEVELS[g.level], *path_cols,
+                        *(round(g.totals[m], 6) for m in MEASURES), types])
+    os.replace(tmp, path)
+
+
+class ChargebackView(View):
+    BINDINGS = [
+        Binding("p", "period", "This/last month"),
+        Binding("t", "custom", "Dates"),
+        Binding("d", "depth", "Depth"),
+        Binding("e", "export", "Export CSV"),
+    ]
+
+    def __init__(self, sources: Sources, *, interval: float, export_dir: str) -> None:
+        super().__init__(sources, id="chargeback")
+        self.export_dir = export_dir
+        self.period: Range = month(sources.clock())
+        self.months_back = 0
+        self.depth = 3
+        self.rows: list[dict[str, Any]] = []
+        self.groups: list[Group] = []
+        self.last_export: str | None = None
+        self.fetcher = self.poller("chargeback", self._fetch, self._show_data, interval)
+
+    def compose(self) -> ComposeResult:
+        yield Static("Loading chargeback...", classes="info")
+        yield KeyedTable(id="chargeback-table")
+
+    def on_mount(self) -> None:
+        self.table.set_columns(COLUMNS)
+
+    @property
+    def table(self) -> KeyedTable:
+        return self.query_one("#chargeback-table", KeyedTable)
+
+    def focus_main(self) -> None:
+        self.table.focus()
+
+    def _fetch(self) -> tuple[Range, list[dict[str, Any]]]:
+        period = self.period
+        with self.sources.store() as store:
+            rows = chargeback(store, period[0], period[1], LEVELS)
+        viewer = self.sources.viewer
+        return period, [r for r in rows if viewer.sees(r["team"])]
+
+    def _show_data(self, data: tuple[Range, list[dict[str, Any]]]) -> None:
+        period, rows = data
+        if period != self.period:  # asked for another period meanwhile
+            self.fetcher.request()
+            return
+        self.rows = rows
+        self._show()
+
+    def _show(self) -> None:
+        self.groups = hierarchy(self.rows, self.depth)
+        cur = self.sources.currency
+        table_rows: list[Row] = [("/".join(g.path), group_cells(g, cur)) for g in self.groups]
+        self.table.sync(table_rows)
+        teams = [g for g in self.groups if g.level == 0]
+        net = sum(g.totals["net"] for g in teams)
+        idle = sum(g.totals["idle_cost"] for g in teams)
+        self.set_info(f"Chargeback {self.period[2]} | {len(teams)} teams, net "
+                      f"{fmt.money(net, cur)}, idle GPU cost {fmt.money(idle, cur)} | "
+                      f"depth {LEVELS[self.depth - 1]}")
+
+    def action_period(self) -> None:
+        self.months_back = (self.months_back + 1) % 2
+        self.period = month(self.sources.clock(), self.months_back)
+        self.set_info(f"Loading chargeback {self.period[2]}...")
+        self.fetcher.request()
+
+    def action_custom(self) -> None:
+        def chosen(period: Range | None) -> None:
+            if period is not None:
+                self.period = period
+                self.set_info(f"Loading chargeback {period[2]}...")
+                self.fetcher.request()
+
+        self.app.push_screen(RangeScreen(), chosen)
+
+    def action_depth(self) -> None:
+        self.depth = self.depth % len(LEVELS) + 1
+        self._show()
+
+    def action_export(self) -> None:
+        groups, label = list(self.groups), self.period[2]
+        path = os.path.join(self.export_dir, f"slurmgate-chargeback-{label}.csv")
+        self.run_worker(lambda: self._export(path, groups, label), thread=True,
+                        group="export", exit_on_error=False)
+
+    def _export(self, path: str, groups: list[Group], label: str) -> None:
+        try:
+            write_csv(path, groups, label)
+            message, error = f"Exported {len(groups)} rows to {path}", False
+            self.last_export = path
+        except OSError as exc:
+            message, error = f"Export failed: {exc}", True
+        call_ui(self.app, self.gate.say, message, error=error)
