@@ -965,13 +965,19 @@ def ingest_records(store: Store, records: list[Any], policy: Policy, *,
     ts = time.time() if now is None else now
     result = IngestResult()
     valid: list[tuple[str, dict[str, Any]]] = []
+    incomplete: list[dict[str, Any]] = []
     for rec in records:
+        if _without_baseline(rec):
+            incomplete.append(rec)
+            continue
         try:
             kind = validate_record(rec)
         except ValueError as exc:
             result.errors.append((rec, str(exc)))
             continue
         valid.append((kind, rec))
+    if incomplete:
+        _note_incomplete(store, incomplete, ts, result)
     if not valid:
         return result
     try:
@@ -999,6 +1005,31 @@ def ingest_records(store: Store, records: list[Any], policy: Policy, *,
         result.counts[kind] = result.counts.get(kind, 0) + 1
     result.runs_touched = list(dict.fromkeys(result.runs_touched))
     return result
+
+
+def _without_baseline(rec: Any) -> bool:
+    """An epilog that found no prolog baseline knows neither start time nor GPU-seconds."""
+    return (isinstance(rec, dict) and rec.get("kind") == "node_run"
+            and rec.get("start_ts") is None and isinstance(rec.get("flags"), list)
+            and "no_baseline" in rec["flags"] and isinstance(rec.get("job_id"), int)
+            and isinstance(rec.get("cluster"), str) and isinstance(rec.get("node"), str))
+
+
+def _note_incomplete(store: Store, recs: list[dict[str, Any]], ts: float,
+                     result: IngestResult) -> None:
+    """Keep what such a record says as an event; the run is then settled as if the node had
+    not reported (its share of allocation x elapsed), never at zero."""
+    with store.transaction():
+        for rec in recs:
+            msg = (f"node {rec['node']} of job {rec['job_id']} reported no prolog baseline; "
+                   "its GPU time is charged from the allocation")
+            store.add_event("settle_warning", ts=ts, cluster=rec["cluster"],
+                            job_id=rec["job_id"], restart_count=rec.get("restart_count"),
+                            node=rec["node"], user=rec.get("user"), message=msg,
+                            detail={"flags": rec["flags"], "gpus": rec.get("gpus"),
+                                    "record_id": rec.get("record_id")})
+            result.warnings.append(msg)
+    result.counts["node_run_incomplete"] = len(recs)
 
 
 def _merge(into: IngestResult, one: IngestResult) -> None:

@@ -232,6 +232,18 @@ def cmd_failures(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from slurm_plugin.agent import run
+
+    return run(config_path(args), args.node, args.interval, args.once)
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from slurm_plugin.reconcile import run
+
+    return run(_policy(args), repair=args.repair, as_json=args.json)
+
+
 def cmd_ckpt(args: argparse.Namespace) -> int:
     from slurm_plugin.checkpoint import main as ckpt_main
 
@@ -289,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("failures", cmd_failures,
              "interruptions, mean time to recover, GPU-hours lost and credited, preemption rate")
     sp.add_argument("--days", type=float, default=7)
+    sp.add_argument("--json", action="store_true")
+    sp = add("agent", cmd_agent, "sample this node's GPUs into the spool (optional, per node)")
+    sp.add_argument("--node", help="node name (default $SLURMD_NODENAME or the host name)")
+    sp.add_argument("--interval", type=float, help="seconds between samples (default "
+                    "nvml.sample_seconds)")
+    sp.add_argument("--once", action="store_true", help="take one sample and exit")
+    sp = add("reconcile", cmd_reconcile,
+             "compare SQLite with Slurm: runs missing or unfinished, reservations left open")
+    sp.add_argument("--repair", action="store_true",
+                    help="ask the daemon to release reservations of jobs Slurm no longer knows")
     sp.add_argument("--json", action="store_true")
     sp = add("ckpt", cmd_ckpt, "checkpoint helper for batch jobs: dir | latest | restarts | save | load")
     sp.add_argument("ckpt_args", nargs=argparse.REMAINDER)

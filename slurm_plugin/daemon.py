@@ -122,6 +122,7 @@ class Daemon:
             "approvals": self.op_approvals,
             "nudge": self.op_nudge,
             "action": self.op_action,
+            "reconcile": self.op_reconcile,
         }
 
     # -- peers ------------------------------------------------------------------------------
@@ -402,6 +403,12 @@ class Daemon:
                                      "action": action}, **target)
         self.log.write("admin_action", action=action, by=who, **target)
         return {"ok": True}
+
+    def op_reconcile(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        if not self.is_admin(peer):
+            raise Forbidden(f"only slurmgate admins may reconcile; you are {user_name(peer.uid)}")
+        self.ingest_wakeup.set()
+        return {"ok": True, "result": self.reconcile_once()}
 
     def op_nudge(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         self.require_controller(peer, "nudge")

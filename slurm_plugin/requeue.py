@@ -197,8 +197,14 @@ class FailureHandler:
                                  actor="slurmgate", message=why,
                                  detail={"restarts": restarts, "limit": max_restarts})
             return
+        # Slurm finishes the requeue asynchronously and then sets a begin time ~2 min ahead;
+        # once the job is pending, "start now" takes (the failed node is excluded anyway).
+        deadline = time.monotonic() + 5.0
+        while not job.pending and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = self.slurm.job(job_id) or job
         excluded = expand(job.exc_nodes)
-        changes: dict[str, Any] = {"start_time": "now"}  # skip Slurm's requeue delay
+        changes: dict[str, Any] = {"start_time": "now"}
         if policy.requeue.exclude_failed_nodes and failed:
             excluded = list(dict.fromkeys(excluded + failed))
             changes["exc_nodes"] = compress(excluded)

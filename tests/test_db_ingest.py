@@ -432,3 +432,20 @@ def test_a_failing_record_does_not_block_the_batch(store: Store, policy: Policy)
     assert store.run("c1", 961, 0)["cost"] is not None
     assert store.run("c1", 962, 0) is not None
     assert res.counts == {"jobcomp": 1, "node_run": 1}
+
+
+def test_epilog_without_baseline_is_kept_as_an_event_not_quarantined(tmp_path):
+    from db.ingest import ingest_records
+    from db.store import open_store
+    from policies.config import parse_policy
+
+    store = open_store(tmp_path / "sg.db")
+    rec = {"v": 1, "kind": "node_run", "record_id": "abc", "cluster": "c", "written_at": 1.0,
+           "job_id": 5, "restart_count": 0, "node": "node1", "user": "alice", "account": None,
+           "start_ts": None, "end_ts": 100.0, "gpus": [], "flags": ["no_baseline"]}
+    result = ingest_records(store, [rec], parse_policy(""))
+    assert result.errors == []
+    assert result.counts == {"node_run_incomplete": 1}
+    events = store.query("SELECT kind, node, job_id FROM events")
+    assert events == [{"kind": "settle_warning", "node": "node1", "job_id": 5}]
+    assert store.query("SELECT count(*) AS n FROM run_nodes")[0]["n"] == 0
