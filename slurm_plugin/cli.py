@@ -57,7 +57,15 @@ def cmd_lua(args: argparse.Namespace) -> int:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, args.output)  # slurmctld reloads the script when its mtime changes
+        # slurmctld reloads the script when its mtime changes, compared in whole seconds:
+        # a rewrite within the same second as the last one must still look newer.
+        try:
+            old = int(os.stat(args.output).st_mtime)
+            if int(os.stat(tmp).st_mtime) <= old:
+                os.utime(tmp, (old + 1, old + 1))
+        except FileNotFoundError:
+            pass
+        os.replace(tmp, args.output)
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(text)

@@ -24,13 +24,14 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"
 def find_gaps(store: Any, jobs: list[Any], cluster: str, now: float,
               grace_s: float = 120.0) -> dict[str, list[dict[str, Any]]]:
     by_id = {j.job_id: j for j in jobs}
+    # a run without a final state never got its completion record
     unfinished = store.query(
-        "SELECT cluster, job_id, restart_count, start_ts, state FROM runs "
-        "WHERE cluster = ? AND end_ts IS NULL", (cluster,))
+        "SELECT cluster, job_id, restart_count, start_ts, end_ts FROM runs "
+        "WHERE cluster = ? AND state IS NULL", (cluster,))
     lost = [r for r in unfinished if r["job_id"] not in by_id
             and (r["start_ts"] or 0) < now - grace_s]
     recorded = {r["job_id"] for r in store.query(
-        "SELECT DISTINCT job_id FROM runs WHERE cluster = ? AND end_ts IS NOT NULL",
+        "SELECT DISTINCT job_id FROM runs WHERE cluster = ? AND state IS NOT NULL",
         (cluster,))}
     missing = [
         {"job_id": j.job_id, "state": j.state, "end_ts": j.end_ts, "restart_count": j.restart_count}

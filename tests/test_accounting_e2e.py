@@ -173,3 +173,33 @@ def test_node_agent_samples_land_in_sqlite(cluster: Cluster):
             store.close()
 
     assert wait_for(lambda: samples() == 4 and samples(), 30, 0.5, what="4 GPUs sampled") == 4
+
+
+def test_reconcile_finds_a_lost_completion_record_and_repairs_it(cluster: Cluster):
+    job_id = cluster.submit_ok("bob", "--gres=gpu:1", wrap="sleep 3")
+    pid = int((cluster.dir / "run/slurmgate.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    try:
+        cluster.wait_state(job_id, FINAL_STATES, 90)
+        spool = cluster.dir / "spool"
+        lost = wait_for(lambda: list(spool.glob(f"jobcomp.*.{job_id}.*.json")), 30, 0.3,
+                        what="jobcomp record in the spool")
+        for path in lost:
+            path.unlink()  # the completion record is lost; the node record is not
+    finally:
+        cluster.ctl("daemon", "start")
+    sg = ["/opt/slurmgate/venv/bin/slurmgate"]
+
+    def gaps():
+        out = subprocess.run([*sg, "reconcile", "--json"], env=cluster.env,
+                             capture_output=True, text=True, timeout=60)
+        found = json.loads(out.stdout)["gaps"]["jobs_not_recorded"]
+        return [g for g in found if g["job_id"] == job_id]
+
+    assert wait_for(gaps, 60, 1, what="the gap reported")[0]["state"] == "COMPLETED"
+    fix = subprocess.run([*sg, "reconcile", "--repair"], env=cluster.env, capture_output=True,
+                         text=True, timeout=60)
+    assert fix.returncode == 0, fix.stderr
+    (run,) = settled_runs(cluster, job_id)
+    assert run["state"] == "COMPLETED" and run["team"] == "nlp"
+    assert not gaps()
