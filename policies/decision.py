@@ -94,7 +94,8 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 def checkpoint_dir(policy: Policy, team: str, user: str, job_name: str | None) -> str:
     """Stable per-job checkpoint directory: the same across requeues of the job."""
     name = _SAFE_NAME.sub("_", job_name or "job").strip("._") or "job"
-    return f"{policy.checkpoint.checkpoint_root.rstrip('/')}/{team}/{user or 'unknown'}/{name[:100]}"
+    root = policy.checkpoint.checkpoint_root.rstrip("/")
+    return f"{root}/{team}/{user or 'unknown'}/{name[:100]}"
 
 
 def _budget_line(policy: Policy, b: TeamBudget) -> str:

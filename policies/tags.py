@@ -72,8 +72,8 @@ def parse_tags(comment: str | None) -> tuple[dict[str, str], list[str]]:
             continue
         if not VALUE_RE.fullmatch(value):
             errors.append(
-                f"value {_show(value)} of tag '{key}' is not valid (letters, digits and . _ : / @ + -, "
-                "no spaces or quotes)"
+                f"value {_show(value)} of tag '{key}' is not valid "
+                "(letters, digits and . _ : / @ + -, no spaces or quotes)"
             )
             continue
         if key in tags and tags[key] != value:
@@ -110,7 +110,8 @@ def _placeholder(policy: Policy, values: list[str], key: str) -> str:
 
 def check_tags(comment: str | None, policy: Policy, team: str | None) -> TagCheck:
     result = TagCheck()
-    if comment is not None and len(comment.encode("utf-8", "surrogateescape")) > policy.tags.max_length:
+    size = len(comment.encode("utf-8", "surrogateescape")) if comment is not None else 0
+    if size > policy.tags.max_length:
         result.errors.append(
             f"--comment is {len(comment)} characters long; the limit is "
             f"{policy.tags.max_length} (tags only: key=value,key=value)"
@@ -151,7 +152,8 @@ def check_tags(comment: str | None, policy: Policy, team: str | None) -> TagChec
         problem = ""
         if values and value not in values:
             owner = f" of team {team}" if key == "project" and team else ""
-            problem = f"{key} {_show(value)} is not an allowed value{owner}; allowed: {', '.join(values)}"
+            problem = (f"{key} {_show(value)} is not an allowed value{owner}; "
+                       f"allowed: {', '.join(values)}")
         elif regex and not re.fullmatch(regex, value):
             problem = f"{key} {_show(value)} does not look like {desc or 'the pattern ' + regex}"
         if problem:

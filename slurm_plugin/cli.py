@@ -206,7 +206,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(json.dumps({"nodes": rows, "metrics": metrics}, indent=2))
         return 0
     print(f"node failures in the last {args.days:g} days")
-    print(f"{'node':<12}{'failures':>9}{'per day':>9}  {'last failure':<17}{'drains':>7}  last drain")
+    print(f"{'node':<12}{'failures':>9}{'per day':>9}  {'last failure':<17}{'drains':>7}"
+          "  last drain")
     for r in rows:
         rate = metrics["node_failure_rate_per_day"].get(r["node"], 0.0)
         print(f"{r['node']:<12}{int(r['failures']):>9}{rate:>9.2f}  {_ts(r['last_failure']):<17}"
@@ -320,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repair", action="store_true",
                     help="ask the daemon to release reservations of jobs Slurm no longer knows")
     sp.add_argument("--json", action="store_true")
-    sp = add("ckpt", cmd_ckpt, "checkpoint helper for batch jobs: dir | latest | restarts | save | load")
+    sp = add("ckpt", cmd_ckpt,
+             "checkpoint helper for batch jobs: dir | latest | restarts | save | load")
     sp.add_argument("ckpt_args", nargs=argparse.REMAINDER)
     add("check-policy", cmd_check_policy, "validate the policy file and say what is wrong")
     sp = add("tui", cmd_tui, "open the admin terminal UI")

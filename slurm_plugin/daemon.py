@@ -7,6 +7,7 @@ current policy (swapped whole on SIGHUP) and the store, which is guarded by one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -43,7 +44,9 @@ class EventLog:
 
     def __init__(self, path: str = "") -> None:
         self._lock = threading.Lock()
-        self._out: TextIO = open(path, "a", buffering=1, encoding="utf-8") if path else sys.stderr
+        # kept open for the daemon's lifetime: one append-only structured log
+        self._out: TextIO = (open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+                             if path else sys.stderr)
 
     def write(self, event: str, **fields: Any) -> None:
         line = json.dumps({"ts": round(time.time(), 6), "event": event, **fields}, default=str)
@@ -651,9 +654,7 @@ def serve(config_path: str) -> int:
     finally:
         daemon.stopping.set()
         server.server_close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
         daemon.log.write("daemon_stopped", pid=os.getpid())
     return 0

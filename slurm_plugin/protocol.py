@@ -54,7 +54,8 @@ def decode(line: bytes) -> dict[str, Any]:
         raise ProtocolError("request must be a JSON object")
     v = obj.get("v")
     if v != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {v!r}; this daemon speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            f"unsupported protocol version {v!r}; this daemon speaks {PROTOCOL_VERSION}")
     if not isinstance(obj.get("op"), str):
         raise ProtocolError("request has no 'op'")
     return obj
@@ -86,7 +87,8 @@ def call(socket_path: str, request: dict[str, Any], timeout: float = 5.0) -> dic
     except PermissionError as exc:
         raise DaemonUnavailable(f"no permission to connect to {socket_path}") from exc
     except OSError as exc:
-        raise DaemonUnavailable(f"cannot talk to the slurmgate daemon at {socket_path}: {exc}") from exc
+        raise DaemonUnavailable(
+            f"cannot talk to the slurmgate daemon at {socket_path}: {exc}") from exc
     if not buf:
         raise DaemonUnavailable("the slurmgate daemon closed the connection without answering")
     return json.loads(buf)

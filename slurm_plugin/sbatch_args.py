@@ -174,7 +174,11 @@ def job_from_sbatch(argv: list[str], read_file=None) -> dict[str, Any]:
     job: dict[str, Any] = {"batch": True}
     rest = _parse_argv(list(argv), {})  # find the script first; CLI options win later
     if rest:
-        text = read_file(rest[0]) if read_file else open(rest[0], encoding="utf-8").read()
+        if read_file is None:
+            with open(rest[0], encoding="utf-8") as fh:
+                text = fh.read()
+        else:
+            text = read_file(rest[0])
         _parse_argv(script_options(text), job)
     _parse_argv(list(argv), job)
     return job

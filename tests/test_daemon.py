@@ -51,7 +51,8 @@ class RunningDaemon:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "slurm_plugin.cli", "--config", str(self.config), "daemon"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.state / "stderr", "w"),
+            env=env, stdout=subprocess.DEVNULL,
+            stderr=(self.state / "stderr").open("w"),  # noqa: SIM115 (the child keeps it)
         )
         wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None,
                  15, what="daemon socket")
@@ -141,7 +142,8 @@ def _as_nobody(sock_path: str, payload: bytes) -> bytes:
 
 
 def test_only_slurmuser_or_root_may_ask_for_decisions(daemon):
-    req = b'{"v":1,"op":"submit","id":1,"job":{"user":"alice","comment":"project=vit-scaling,cost_center=CC1"}}\n'
+    req = (b'{"v":1,"op":"submit","id":1,"job":{"user":"alice",'
+           b'"comment":"project=vit-scaling,cost_center=CC1"}}\n')
     resp = json.loads(_as_nobody(daemon.socket, req))
     assert resp["ok"] is False
     assert "accepted only from root or the SlurmUser" in resp["error"]
@@ -187,10 +189,12 @@ def test_oversized_line_is_refused_and_daemon_survives(daemon):
 
 
 def test_invalid_policy_on_sighup_keeps_the_old_one(daemon):
-    daemon.config.write_text(render_policy(daemon.state).replace('unknown = "warn"', 'unknown = "sometimes"'))
+    bad = render_policy(daemon.state).replace('unknown = "warn"', 'unknown = "sometimes"')
+    daemon.config.write_text(bad)
     daemon.proc.send_signal(signal.SIGHUP)
-    failed = wait_for(lambda: [e for e in daemon.log_events() if e["event"] == "policy_reload_failed"],
-                      10, what="reload failure in the log")
+    failed = wait_for(
+        lambda: [e for e in daemon.log_events() if e["event"] == "policy_reload_failed"],
+        10, what="reload failure in the log")
     assert "tags.unknown" in failed[0]["error"]
     resp = submit(daemon, comment="project=vit-scaling")
     assert resp["verdict"] == "reject" and "cost_center" in resp["msg"]

@@ -6,6 +6,7 @@ turns it on; every test leaves both nodes up and in service.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -138,10 +139,8 @@ def kill_node(cluster: Cluster, node: str, job_id: int) -> float:
             continue
         if (b"slurmstepd" in cmdline and f"[{job_id}.".encode() in cmdline) or \
                 f"SLURM_JOB_ID={job_id}\0".encode() in environ:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     return time.time()
 
 

@@ -102,8 +102,10 @@ def test_admin_comment_round_trip():
     [
         ("[tags]\nunknown = 'maybe'", "tags.unknown: must be one of 'warn', 'reject' or 'ignore'"),
         ("[tags]\nrequird = []", "tags.requird: unknown setting"),
-        ("[tags.allowed.x]\nregex = '(['", "tags.allowed.x.regex: Value error, not a valid regular"),
-        ("[teams.a]\nsoft_limit = 0.9\nhard_limit = 0.5", "soft_limit must not be above hard_limit"),
+        ("[tags.allowed.x]\nregex = '(['",
+         "tags.allowed.x.regex: Value error, not a valid regular"),
+        ("[teams.a]\nsoft_limit = 0.9\nhard_limit = 0.5",
+         "soft_limit must not be above hard_limit"),
         ("[users]\nalice = 'ghost'", "users.alice names team 'ghost', which is not defined"),
         ("[teams.a]\naccounts=['x']\n[teams.b]\naccounts=['x']", "account 'x' belongs to both"),
         ("[teams.a]\nbudget = 'lots'", "teams.a.budget: Input should be a valid number"),
