@@ -48,10 +48,20 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_lua(args: argparse.Namespace) -> int:
+    import pwd
+
     from slurm_plugin.lua_shim import render_lua
 
-    socket_path = args.socket or _policy(args).daemon.socket
-    text = render_lua(socket_path, args.timeout_ms, args.fail_mode)
+    policy = None if args.socket and args.slurm_uid is not None else _policy(args)
+    socket_path = args.socket or policy.daemon.socket
+    uid = args.slurm_uid
+    if uid is None:
+        try:
+            uid = pwd.getpwnam(policy.daemon.slurm_user).pw_uid
+        except KeyError as exc:
+            raise SystemExit(f"slurmgate lua: SlurmUser {policy.daemon.slurm_user!r} (from "
+                             "[daemon] slurm_user) is not a user here; give --slurm-uid") from exc
+    text = render_lua(socket_path, args.timeout_ms, args.fail_mode, uid)
     if args.output:
         tmp = args.output + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -285,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fail-mode", choices=["open", "closed"], default="open",
                     help="daemon unreachable: accept and mark unchecked (open) or reject (closed)")
     sp.add_argument("-o", "--output", help="write to this path atomically instead of stdout")
+    sp.add_argument("--slurm-uid", type=int,
+                    help="uid of SlurmUser (default: looked up from [daemon] slurm_user)")
     add("ping", cmd_ping, "check that the daemon answers")
     sp = add("estimate", cmd_estimate,
              "dry run: would this job be accepted, and what would it cost at most?")

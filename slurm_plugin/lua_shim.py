@@ -17,7 +17,8 @@ def lua_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def render_lua(socket_path: str, timeout_ms: int = 200, fail_mode: str = "open") -> str:
+def render_lua(socket_path: str, timeout_ms: int = 200, fail_mode: str = "open",
+               slurm_uid: int = 0) -> str:
     if fail_mode not in ("open", "closed"):
         raise ValueError("fail mode must be 'open' or 'closed'")
     if not 1 <= timeout_ms <= 10_000:
@@ -27,4 +28,5 @@ def render_lua(socket_path: str, timeout_ms: int = 200, fail_mode: str = "open")
         template.replace("@SOCKET@", lua_string(socket_path))
         .replace("@TIMEOUT_MS@", str(int(timeout_ms)))
         .replace("@FAIL_MODE@", lua_string(fail_mode))
+        .replace("@SLURM_UID@", str(int(slurm_uid)))
     )

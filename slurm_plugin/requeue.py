@@ -57,7 +57,8 @@ class FailureHandler:
                 message=f"job {job_id} lost its node {node or '(unknown)'}; "
                         f"{lost_h:.2f} GPU-hours lost, {credit:.2f} credited",
                 detail={"nodes": failed, "gpu_hours_lost": lost_h, "credited": credit,
-                        "failed_at": rec.get("end_ts") or now},
+                        "failed_at": rec.get("end_ts") or now,
+                        "record_written_at": rec.get("written_at")},
             )
         self.log("node_fail", job_id=job_id, restart_count=restart, nodes=failed,
                  gpu_hours_lost=round(lost_h, 4))

@@ -155,3 +155,27 @@ def test_hostile_comments_never_crash_and_never_sneak_in(cluster: Cluster, comme
     assert call(cluster.socket, {"op": "ping"})["ok"] is True
     assert (cluster.dir / "run/slurmgate.pid").read_text().strip() == pid_before
     os.kill(int(pid_before), 0)  # same daemon process still alive
+
+
+def test_users_cannot_change_cost_deciding_fields_after_submission(cluster: Cluster):
+    job_id = cluster.submit_ok("bob", "--gres=gpu:1", "--hold")
+    try:
+        for change in ("Partition=scavenger", "Comment=project=llm-eval,cost_center=CC2002",
+                       "Gres=gpu:h100:4"):
+            out = subprocess.run(["runuser", "-u", "bob", "--", "scontrol", "update",
+                                  f"JobId={job_id}", change], env=cluster.env,
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode != 0, change
+            assert "cannot be changed after submission" in out.stderr + out.stdout
+        assert cluster.job(job_id)["partition"] == "gpu"
+        # what does not touch cost stays the user's to change
+        ok = subprocess.run(["runuser", "-u", "bob", "--", "scontrol", "update",
+                             f"JobId={job_id}", "Name=renamed"], env=cluster.env,
+                            capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        # root (an admin) may still move it
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "Partition=scavenger"],
+                       env=cluster.env, check=True, capture_output=True, timeout=30)
+        assert cluster.job(job_id)["partition"] == "scavenger"
+    finally:
+        cluster.scancel(job_id)

@@ -27,7 +27,7 @@ NODE1_PORT="${DEVCLUSTER_NODE1_PORT:-6818}"
 NODE2_PORT="${DEVCLUSTER_NODE2_PORT:-6819}"
 NODES=(node1 node2)
 RESEARCHERS=(alice bob carol mallory)
-PACKAGES=(slurmctld slurmd slurm-client munge lua-socket lua-cjson python3-venv)
+PACKAGES=(slurmctld slurmd slurm-client munge lua-socket lua-cjson lua5.1 python3-venv)
 
 CONF="$DIR/etc/slurm.conf"
 SOCK="$DIR/run/slurmgate.sock"

@@ -11,6 +11,13 @@ local TIMEOUT_S = @TIMEOUT_MS@ / 1000
 local FAIL_MODE = @FAIL_MODE@ -- "open": accept and mark unchecked; "closed": reject
 local PROTOCOL = 1
 local UNCHECKED = "slurmgate:unchecked"
+local CONTROLLER_UIDS = { [0] = true, [@SLURM_UID@] = true } -- root and SlurmUser
+
+-- What users may not change after submission: it decides the job's team, cost and budget.
+local GUARDED = {
+  "partition", "comment", "account", "tres_per_job", "tres_per_node", "tres_per_socket",
+  "tres_per_task", "min_nodes", "max_nodes", "num_tasks", "array_inx",
+}
 
 local FIELDS = {
   "account", "partition", "comment", "wckey", "time_limit", "min_nodes", "max_nodes",
@@ -133,8 +140,27 @@ function slurm_job_submit(job_desc, part_list, submit_uid)
   return (FAIL_MODE == "closed") and slurm.ERROR or slurm.SUCCESS
 end
 
+local function modify(job_desc, modify_uid)
+  if CONTROLLER_UIDS[modify_uid] then return slurm.SUCCESS end
+  local changed = {}
+  for _, name in ipairs(GUARDED) do
+    local v = job_desc[name]
+    if type(v) == "string" or (type(v) == "number" and v < 4294967294) then
+      changed[#changed + 1] = name
+    end
+  end
+  if #changed == 0 then return slurm.SUCCESS end
+  slurm.log_user("%s", "slurmgate: " .. table.concat(changed, ", ") .. " cannot be changed "
+    .. "after submission: they decide the job's team, cost and budget. Cancel the job "
+    .. "(scancel) and submit it again with the new values.")
+  return slurm.ERROR
+end
+
 function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)
-  return slurm.SUCCESS
+  local ok, rc = pcall(modify, job_desc, modify_uid)
+  if ok then return rc end
+  slurm.log_error("slurmgate: job_modify shim error: %s", tostring(rc))
+  return (FAIL_MODE == "closed") and slurm.ERROR or slurm.SUCCESS
 end
 
 return slurm.SUCCESS
