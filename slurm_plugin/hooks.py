@@ -187,8 +187,12 @@ def _who(env: Env) -> str:
 # -- baseline --------------------------------------------------------------------------------
 
 
-def baseline_path(spool_dir: str, node: str, job_id: int, restart: int) -> str:
-    name = f"{spool.name_part(node)}.{job_id}.{restart}.json"
+def baseline_path(spool_dir: str, node: str, job_id: int) -> str:
+    """One baseline per job and node. Not per restart: on Slurm 22.05 a requeued run's Prolog
+    still sees SLURM_JOB_RESTART_COUNT=0 while its Epilog sees the real count, and runs of one
+    job on one node never overlap (an Epilog that never ran leaves a baseline the next Prolog
+    there overwrites)."""
+    name = f"{spool.name_part(node)}.{job_id}.json"
     return os.path.join(spool_dir, "baseline", name)
 
 
@@ -219,23 +223,14 @@ def _read_baseline(path: str) -> tuple[dict[str, Any] | None, str | None]:
     return data, None
 
 
-def _epilog_restart(env: Env, spool_dir: str, node: str, job_id: int) -> tuple[int, bool]:
+def _epilog_restart(env: Env, base: dict[str, Any] | None) -> tuple[int, bool]:
     """SLURM_JOB_RESTART_COUNT comes from the job credential and may be missing in an
-    epilog: then take the newest baseline of this job on this node (or 0)."""
+    epilog: then take the prolog's (or 0), and say so."""
     restart = _int(env.get("SLURM_JOB_RESTART_COUNT"))
     if restart is not None and restart >= 0:
         return restart, False
-    prefix = f"{spool.name_part(node)}.{job_id}."
-    best = 0
-    try:
-        for name in os.listdir(os.path.join(spool_dir, "baseline")):
-            if name.startswith(prefix) and name.endswith(".json"):
-                middle = name[len(prefix):-len(".json")]
-                if middle.isdigit():
-                    best = max(best, int(middle))
-    except OSError:
-        pass
-    return best, True
+    prolog_count = (base or {}).get("restart_count")
+    return (prolog_count if isinstance(prolog_count, int) and prolog_count >= 0 else 0), True
 
 
 # -- the hooks -------------------------------------------------------------------------------
@@ -274,7 +269,7 @@ def prolog(env: Env, settings: HookSettings, now: float) -> list[str]:
         "account": _str(env.get("SLURM_JOB_ACCOUNT")), "start_ts": now,
         "job_gpus": job_gpus, "gpus": gpus, "flags": flags,
     }
-    path = baseline_path(settings.spool_dir, node, job_id, restart)
+    path = baseline_path(settings.spool_dir, node, job_id)
     _write_baseline(path, settings.spool_dir, baseline)
     return notes
 
@@ -300,10 +295,10 @@ def epilog(env: Env, settings: HookSettings, now: float) -> list[str]:
     notes: list[str] = []
     job_id = _job_id(env)
     node = _node(env)
-    restart, guessed = _epilog_restart(env, settings.spool_dir, node, job_id)
-    flags: list[str] = ["restart_count_missing"] if guessed else []
-    path = baseline_path(settings.spool_dir, node, job_id, restart)
+    path = baseline_path(settings.spool_dir, node, job_id)
     base, why = _read_baseline(path)
+    restart, guessed = _epilog_restart(env, base)
+    flags: list[str] = ["restart_count_missing"] if guessed else []
     if why:
         flags.append(why)
         notes.append(f"{why.replace('_', ' ')} at {path}; energy and start time unknown")
@@ -402,6 +397,8 @@ def jobcomp(env: Env, settings: HookSettings, now: float) -> list[str]:
         raise ValueError(f"JOBID is missing or not a number: {env.get('JOBID')!r}")
     array_job = _int(env.get("ARRAYJOBID"))
     state = (_str(env.get("JOBSTATE")) or "UNKNOWN").split()[0].upper()
+    if state == "PENDING":  # `scontrol requeue` ends a run with the job already pending again
+        state = "REQUEUED"
     record = {
         "kind": "jobcomp", "cluster": settings.cluster, "job_id": job_id,
         "restart_count": None, "state": state,

@@ -90,7 +90,7 @@ def test_prolog_then_epilog_writes_one_node_run(
     daemon = NudgeCounter(tmp_path / "d.sock")
     env = node_env(cfg)
     assert hooks.main(["prolog"], env=env, now=T0) == 0
-    baseline = tmp_path / "spool" / "baseline" / "node2.77.0.json"
+    baseline = tmp_path / "spool" / "baseline" / "node2.77.json"
     assert baseline.exists()
     assert records(tmp_path / "spool") == []  # the baseline is not a record
     assert hooks.main(["hook", "epilog"], env=env, now=T0 + 3600) == 0
@@ -126,7 +126,7 @@ def test_epilog_without_baseline_still_writes_a_flagged_record(cfg: Path, tmp_pa
 
 def test_epilog_with_a_corrupt_baseline(cfg: Path, tmp_path: Path) -> None:
     hooks.main(["prolog"], env=node_env(cfg), now=T0)
-    (tmp_path / "spool" / "baseline" / "node2.77.0.json").write_text("{garbage")
+    (tmp_path / "spool" / "baseline" / "node2.77.json").write_text("{garbage")
     assert hooks.main(["epilog"], env=node_env(cfg), now=T0 + 60) == 0
     [rec] = records(tmp_path / "spool")
     assert "baseline_unreadable" in rec["flags"]
@@ -276,3 +276,24 @@ def test_hooks_as_processes(cfg: Path, tmp_path: Path) -> None:
     p = run_hook(MAIN.format(argv=["epilog"]), env)
     assert p.returncode == 0 and p.stderr.count("\n") == 1
     assert "not valid TOML" in p.stderr
+
+
+def test_jobcomp_of_a_requeued_run_says_requeued(tmp_path):
+    from slurm_plugin.hooks import HookSettings, jobcomp
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    settings = HookSettings(str(spool), str(tmp_path / "none.sock"), "c", {}, "minor")
+    jobcomp({"JOBID": "7", "JOBSTATE": "PENDING", "START": "100", "END": "160"}, settings, 200.0)
+    (path,) = [p for p in spool.iterdir() if p.suffix == ".json"]
+    assert json.loads(path.read_text())["state"] == "REQUEUED"
+
+
+def test_requeued_run_uses_the_prolog_baseline_and_the_epilogs_restart_count(
+        cfg: Path, tmp_path: Path) -> None:
+    # Slurm 22.05: the requeued run's Prolog sees restart count 0, its Epilog the real one
+    hooks.main(["prolog"], env=node_env(cfg, SLURM_JOB_RESTART_COUNT="0"), now=T0)
+    hooks.main(["epilog"], env=node_env(cfg, SLURM_JOB_RESTART_COUNT="1"), now=T0 + 60)
+    [rec] = records(tmp_path / "spool")
+    assert rec["restart_count"] == 1 and rec["start_ts"] == T0
+    assert "no_baseline" not in rec["flags"]

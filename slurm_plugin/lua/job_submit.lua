@@ -150,10 +150,12 @@ local function modify(job_desc, modify_uid)
     end
   end
   if #changed == 0 then return slurm.SUCCESS end
-  slurm.log_user("%s", "slurmgate: " .. table.concat(changed, ", ") .. " cannot be changed "
-    .. "after submission: they decide the job's team, cost and budget. Cancel the job "
-    .. "(scancel) and submit it again with the new values.")
-  return slurm.ERROR
+  local msg = "slurmgate: " .. table.concat(changed, ", ") .. " cannot be changed after "
+    .. "submission: they decide the job's team, cost and budget. Cancel the job (scancel) "
+    .. "and submit it again with the new values."
+  slurm.log_user("%s", msg) -- 22.05 does not pass this to scontrol; newer Slurm does
+  slurm.log_info("%s (uid %d)", msg, modify_uid)
+  return slurm.ESLURM_ACCESS_DENIED or slurm.ERROR
 end
 
 function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)

@@ -1,0 +1,356 @@
+"""Prometheus metrics of the daemon: a small thread-safe registry and an HTTP endpoint.
+
+Off unless ``[daemon] metrics_listen`` is set: ``"9466"`` or ``":9466"`` binds 127.0.0.1,
+``"0.0.0.0:9466"`` or ``"[::]:9466"`` every interface (put a firewall or a reverse proxy in
+front: the endpoint has no authentication; it shows team names and spend). ``GET /metrics``
+answers in the Prometheus text format 0.0.4.
+
+The daemon reports through ``Metrics``' methods (``decision``, ``ingested``, ``ingest_lag``,
+``set_spool_backlog``, ``set_reservations``, ``set_budget_used`` ...). Values that are cheap
+to read but not worth tracking all the time (the spool backlog) are filled in at scrape time
+by callbacks registered with ``on_scrape``. The registry has no dependencies and never
+raises into the daemon's hot path: every method is a few dictionary updates under a lock.
+
+Series:
+
+| metric | type | labels |
+|---|---|---|
+| slurmgate_decisions_total | counter | verdict (accept, reject) |
+| slurmgate_decision_latency_seconds | histogram | |
+| slurmgate_ingested_records_total | counter | |
+| slurmgate_ingest_errors_total | counter | |
+| slurmgate_quarantined_records_total | counter | |
+| slurmgate_ingest_lag_seconds | gauge | age of the oldest record of the last ingest batch |
+| slurmgate_spool_backlog_records | gauge | records waiting in the spool |
+| slurmgate_reservations | gauge | live reservations |
+| slurmgate_reserved_amount | gauge | money reserved by them |
+| slurmgate_budget_used | gauge | team: net spend in the current budget period |
+| slurmgate_budget_limit | gauge | team: budget of the period (0: none) |
+| slurmgate_errors_total | counter | where (ingest, reconcile, request, metrics) |
+| slurmgate_policy_reloads_total | counter | result (ok, failed) |
+| slurmgate_start_time_seconds | gauge | |
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_HOST = "127.0.0.1"
+DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+"""Seconds. job_submit.lua waits at most its timeout (200 ms by default) for an answer."""
+RECORD_KINDS = ("node_run", "jobcomp", "gpu_sample")
+
+
+class MetricsError(ValueError):
+    """metrics_listen cannot be used; the message says what is wrong."""
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """``host:port`` from the policy; None when empty (metrics off)."""
+    value = (text or "").strip()
+    if not value:
+        return None
+    host, port_text = DEFAULT_HOST, value
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or value[end + 1:end + 2] != ":":
+            raise MetricsError(f"metrics_listen {text!r}: write an IPv6 address as [::1]:9466")
+        host, port_text = value[1:end], value[end + 2:]
+    elif ":" in value:
+        host, _, port_text = value.rpartition(":")
+        host = host or DEFAULT_HOST
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise MetricsError(f"metrics_listen {text!r}: use host:port, e.g. 127.0.0.1:9466")
+    return host, int(port_text)
+
+
+def _value(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+def _label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+
+    def lines(self, name: str) -> list[str]:
+        out, running = [], 0
+        for bound, n in zip(self.buckets, self.counts, strict=True):
+            running += n
+            out.append(f'{name}_bucket{{le="{_value(bound)}"}} {running}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"{name}_sum {_value(self.sum)}")
+        out.append(f"{name}_count {self.count}")
+        return out
+
+
+class Metrics:
+    """What the daemon reports; ``render()`` is the /metrics page."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._lock = threading.Lock()
+        self._collectors: list[Callable[[], None]] = []
+        self.start_time = clock()
+        self.decisions: dict[str, int] = {"accept": 0, "reject": 0}
+        self.latency = Histogram(DECISION_BUCKETS)
+        self.ingested_records = 0
+        self.ingest_errors = 0
+        self.quarantined_records = 0
+        self.lag: float | None = None
+        self.backlog: int | None = None
+        self.reservations: int | None = None
+        self.reserved_amount: float | None = None
+        self.budget_used: dict[str, float] = {}
+        self.budget_limit: dict[str, float] = {}
+        self.errors: dict[str, int] = {}
+        self.reloads: dict[str, int] = {"ok": 0, "failed": 0}
+
+    # -- what the daemon calls ---------------------------------------------------------------
+
+    def decision(self, verdict: str, latency_s: float) -> None:
+        """One submit decision and how long it took (seconds)."""
+        with self._lock:
+            self.decisions[verdict] = self.decisions.get(verdict, 0) + 1
+            self.latency.observe(max(0.0, float(latency_s)))
+
+    def ingested(self, records: int, errors: int = 0) -> None:
+        with self._lock:
+            self.ingested_records += max(0, int(records))
+            self.ingest_errors += max(0, int(errors))
+
+    def quarantined(self, records: int = 1) -> None:
+        with self._lock:
+            self.quarantined_records += max(0, int(records))
+
+    def ingest_lag(self, seconds: float) -> None:
+        """Age of the oldest record in the batch just ingested (now - its written_at)."""
+        with self._lock:
+            self.lag = max(0.0, float(seconds))
+
+    def set_spool_backlog(self, records: int) -> None:
+        with self._lock:
+            self.backlog = max(0, int(records))
+
+    def set_reservations(self, count: int, amount: float | None = None) -> None:
+        with self._lock:
+            self.reservations = max(0, int(count))
+            if amount is not None:
+                self.reserved_amount = float(amount)
+
+    def set_budget_used(self, team: str, amount: float, budget: float | None = None) -> None:
+        """Net spend of ``team`` in the current budget period (and its budget)."""
+        with self._lock:
+            self.budget_used[team] = float(amount)
+            if budget is not None:
+                self.budget_limit[team] = float(budget)
+
+    def forget_team(self, team: str) -> None:
+        """A team removed from the policy stops being reported."""
+        with self._lock:
+            self.budget_used.pop(team, None)
+            self.budget_limit.pop(team, None)
+
+    def error(self, where: str) -> None:
+        with self._lock:
+            self.errors[where] = self.errors.get(where, 0) + 1
+
+    def policy_reload(self, ok: bool) -> None:
+        with self._lock:
+            self.reloads["ok" if ok else "failed"] += 1
+
+    def on_scrape(self, collector: Callable[[], None]) -> None:
+        """Call ``collector`` before every render (it sets gauges, e.g. the spool backlog)."""
+        self._collectors.append(collector)
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def render(self) -> str:
+        for collect in list(self._collectors):
+            try:
+                collect()
+            except Exception:  # a failing collector costs its gauge, never the page
+                self.error("metrics")
+        with self._lock:
+            out: list[str] = []
+
+            def family(name: str, kind: str, help_: str, samples: list[str]) -> None:
+                out.append(f"# HELP {name} {help_}")
+                out.append(f"# TYPE {name} {kind}")
+                out.extend(samples)
+
+            def labelled(name: str, label: str, values: dict[str, Any]) -> list[str]:
+                return [f'{name}{{{label}="{_label(k)}"}} {_value(v)}'
+                        for k, v in sorted(values.items())]
+
+            def single(name: str, value: float | None) -> list[str]:
+                return [] if value is None else [f"{name} {_value(value)}"]
+
+            family("slurmgate_decisions_total", "counter", "Submit decisions by verdict.",
+                   labelled("slurmgate_decisions_total", "verdict", self.decisions))
+            family("slurmgate_decision_latency_seconds", "histogram",
+                   "Time the daemon took to decide a submission.",
+                   self.latency.lines("slurmgate_decision_latency_seconds"))
+            family("slurmgate_ingested_records_total", "counter",
+                   "Spool records ingested into the database.",
+                   single("slurmgate_ingested_records_total", self.ingested_records))
+            family("slurmgate_ingest_errors_total", "counter",
+                   "Spool records the ingest rejected.",
+                   single("slurmgate_ingest_errors_total", self.ingest_errors))
+            family("slurmgate_quarantined_records_total", "counter",
+                   "Spool records moved to quarantine.",
+                   single("slurmgate_quarantined_records_total", self.quarantined_records))
+            family("slurmgate_ingest_lag_seconds", "gauge",
+                   "Age of the oldest record in the last ingest batch.",
+                   single("slurmgate_ingest_lag_seconds", self.lag))
+            family("slurmgate_spool_backlog_records", "gauge", "Records waiting in the spool.",
+                   single("slurmgate_spool_backlog_records", self.backlog))
+            family("slurmgate_reservations", "gauge", "Live budget reservations.",
+                   single("slurmgate_reservations", self.reservations))
+            family("slurmgate_reserved_amount", "gauge",
+                   "Money held by live reservations (rate card currency).",
+                   single("slurmgate_reserved_amount", self.reserved_amount))
+            family("slurmgate_budget_used", "gauge",
+                   "Net spend of a team in the current budget period (rate card currency).",
+                   labelled("slurmgate_budget_used", "team", self.budget_used))
+            family("slurmgate_budget_limit", "gauge",
+                   "Budget of a team for the current period (0: none).",
+                   labelled("slurmgate_budget_limit", "team", self.budget_limit))
+            family("slurmgate_errors_total", "counter", "Errors in the daemon by where.",
+                   labelled("slurmgate_errors_total", "where", self.errors))
+            family("slurmgate_policy_reloads_total", "counter", "Policy reloads (SIGHUP).",
+                   labelled("slurmgate_policy_reloads_total", "result", self.reloads))
+            family("slurmgate_start_time_seconds", "gauge", "When the daemon started (epoch).",
+                   single("slurmgate_start_time_seconds", self.start_time))
+        return "\n".join(out) + "\n"
+
+
+def spool_backlog(spool_dir: str) -> int:
+    """Records waiting at the top of the spool (what the daemon has not ingested yet)."""
+    n = 0
+    try:
+        with os.scandir(spool_dir) as entries:
+            for e in entries:
+                if e.name.endswith(".json") and e.name.split(".", 1)[0] in RECORD_KINDS:
+                    n += 1
+    except OSError:
+        return 0
+    return n
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "slurmgate-metrics"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, self.server.metrics.render(), CONTENT_TYPE)
+        elif path == "/":
+            self._send(200, "slurmgate daemon metrics: /metrics\n", "text/plain; charset=utf-8")
+        else:
+            self._send(404, "not found: try /metrics\n", "text/plain; charset=utf-8")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._send(200 if self.path.split("?", 1)[0] == "/metrics" else 404, "", CONTENT_TYPE)
+
+    def _send(self, code: int, body: str, ctype: str) -> None:
+        data = body.encode("utf-8")
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # scrapes every 15 s would flood the daemon's log
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    metrics: Metrics
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP in a daemon thread; ``start()`` binds, ``stop()`` closes."""
+
+    def __init__(self, metrics: Metrics, listen: str) -> None:
+        where = parse_listen(listen)
+        if where is None:
+            raise MetricsError("metrics_listen is empty: metrics are off")
+        self.metrics = metrics
+        self.host, self.port = where
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_policy(cls, policy: Any, metrics: Metrics) -> MetricsServer | None:
+        """The server ``[daemon] metrics_listen`` asks for, or None when it is empty."""
+        listen = policy.daemon.metrics_listen
+        return cls(metrics, listen) if listen.strip() else None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where it listens (the real port when 0 was asked for)."""
+        if self._server is None:
+            return self.host, self.port
+        return self.host, int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+
+    def start(self) -> None:
+        cls = _Server6 if ":" in self.host else _Server
+        try:
+            server = cls((self.host, self.port), _Handler)
+        except OSError as exc:
+            raise MetricsError(f"cannot listen on {self.host}:{self.port} for metrics: "
+                               f"{exc.strerror or exc}") from exc
+        server.metrics = self.metrics
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={
+            "poll_interval": 0.5}, name="metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
