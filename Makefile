@@ -16,7 +16,7 @@ export DEVCLUSTER_DIR
 CLUSTER := bash contrib/devcluster/cluster.sh
 WITH_CLUSTER_ENV := source $(DEVCLUSTER_DIR)/env.sh &&
 
-.PHONY: help venv install cluster stop status logs test lint demo
+.PHONY: help venv install cluster stop status logs test test-deps lint demo
 
 help:
 	@echo "targets: venv install cluster stop status logs [N=50] test [PYTEST_ARGS=...] lint demo"
@@ -35,7 +35,7 @@ venv:
 # Non-editable on purpose (see venv). The second pip run replaces only our own package, so
 # code changes always land even when the version number did not change.
 install: venv
-	umask 022 && $(VENV)/bin/pip install -q '.[dev]' && \
+	umask 022 && $(VENV)/bin/pip install -q '.[dev,parquet]' && \
 		$(VENV)/bin/pip install -q --force-reinstall --no-deps .
 	@chmod -R a+rX $(VENV)
 
@@ -51,7 +51,18 @@ status:
 logs:
 	$(CLUSTER) logs $(N)
 
-test: cluster
+# What only the tests need: headless Chromium renders the HTML statement, systemd-analyze
+# verifies the units, logrotate checks its config.
+TEST_PACKAGES := chromium logrotate systemd
+test-deps:
+	@missing=""; for p in $(TEST_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q '^install ok installed' \
+			|| missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+test: test-deps cluster
 	$(WITH_CLUSTER_ENV) $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 $(VENV)/bin/ruff:

@@ -33,9 +33,22 @@ submit_n() {  # prints seconds for N submissions as alice
         done
         end=$(date +%s.%N); python3 -c "print($end - $start)"'
     scancel -u alice -n bench
+    settle
+}
+
+settle() {  # let the cancellations' jobcomp hooks and their ingest finish before timing more
+    local quiet=0
+    for _ in $(seq 1 600); do
+        if [ -z "$(squeue -h -u alice -n bench -o %i)" ] && ! pgrep -f "hook jobcomp" >/dev/null \
+            && [ -z "$(find "$DIR/spool" -maxdepth 1 -name '*.json' -print -quit)" ]; then
+            quiet=$((quiet + 1)); [ "$quiet" -ge 5 ] && return 0
+        else quiet=0; fi
+        sleep 0.2
+    done
 }
 
 declare -a vanilla enforced
+settle
 for r in $(seq 1 "$ROUNDS"); do
     set_plugin off; vanilla+=("$(submit_n)")
     set_plugin on;  enforced+=("$(submit_n)")

@@ -263,6 +263,77 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return run(_policy(args), repair=args.repair, as_json=args.json)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from datetime import date, timedelta
+
+    from db.export import ExportError, day_period, export_period, parse_period, terminal_progress
+
+    policy = _policy(args)
+    try:
+        period = parse_period(day=args.date, month=args.month, first=args.from_, last=args.to)
+    except ValueError as exc:
+        raise SystemExit(f"slurmgate export: {exc}") from exc
+    periods = [period]
+    if args.catch_up:
+        if period.kind != "day":
+            raise SystemExit("slurmgate export: --catch-up goes with --date (a day)")
+        day = date.fromisoformat(period.label)
+        periods = [day_period(day - timedelta(days=n)) for n in range(args.catch_up, -1, -1)]
+    show = not args.quiet and sys.stderr.isatty()
+    for p in periods:
+        try:
+            res = export_period(policy.daemon.database, p, args.out or policy.export.out_dir,
+                                mode=policy.budgets.mode, currency=policy.rates.currency,
+                                jobs=args.jobs, parquet=False if args.no_parquet else None,
+                                progress=terminal_progress(p.label) if show else None)
+        except ExportError as exc:
+            raise SystemExit(f"slurmgate export: {exc}") from exc
+        if not args.quiet:
+            m = res.manifest
+            n = m["unsettled_runs"]
+            late = f"; {n} run{'s' * (n != 1)} not settled yet" if n else ""
+            net = _money(float(m["totals"]["net"]), m["currency"])
+            print(f"{res.path}: {res.runs:,} runs, net {net} ({m['mode']}){late}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from db.export import parse_period
+    from db.statement import build_statement, render_html, render_text, statement_json
+
+    policy = _policy(args)
+    try:
+        month = parse_period(month=args.month)
+    except ValueError as exc:
+        raise SystemExit(f"slurmgate report: {exc}") from exc
+    store = _read_store(args)
+    try:
+        statement = build_statement(store, policy, month, team=args.team)
+    except ValueError as exc:
+        raise SystemExit(f"slurmgate report: {exc}") from exc
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(statement_json(statement), indent=2))
+    else:
+        sys.stdout.write(render_text(statement))
+    if args.html:
+        target = os.path.abspath(args.html)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target + ".tmp", "w", encoding="utf-8") as fh:
+            fh.write(render_html(statement))
+        os.replace(target + ".tmp", target)
+        print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from slurm_plugin.doctor import run_doctor
+
+    return run_doctor(config_path(args), node=args.node, socket_path=args.socket,
+                      as_json=args.json)
+
+
 def cmd_ckpt(args: argparse.Namespace) -> int:
     from slurm_plugin.checkpoint import main as ckpt_main
 
@@ -336,6 +407,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("ckpt", cmd_ckpt,
              "checkpoint helper for batch jobs: dir | latest | restarts | save | load")
     sp.add_argument("ckpt_args", nargs=argparse.REMAINDER)
+    sp = add("export", cmd_export, "write chargeback files (CSV, JSON Lines, Parquet) of a "
+             "period")
+    when = sp.add_mutually_exclusive_group()
+    when.add_argument("--date", help="a UTC day: 2026-11-25, yesterday (default) or today")
+    when.add_argument("--month", help="a month: 2026-10, last or this")
+    when.add_argument("--from", dest="from_", metavar="DAY", help="first UTC day of a range")
+    sp.add_argument("--to", metavar="DAY", help="last UTC day of the range (included)")
+    sp.add_argument("--catch-up", type=int, default=0, metavar="N",
+                    help="with --date: also re-export the N days before (runs settled late)")
+    sp.add_argument("--out", help="export directory (default [export] out_dir)")
+    sp.add_argument("--jobs", type=int, help="worker processes for big periods (default: CPUs)")
+    sp.add_argument("--no-parquet", action="store_true", help="skip Parquet even with pyarrow")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    sp = add("report", cmd_report, "monthly statement per team (text, --json, --html FILE)")
+    sp.add_argument("--month", default="last", help="2026-10, last (default) or this")
+    sp.add_argument("--team", help="one team")
+    sp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
+    sp.add_argument("--json", action="store_true")
+    sp = add("doctor", cmd_doctor, "check this installation and say what to fix")
+    sp.add_argument("--node", nargs="?", const="", metavar="NAME",
+                    help="compute-node checks (spool, hooks, GPUs) for NAME (default this node)")
+    sp.add_argument("--json", action="store_true")
     add("check-policy", cmd_check_policy, "validate the policy file and say what is wrong")
     sp = add("tui", cmd_tui, "open the admin terminal UI")
     sp.add_argument("--demo", action="store_true", help="show a fixed sample dataset")

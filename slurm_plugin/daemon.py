@@ -28,6 +28,7 @@ from policies.fairshare import decayed_usage, factors
 from policies.ledger import Ledger, period_bounds, team_budget
 from policies.request import JobRequest
 from policies.tags import parse_admin_comment
+from slurm_plugin.metrics import Metrics, MetricsError, MetricsServer, spool_backlog
 from slurm_plugin.protocol import (
     MAX_LINE,
     PROTOCOL_VERSION,
@@ -107,6 +108,7 @@ class Daemon:
         self.fairshare: dict[str, float] = {}
         self.started = time.time()
         self.decisions = 0
+        self.metrics = Metrics()
         self.stopping = threading.Event()
         self.ingest_wakeup = threading.Event()
         self.missing_since: dict[str, float] = {}
@@ -153,9 +155,11 @@ class Daemon:
         except PolicyError as exc:
             self.log.write("policy_reload_failed", path=self.config_path, error=str(exc),
                            kept="previous policy")
+            self.metrics.policy_reload(False)
             return False
         with self.lock:
             self.policy = new
+        self.metrics.policy_reload(True)
         self.log.write("policy_reloaded", path=self.config_path, teams=len(new.teams))
         return True
 
@@ -187,6 +191,7 @@ class Daemon:
                            error=str(exc))
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # never let one request take the daemon down
+            self.metrics.error("request")
             self.log.write("internal_error", uid=peer.uid, op=req["op"], error=repr(exc))
             return {"ok": False, "error": f"internal error in slurmgate daemon: {exc!r}"}
 
@@ -207,6 +212,7 @@ class Daemon:
             self.record(job, decision, policy)
         self.decisions += 1
         latency_ms = (time.perf_counter() - t0) * 1000
+        self.metrics.decision(decision.verdict, latency_ms / 1000)
         self.log.write(
             "decision", job_name=job.name, user=job.user, uid=job.uid, account=job.account,
             team=decision.team, verdict=decision.verdict, reason=decision.reason,
@@ -435,10 +441,15 @@ class Daemon:
         start, end, label = period_bounds(policy.budgets.period, now)
         with self.lock:
             ledger = Ledger(period=label)
-            for row in quota_rows(self.store, start, end):
+            rows = quota_rows(self.store, start, end)
+            for row in rows:
                 team = row["team"] or ""
                 ledger.spent[team] = row["net"]
                 ledger.reserved[team] = row["reserved"]
+            self.metrics.set_reservations(sum(r["reservations"] for r in rows),
+                                          sum(ledger.reserved.values()))
+            for team, cfg in policy.teams.items():
+                self.metrics.set_budget_used(team, ledger.spent.get(team, 0.0), cfg.budget)
             half_life = policy.fairshare.half_life_hours
             since = now - 10 * half_life * 3600
             usage = decayed_usage(self.store.team_usage_gpu_hours(since), now, half_life)
@@ -460,6 +471,10 @@ class Daemon:
         for item in items:
             if item.error is not None or item.record is None:
                 self.quarantine(item, item.error or "unreadable")
+        written = [i.record["written_at"] for i in good
+                   if isinstance(i.record.get("written_at"), int | float)]
+        if written:
+            self.metrics.ingest_lag(time.time() - min(written))
         with self.lock:
             result = ingest_records(self.store, [i.record for i in good], self.policy)
             failed = {id(rec) for rec, _ in result.errors}
@@ -469,6 +484,7 @@ class Daemon:
             spool.remove([i for i in good if id(i.record) not in failed])
             if result.settled or result.runs_touched:
                 self.refresh_ledger()
+        self.metrics.ingested(len(items), errors=len(result.errors))
         self.log.write("ingested", records=len(items), counts=result.counts,
                        settled=len(result.settled), errors=len(result.errors))
         if self.failures is not None:
@@ -482,6 +498,7 @@ class Daemon:
         from slurm_plugin import spool
 
         spool.quarantine(self.policy.daemon.spool_dir, item, reason)
+        self.metrics.quarantined()
         self.log.write("quarantined", file=str(item.path), reason=reason)
         if self.store is not None:
             with self.lock:
@@ -495,6 +512,7 @@ class Daemon:
                 while self.ingest_once() >= 1000:
                     pass
             except Exception as exc:  # keep the records; try again on the next round
+                self.metrics.error("ingest")
                 self.log.write("ingest_error", error=repr(exc))
                 self.stopping.wait(5.0)
 
@@ -514,27 +532,31 @@ class Daemon:
         grace = max(120.0, 3 * self.policy.daemon.reconcile_seconds)
         bound = released = 0
         with self.lock:
-            policy = self.policy
-            for r in self.store.live_reservations():
-                rid = r["rid"]
-                if rid in seen:
-                    self.missing_since.pop(rid, None)
-                    if r["job_id"] is None:
+            live = self.store.live_reservations()
+        policy = self.policy
+        # one short lock per change, so submissions are decided in between
+        for r in live:
+            rid = r["rid"]
+            if rid in seen:
+                self.missing_since.pop(rid, None)
+                if r["job_id"] is None:
+                    with self.lock:
                         self.store.bind_reservation(rid, seen[rid], policy.daemon.cluster,
                                                     policy=policy)
-                        bound += 1
-                    continue
-                first = self.missing_since.setdefault(rid, now)
-                if now - max(first, r["created_at"]) < grace:
-                    continue
-                why = ("job never appeared in Slurm's queue (rejected later or submission "
-                       "failed)" if r["job_id"] is None else
-                       "job left Slurm's queue without a completion record")
+                    bound += 1
+                continue
+            first = self.missing_since.setdefault(rid, now)
+            if now - max(first, r["created_at"]) < grace:
+                continue
+            why = ("job never appeared in Slurm's queue (rejected later or submission "
+                   "failed)" if r["job_id"] is None else
+                   "job left Slurm's queue without a completion record")
+            with self.lock:
                 self.store.finish_reservation(rid, "released", why)
-                self.missing_since.pop(rid, None)
-                released += 1
-            if bound or released:
-                self.refresh_ledger()
+            self.missing_since.pop(rid, None)
+            released += 1
+        if bound or released:
+            self.refresh_ledger()
         if bound or released:
             self.log.write("reconciled", bound=bound, released=released, jobs=len(jobs))
         return {"bound": bound, "released": released}
@@ -544,6 +566,7 @@ class Daemon:
             try:
                 self.reconcile_once()
             except Exception as exc:
+                self.metrics.error("reconcile")
                 self.log.write("reconcile_error", error=repr(exc))
 
 
@@ -645,6 +668,15 @@ def serve(config_path: str) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    daemon.metrics.on_scrape(lambda: daemon.metrics.set_spool_backlog(
+        spool_backlog(daemon.policy.daemon.spool_dir)))
+    metrics_server = None
+    try:
+        metrics_server = MetricsServer.from_policy(policy, daemon.metrics)
+        if metrics_server:
+            metrics_server.start()
+    except MetricsError as exc:
+        daemon.log.write("metrics_disabled", error=str(exc))
     daemon.log.write("daemon_started", pid=os.getpid(), socket=path, config=config_path)
     for target in (daemon.ingest_loop, daemon.reconcile_loop):
         threading.Thread(target=target, daemon=True, name=target.__name__).start()
@@ -653,6 +685,8 @@ def serve(config_path: str) -> int:
         server.serve_forever(poll_interval=0.5)
     finally:
         daemon.stopping.set()
+        if metrics_server:
+            metrics_server.stop()
         server.server_close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

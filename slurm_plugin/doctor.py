@@ -104,6 +104,20 @@ def _lua_setting(text: str, name: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+def _lua_slurm_uid(text: str) -> int | None:
+    m = re.search(r"CONTROLLER_UIDS = \{ \[0\] = true, \[(\d+)\] = true \}", text)
+    return int(m.group(1)) if m else None
+
+
+def _uid_of(user: str) -> int | None:
+    import pwd
+
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
 def _script_text(path: str, depth: int = 1) -> str:
     """A hook script's text plus that of the scripts it names by absolute path (one level:
     a wrapper that execs another wrapper)."""
@@ -138,7 +152,8 @@ class Doctor:
     socket_path: str | None = None
     node: str | None = None
     """None: controller checks; a name: compute-node checks for that node."""
-    slurm_config: Callable[[], str] = read_scontrol
+    slurm_config: Callable[[], str] | None = None
+    """Returns ``scontrol show config`` text; default: run scontrol."""
     call: Callable[..., dict[str, Any]] | None = None
     open_backend: Callable[..., Any] | None = None
     backlog_warn: int = 1000
@@ -372,7 +387,7 @@ class Doctor:
     def _slurm(self) -> dict[str, str] | None:
         if self._conf is None:
             try:
-                self._conf = parse_slurm_config(self.slurm_config())
+                self._conf = parse_slurm_config((self.slurm_config or read_scontrol)())
             except Exception as exc:
                 self.add("slurm", "FAIL", f"cannot read Slurm's configuration: {exc}",
                          "run doctor where scontrol works (SLURM_CONF set, munge running)")
@@ -422,6 +437,11 @@ class Doctor:
                      f"{self.socket}", fix)
             return
         fail_mode = (_lua_setting(text, "FAIL_MODE") or "").strip('"')
+        uid, want = _lua_slurm_uid(text), _uid_of(self._policy.daemon.slurm_user)
+        if uid is not None and want is not None and uid != want:
+            self.add("job_submit", "WARN", f"{path} trusts uid {uid} as SlurmUser, but "
+                     f"{self._policy.daemon.slurm_user} is uid {want}", fix)
+            return
         current = self._rendered_like(text)
         if current is not None and current != text:
             self.add("job_submit", "WARN", f"{path} is slurmgate's (socket {sock}, fail mode "
@@ -440,7 +460,11 @@ class Doctor:
             fail_mode = (_lua_setting(text, "FAIL_MODE") or "").strip('"')
             if not m or fail_mode not in ("open", "closed"):
                 return None
-            return render_lua(self.socket, int(m.group(1)), fail_mode)
+            kwargs = {}
+            uid = _lua_slurm_uid(text)
+            if uid is not None:
+                kwargs["slurm_uid"] = uid
+            return render_lua(self.socket, int(m.group(1)), fail_mode, **kwargs)
         except Exception:  # a renderer with other options: no comparison
             return None
 
@@ -458,8 +482,8 @@ class Doctor:
                 head = Path(p).read_text(encoding="utf-8", errors="replace")[:20000]
             except OSError:
                 continue
-            if "slurmgate" in Path(p).name or "slurmgate hook" in head or \
-                    "slurmgate-hook" in head:
+            if "slurmgate" in Path(p).name or re.search(
+                    r"slurmgate[ -]hook|slurmgate-(prolog|epilog|jobcomp)", head):
                 return paths, p
         return paths, None
 
@@ -570,11 +594,12 @@ class Doctor:
 
 
 def run_doctor(config_path: str, *, node: str | None = None, socket_path: str | None = None,
-               as_json: bool = False, print_fn: Callable[[str], None] = print) -> int:
+               as_json: bool = False, print_fn: Callable[[str], None] = print,
+               slurm_config: Callable[[], str] | None = None) -> int:
     """The CLI entry point: print one line per check; 1 when any check FAILed."""
     if node == "":
         node = _node_name()
-    doc = Doctor(config_path, socket_path=socket_path, node=node)
+    doc = Doctor(config_path, socket_path=socket_path, node=node, slurm_config=slurm_config)
     checks = doc.run()
     if as_json:
         print_fn(json.dumps({"ok": not doc.failed, "checks": [c.as_dict() for c in checks]},

@@ -216,3 +216,36 @@ def test_daemon_refuses_to_start_with_an_invalid_policy(tmp_path):
     )
     assert out.returncode == 2
     assert f"{bad}: invalid policy" in out.stderr and "tags.unknown" in out.stderr
+
+
+def test_daemon_serves_prometheus_metrics_on_localhost_when_asked():
+    state = Path(tempfile.mkdtemp(prefix="sg-metrics-"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d = RunningDaemon(state)
+    d.config.write_text(render_policy(state).replace(
+        "[daemon]\n", f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n', 1))
+    d.start()
+    try:
+        submit(d, comment="project=vit-scaling,cost_center=CC42", time_limit=60)
+        submit(d, comment="nope")
+        body = wait_for(lambda: _get(f"http://127.0.0.1:{port}/metrics"), 10,
+                        what="metrics endpoint")
+        assert 'slurmgate_decisions_total{verdict="accept"} 1' in body
+        assert 'slurmgate_decisions_total{verdict="reject"} 1' in body
+        assert "slurmgate_decision_latency_seconds_count 2" in body
+        assert 'slurmgate_budget_used{team="vision"}' in body
+    finally:
+        d.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _get(url: str) -> str | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.read().decode()
+    except OSError:
+        return None
