@@ -112,6 +112,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.ingest_wakeup = threading.Event()
         self.missing_since: dict[str, float] = {}
+        self.last_bind_read = 0.0
         self.failures = None
         if store is not None and slurm is not None:
             from slurm_plugin.requeue import FailureHandler
@@ -471,6 +472,7 @@ class Daemon:
         for item in items:
             if item.error is not None or item.record is None:
                 self.quarantine(item, item.error or "unreadable")
+        self.bind_before_settling([i.record for i in good])
         written = [i.record["written_at"] for i in good
                    if isinstance(i.record.get("written_at"), int | float)]
         if written:
@@ -493,6 +495,27 @@ class Daemon:
             except Exception as exc:  # the records are committed; log and carry on
                 self.log.write("failure_handling_error", error=repr(exc))
         return len(items)
+
+    def bind_before_settling(self, records: list[dict[str, Any]]) -> None:
+        """A job that ends before the reconcile loop bound its reservation would be settled
+        without its team's tags and request (and re-settled later): bind first, with one
+        queue read at most every 5 s."""
+        if self.slurm is None or self.store is None:
+            return
+        ids = {r["job_id"] for r in records if r.get("kind") == "jobcomp"
+               and isinstance(r.get("job_id"), int)}
+        if not ids or time.monotonic() - self.last_bind_read < 5.0:
+            return
+        with self.lock:
+            marks = ",".join("?" * len(ids))
+            bound = {row["job_id"] for row in self.store.query(
+                f"SELECT job_id FROM reservations WHERE job_id IN ({marks})", tuple(ids))}
+        if ids - bound:
+            self.last_bind_read = time.monotonic()
+            try:
+                self.reconcile_once()
+            except Exception as exc:
+                self.log.write("reconcile_error", error=repr(exc))
 
     def quarantine(self, item: Any, reason: str) -> None:
         from slurm_plugin import spool

@@ -29,7 +29,8 @@ def settled_runs(cluster: Cluster, job_id: int, n: int = 1, timeout: float = 60)
                                 (job_id,))
         finally:
             store.close()
-        if len(runs) >= n and all(r["cost"] is not None for r in runs):
+        # settled, and matched to the job's reservation (team, tags and request from submit)
+        if len(runs) >= n and all(r["cost"] is not None and r["rid"] for r in runs):
             for r in runs:
                 r["node_rows"] = [x for x in nodes if x["restart_count"] == r["restart_count"]]
             return runs

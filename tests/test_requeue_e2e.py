@@ -7,6 +7,7 @@ turns it on; every test leaves both nodes up and in service.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -306,6 +307,8 @@ def test_mttr_and_interruption_metrics_match_the_events(cluster: Cluster):
     mean = sum(r["ts"] - r["failed"] for r in rec) / len(rec)
     assert m["mttr_seconds"] == pytest.approx(mean, abs=1.0)
     assert m["failures_per_node"].get("node2", 0) >= 3
-    cli = subprocess.run([SLURMGATE, "failures", "--days", "0.05"], env=cluster.env,
-                         capture_output=True, text=True, timeout=30)
-    assert f"{m['node_failures']} node failures" in cli.stdout
+    cli = subprocess.run([SLURMGATE, "failures", "--json", "--days", str(1 / 24)],
+                         env=cluster.env, capture_output=True, text=True, timeout=30)
+    shown = json.loads(cli.stdout)
+    assert (shown["node_failures"], shown["preemptions"]) == (m["node_failures"],
+                                                              m["preemptions"])
