@@ -85,7 +85,11 @@ class SubmitDecision(Decision):
     reserve: float = 0.0
     """Amount to hold against the team's budget until the job ends."""
     approval_id: str | None = None
+    approval: ApprovalGrant | None = None
+    """The grant this job draws from (its unit decides what is drawn: money or GPU-hours)."""
     gpu_hours: float = 0.0
+    rid: str = ""
+    """The reservation id written into the job's admin_comment."""
 
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -129,7 +133,7 @@ def decide(req: JobRequest, policy: Policy, *, rid: str, ledger: Ledger,
     """The whole submit-time decision: team and tags, cost, budget, fairshare, checkpoint."""
     base = decide_tags(req, policy, rid)
     d = SubmitDecision(base.verdict, base.team, base.reason, base.lines, base.tags,
-                       base.set_fields)
+                       base.set_fields, rid=rid)
     if d.verdict == "reject" or d.team is None:
         return d
     team = d.team
@@ -167,7 +171,7 @@ def decide(req: JobRequest, policy: Policy, *, rid: str, ledger: Ledger,
             ]
             return SubmitDecision("reject", team, f"hard limit: {problem}", lines, d.tags,
                                   estimate=est)
-        d.approval_id = ref
+        d.approval_id, d.approval = ref, approval
         d.reason = f"over hard limit, approval {ref}"
         d.lines.append(f"{head}; over the hard limit, using approval {ref}")
     elif enforce and after > b.soft + 1e-9 and policy.budgets.soft_partition:

@@ -209,7 +209,7 @@ class Daemon:
         job = JobRequest.from_wire(raw)
         with self.lock:
             policy = self.policy
-            decision = self.decide(job, policy, dry_run=False)
+            decision = self.decide(job, policy)
             self.record(job, decision, policy)
         self.decisions += 1
         latency_ms = (time.perf_counter() - t0) * 1000
@@ -222,8 +222,8 @@ class Daemon:
         )
         return self.submit_response(decision)
 
-    def decide(self, job: JobRequest, policy: Policy, *, dry_run: bool) -> SubmitDecision:
-        """Decide under self.lock, against the current ledger."""
+    def decide(self, job: JobRequest, policy: Policy) -> SubmitDecision:
+        """Decide under self.lock, against the current ledger (nothing is written here)."""
         now = time.time()
         self.roll_period(policy, now)
         rid = "r" + secrets.token_hex(8)
@@ -259,8 +259,7 @@ class Daemon:
         est = d.estimate
         if est is None:
             return
-        admin = parse_admin_comment(str(d.set_fields.get("admin_comment", "")))
-        rid = admin["rid"]
+        rid = d.rid
         _, _, period = period_bounds(policy.budgets.period, time.time())
         team = d.team or ""
         self.store.add_reservation({
@@ -275,9 +274,9 @@ class Daemon:
             "period": period,
         })
         self.ledger.reserve(rid, team, d.reserve)
-        if d.approval_id:
-            grant = self.approval_grant(job)
-            amount = d.reserve if grant and grant.remaining_amount is not None else d.gpu_hours
+        if d.approval_id and d.approval:
+            grant = d.approval
+            amount = d.reserve if grant.remaining_amount is not None else d.gpu_hours
             self.store.use_approval(d.approval_id, amount, cluster=policy.daemon.cluster,
                                     user=job.user, rid=rid)
 
@@ -298,7 +297,7 @@ class Daemon:
             raw["user"] = user_name(peer.uid)
         job = JobRequest.from_wire(raw)
         with self.lock:
-            d = self.decide(job, self.policy, dry_run=True)
+            d = self.decide(job, self.policy)
         est = d.estimate
         return {"ok": True, "verdict": d.verdict, "team": d.team, "msg": d.message,
                 "reason": d.reason, "set": {k: v for k, v in d.set_fields.items()
