@@ -6,11 +6,14 @@ start fast, so nothing heavy is imported before we know which command runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # argparse itself is imported only when a command line is parsed
+    import argparse
 
 DEFAULT_CONFIG = "/etc/slurmgate/policy.toml"
 
@@ -347,6 +350,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="slurmgate",
         description="Job tags, team budgets, GPU accounting and requeue for Slurm GPU clusters.",
