@@ -327,9 +327,14 @@ def test_cli_drains_and_resumes_a_node(cluster: Cluster):
         node = next(n for n in client.nodes() if n.name == name)
         assert node.drained and node.reason == "slurmgate test: drain a=b"
         if node.state == "idle":  # nothing runs there, so DOWN disturbs nobody
+            log = cluster.dir / "log/slurmctld.log"
+            before = log.stat().st_size
             client.set_down(name, "slurmgate test: down")
-            node = next(n for n in client.nodes() if n.name == name)
-            assert node.state == "down" and node.reason == "slurmgate test: down"
+            # with a live slurmd and ReturnToService=2 the node may be back before we look:
+            # slurmctld's log is the witness that it went down
+            wait_for(lambda: f"node {name} state set to DOWN" in
+                     log.read_bytes()[before:].decode(errors="replace"), 10, 0.2,
+                     what=f"{name} set DOWN")
         client.resume(name)
     finally:
         node = next(n for n in client.nodes() if n.name == name)
