@@ -109,6 +109,10 @@ def test_reservation_settles_at_job_end_and_is_released_when_cancelled_pending(
 def test_ledger_survives_kill_9_of_the_daemon(cluster: Cluster):
     held = cluster.submit_ok("bob", "--gres=gpu:h100:2", "-t", "120", "--hold")
     try:
+        # earlier jobs' completion records settled first, so only the kill can move the ledger
+        wait_for(lambda: not list((cluster.dir / "spool").glob("*.json")), 30, 0.3,
+                 what="spool drained")
+        assert reservation_of(cluster, held)["state"] in ("reserved", "bound")
         before = quota(cluster, "nlp")
         pid = int((cluster.dir / "run/slurmgate.pid").read_text())
         os.kill(pid, signal.SIGKILL)
@@ -118,6 +122,7 @@ def test_ledger_survives_kill_9_of_the_daemon(cluster: Cluster):
         after = wait_for(lambda: quota(cluster, "nlp"), 20, what="daemon back")
         assert after["reserved"] == pytest.approx(before["reserved"], abs=1e-6)
         assert after["spent"] == pytest.approx(before["spent"], abs=1e-6)
+        assert reservation_of(cluster, held)["state"] in ("reserved", "bound")
     finally:
         cluster.scancel(held)
 
