@@ -1,4 +1,5 @@
-"""Benchmark of the chargeback export (db/export.py): one month, 100,000 and 1,000,000 runs.
+"""Benchmark of the chargeback export (db/chargeback/export.py): one month, 100,000 and
+1,000,000 runs.
 
     python3 bench/bench_export.py --runs 100000,1000000 --jobs 1,0
 
@@ -31,7 +32,7 @@ REPO = HERE.parent
 _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from db.export import export_period, month_period
+from db.chargeback.export import export_period, month_period
 t = time.perf_counter()
 res = export_period({db!r}, month_period(2026, 11), {out!r}, jobs={jobs!r}, parquet={parquet!r})
 wall = time.perf_counter() - t

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HOOK = "import sys; from slurm_plugin.hooks import main; sys.exit(main(sys.argv[1:]))"
+HOOK = "import sys; from slurm_plugin.node.hooks import main; sys.exit(main(sys.argv[1:]))"
 CLI = "import sys; from slurm_plugin.cli import main; sys.exit(main(sys.argv[1:]))"
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from slurm_plugin.slurm_client import SyntheticSlurm  # noqa: E402
+from slurm_plugin.slurm.synthetic import SyntheticSlurm  # noqa: E402
 from tui.app import Intervals, SlurmgateApp  # noqa: E402
 from tui.demo import DEMO_NOW, DemoSources  # noqa: E402
 

@@ -45,7 +45,7 @@ def _call(args: argparse.Namespace, request: dict) -> dict:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from slurm_plugin.daemon import serve
+    from slurm_plugin.daemon.server import serve
 
     return serve(config_path(args))
 
@@ -53,7 +53,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_lua(args: argparse.Namespace) -> int:
     import pwd
 
-    from slurm_plugin.lua_shim import render_lua
+    from slurm_plugin.daemon.lua_shim import render_lua
 
     policy = None if args.socket and args.slurm_uid is not None else _policy(args)
     socket_path = args.socket or policy.daemon.socket
@@ -105,7 +105,7 @@ def _money(amount: float, currency: str) -> str:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from slurm_plugin.sbatch_args import SbatchArgsError, job_from_sbatch
+    from slurm_plugin.slurm.sbatch_args import SbatchArgsError, job_from_sbatch
 
     try:
         job = job_from_sbatch(args.sbatch_args)
@@ -209,7 +209,7 @@ def _ts(value: float | None) -> str:
 def cmd_nodes(args: argparse.Namespace) -> int:
     import time
 
-    from db.metrics import failure_metrics, node_history
+    from db.interruptions import failure_metrics, node_history
 
     store = _read_store(args)
     since = time.time() - args.days * 86400
@@ -233,7 +233,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_failures(args: argparse.Namespace) -> int:
     import time
 
-    from db.metrics import failure_metrics
+    from db.interruptions import failure_metrics
 
     store = _read_store(args)
     m = failure_metrics(store, time.time() - args.days * 86400, time.time())
@@ -255,13 +255,13 @@ def cmd_failures(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from slurm_plugin.agent import run
+    from slurm_plugin.node.agent import run
 
     return run(config_path(args), args.node, args.interval, args.once)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from slurm_plugin.reconcile import run
+    from slurm_plugin.daemon.reconcile import run
 
     return run(_policy(args), repair=args.repair, as_json=args.json)
 
@@ -269,7 +269,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from datetime import date, timedelta
 
-    from db.export import ExportError, day_period, export_period, parse_period, terminal_progress
+    from db.chargeback.export import (
+        ExportError,
+        day_period,
+        export_period,
+        parse_period,
+        terminal_progress,
+    )
 
     policy = _policy(args)
     try:
@@ -301,8 +307,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from db.export import parse_period
-    from db.statement import build_statement, render_html, render_text, statement_json
+    from db.chargeback.export import parse_period
+    from db.chargeback.statement import build_statement, render_html, render_text, statement_json
 
     policy = _policy(args)
     try:
@@ -444,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["hook"]:
-        from slurm_plugin.hooks import main as hook_main
+        from slurm_plugin.node.hooks import main as hook_main
 
         return hook_main(argv[1:])
     if argv[:1] == ["ckpt"]:  # runs inside user jobs: no config, no daemon

@@ -366,7 +366,7 @@ class Doctor:
             self.add("spool", "OK", detail)
 
     def _probe_write(self, spool: str) -> None:
-        from slurm_plugin.spool import ensure_dir
+        from slurm_plugin.node.spool import ensure_dir
 
         tmp = os.path.join(spool, "tmp")
         try:
@@ -453,7 +453,7 @@ class Doctor:
     def _rendered_like(self, text: str) -> str | None:
         """What `slurmgate lua` renders today with the script's own settings."""
         try:
-            from slurm_plugin.lua_shim import render_lua
+            from slurm_plugin.daemon.lua_shim import render_lua
 
             timeout_s = _lua_setting(text, "TIMEOUT_S") or ""
             m = re.match(r"(\d+)\s*/\s*1000", timeout_s)
@@ -544,7 +544,7 @@ class Doctor:
     def check_gpus(self) -> None:
         if not self._needs_policy("gpus"):
             return
-        from slurm_plugin import nvml
+        from slurm_plugin.node import nvml
 
         opener = self.open_backend or nvml.open_backend
         node = self.node or _node_name()

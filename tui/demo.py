@@ -24,7 +24,8 @@ from db.store import Store, open_store
 from policies.config import Policy, parse_policy
 from policies.fairshare import decayed_usage, factors
 from policies.ledger import period_bounds
-from slurm_plugin.slurm_client import SlurmClient, SyntheticSlurm
+from slurm_plugin.slurm.client import SlurmClient
+from slurm_plugin.slurm.synthetic import SyntheticSlurm
 from tui.queue_model import CostEstimator, annotate
 from tui.sources import Sources, Viewer
 

@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Static
 
 from db.reports import node_failures
 from db.store import StoreError
-from slurm_plugin.slurm_client import Node
+from slurm_plugin.slurm.client import Node
 from tui import format as fmt
 from tui.confirm import ConfirmScreen
 from tui.keyed_table import KeyedTable, Row

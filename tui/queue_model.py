@@ -20,7 +20,7 @@ from policies.config import Policy
 from policies.cost import estimate_job
 from policies.request import JobRequest
 from policies.tags import parse_admin_comment
-from slurm_plugin.slurm_client import Job
+from slurm_plugin.slurm.client import Job
 from tui import format as fmt
 
 COLUMNS: tuple[tuple[str, str], ...] = (

@@ -19,7 +19,8 @@ from typing import Any
 
 from db.store import Store, StoreError, open_store
 from policies.config import Policy, load_policy
-from slurm_plugin.slurm_client import Job, Node, SlurmClient, open_client
+from slurm_plugin.slurm.client import Job, Node, SlurmClient
+from slurm_plugin.slurm.factory import open_client
 
 
 @dataclass(frozen=True)

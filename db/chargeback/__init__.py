@@ -1,0 +1,1 @@
+"""Chargeback for finance: periods, columns, exports and monthly statements (FORMAT.md)."""

@@ -1,0 +1,335 @@
+"""The slurmgate policy daemon: decisions for job_submit.lua, the single writer of SQLite.
+
+Threads: one per connection (server.py), plus the background workers (workers.py: spool
+ingest, reconcile). Shared state is the current policy (swapped whole on SIGHUP) and the store,
+which is guarded by one lock. This module is the service: peers, reload, the submit path.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from policies.config import Policy, PolicyError, load_policy
+from policies.decision import ApprovalGrant, Decision, SubmitDecision, decide
+from policies.fairshare import decayed_usage, factors
+from policies.ledger import Ledger, period_bounds, team_budget
+from policies.request import JobRequest
+from slurm_plugin.daemon.admin_ops import AdminOps
+from slurm_plugin.daemon.eventlog import EventLog
+from slurm_plugin.daemon.peers import Forbidden, uid_of, user_name
+from slurm_plugin.daemon.prometheus import Metrics
+from slurm_plugin.daemon.workers import Workers
+from slurm_plugin.protocol import (
+    Peer,
+    ProtocolError,
+    decode,
+)
+
+
+class LockedStore:
+    """The store seen through the daemon's lock, one call at a time, for work that also waits
+    on Slurm (failure handling) and so must not hold the lock across those waits."""
+
+    def __init__(self, store: Any, lock: threading.RLock) -> None:
+        self._store, self._lock = store, lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
+class Daemon(AdminOps, Workers):
+    """The policy daemon: peers, policy reload, request dispatch, the submit path, quotas and
+    the ledger; admin requests and background work live in admin_ops.py and workers.py."""
+
+    def __init__(self, config_path: str, policy: Policy, store: Any = None,
+                 slurm: Any = None) -> None:
+        self.config_path = config_path
+        self.policy = policy
+        self.log = EventLog(policy.daemon.log_file)
+        self.lock = threading.RLock()
+        """Guards the store (one SQLite connection), the ledger and the fairshare factors."""
+        self.store = store
+        self.slurm = slurm
+        self.ledger = Ledger()
+        self.fairshare: dict[str, float] = {}
+        self.started = time.time()
+        self.decisions = 0
+        self.metrics = Metrics()
+        self.stopping = threading.Event()
+        self.ingest_wakeup = threading.Event()
+        self.missing_since: dict[str, float] = {}
+        self.last_bind_read = 0.0
+        self.failures = None
+        if store is not None and slurm is not None:
+            from slurm_plugin.daemon.requeue import FailureHandler
+
+            self.failures = FailureHandler(LockedStore(store, self.lock), slurm,
+                                           lambda: self.policy, self.log.write)
+        self.handlers: dict[str, Callable[[dict[str, Any], Peer], dict[str, Any]]] = {
+            "ping": self.op_ping,
+            "submit": self.op_submit,
+            "estimate": self.op_estimate,
+            "quota": self.op_quota,
+            "approve": self.op_approve,
+            "approvals": self.op_approvals,
+            "nudge": self.op_nudge,
+            "action": self.op_action,
+            "reconcile": self.op_reconcile,
+        }
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def is_controller(self, peer: Peer) -> bool:
+        """SlurmUser or root: the only peers allowed to ask for decisions and send events."""
+        return peer.uid == 0 or peer.uid == uid_of(self.policy.daemon.slurm_user)
+
+    def is_admin(self, peer: Peer) -> bool:
+        return peer.uid == 0 or user_name(peer.uid) in self.policy.daemon.admins
+
+    def require_controller(self, peer: Peer, op: str) -> None:
+        if not self.is_controller(peer):
+            raise Forbidden(
+                f"'{op}' is accepted only from root or the SlurmUser "
+                f"({self.policy.daemon.slurm_user}); you are {user_name(peer.uid)}"
+            )
+
+    # -- policy reload ----------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Load the policy file again; keep the current policy when the new one is invalid."""
+        try:
+            new = load_policy(self.config_path)
+        except PolicyError as exc:
+            self.log.write("policy_reload_failed", path=self.config_path, error=str(exc),
+                           kept="previous policy")
+            self.metrics.policy_reload(False)
+            return False
+        with self.lock:
+            self.policy = new
+        self.metrics.policy_reload(True)
+        self.log.write("policy_reloaded", path=self.config_path, teams=len(new.teams))
+        return True
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def handle(self, line: bytes, peer: Peer) -> dict[str, Any]:
+        """Answer one request line; the request's "id", if any, is echoed back."""
+        try:
+            req = decode(line)
+        except ProtocolError as exc:
+            self.log.write("bad_request", uid=peer.uid, error=str(exc))
+            return {"ok": False, "error": str(exc)}
+        resp = self._dispatch(req, peer)
+        if "id" in req:
+            resp["id"] = req["id"]
+        return resp
+
+    def _dispatch(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        handler = self.handlers.get(req["op"])
+        if handler is None:
+            return {"ok": False, "error": f"unknown op {req['op']!r}"}
+        try:
+            return handler(req, peer)
+        except ProtocolError as exc:
+            self.log.write("bad_request", uid=peer.uid, op=req["op"], error=str(exc))
+            return {"ok": False, "error": str(exc)}
+        except Forbidden as exc:
+            self.log.write("forbidden", uid=peer.uid, user=user_name(peer.uid), op=req["op"],
+                           error=str(exc))
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # never let one request take the daemon down
+            self.metrics.error("request")
+            self.log.write("internal_error", uid=peer.uid, op=req["op"], error=repr(exc))
+            return {"ok": False, "error": f"internal error in slurmgate daemon: {exc!r}"}
+
+    def op_ping(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return {"ok": True, "pid": os.getpid(), "uptime": time.time() - self.started,
+                "decisions": self.decisions, "you": user_name(peer.uid)}
+
+    def op_submit(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        self.require_controller(peer, "submit")
+        t0 = time.perf_counter()
+        raw = req.get("job")
+        if not isinstance(raw, dict):
+            raise ProtocolError("submit needs a 'job' object")
+        job = JobRequest.from_wire(raw)
+        with self.lock:
+            policy = self.policy
+            decision = self.decide(job, policy)
+            self.record(job, decision, policy)
+        self.decisions += 1
+        latency_ms = (time.perf_counter() - t0) * 1000
+        self.metrics.decision(decision.verdict, latency_ms / 1000)
+        self.log.write(
+            "decision", job_name=job.name, user=job.user, uid=job.uid, account=job.account,
+            team=decision.team, verdict=decision.verdict, reason=decision.reason,
+            tags=decision.tags, est_cost=decision.estimate.amount if decision.estimate else None,
+            set=decision.set_fields, latency_ms=round(latency_ms, 3),
+        )
+        return self.submit_response(decision)
+
+    def decide(self, job: JobRequest, policy: Policy) -> SubmitDecision:
+        """Decide under self.lock, against the current ledger (nothing is written here)."""
+        now = time.time()
+        self.roll_period(policy, now)
+        rid = "r" + secrets.token_hex(8)
+        team = policy.team_for(job.account, job.user)
+        return decide(job, policy, rid=rid, ledger=self.ledger,
+                      fairshare=self.fairshare.get(team or "", 1.0),
+                      approval=self.approval_grant(job), now=now)
+
+    def approval_grant(self, job: JobRequest) -> ApprovalGrant | None:
+        from policies.tags import parse_tags
+
+        ref = parse_tags(job.comment)[0].get("approval") if job.comment else None
+        if not ref or self.store is None:
+            return None
+        rows = self.store.query("SELECT * FROM approvals WHERE id = ?", (ref,))
+        if not rows:
+            return None
+        a = rows[0]
+        left = (a["amount"] - a["used"]) if a["amount"] is not None else None
+        left_h = (a["gpu_hours"] - a["used"]) if a["amount"] is None else None
+        return ApprovalGrant(a["id"], a["team"], left, left_h, a["expires_at"], bool(a["revoked"]))
+
+    def record(self, job: JobRequest, d: SubmitDecision, policy: Policy) -> None:
+        """Persist an accepted job's reservation (and approval use) or a rejection event."""
+        if self.store is None:
+            return
+        if d.verdict == "reject":
+            self.store.add_event("reject", cluster=policy.daemon.cluster, team=d.team,
+                                 user=job.user, message="\n".join(d.lines)[:2000],
+                                 detail={"reason": d.reason[:500], "job_name": job.name,
+                                         "account": job.account})
+            return
+        est = d.estimate
+        if est is None:
+            return
+        rid = d.rid
+        _, _, period = period_bounds(policy.budgets.period, time.time())
+        team = d.team or ""
+        self.store.add_reservation({
+            "rid": rid, "cluster": policy.daemon.cluster, "team": team,
+            "project": d.tags.get("project"),
+            "cost_center": d.tags.get("cost_center") or policy.teams[team].cost_center or None,
+            "user": job.user, "account": job.account,
+            "partition": str(d.set_fields.get("partition") or est.partition),
+            "tags": d.tags, "gpu_type": est.gpu_type, "gpus": est.gpus, "cpus": est.cpus,
+            "mem_mb": est.mem_mb, "time_limit_min": job.time_limit,
+            "tasks": est.tasks_reserved, "est_cost": d.reserve, "approval_id": d.approval_id,
+            "period": period,
+        })
+        self.ledger.reserve(rid, team, d.reserve)
+        if d.approval_id and d.approval:
+            grant = d.approval
+            amount = d.reserve if grant.remaining_amount is not None else d.gpu_hours
+            self.store.use_approval(d.approval_id, amount, cluster=policy.daemon.cluster,
+                                    user=job.user, rid=rid)
+
+    @staticmethod
+    def submit_response(decision: Decision) -> dict[str, Any]:
+        return {"ok": True, "verdict": decision.verdict, "msg": decision.message,
+                "set": decision.set_fields}
+
+    # -- researcher and admin requests ------------------------------------------------------
+
+    def op_estimate(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """Dry run of a submission; the user is who is asking, not who the request names."""
+        raw = req.get("job")
+        if not isinstance(raw, dict):
+            raise ProtocolError("estimate needs a 'job' object")
+        raw = dict(raw)
+        if not self.is_controller(peer) or not raw.get("user"):
+            raw["user"] = user_name(peer.uid)
+        job = JobRequest.from_wire(raw)
+        with self.lock:
+            d = self.decide(job, self.policy)
+        est = d.estimate
+        return {"ok": True, "verdict": d.verdict, "team": d.team, "msg": d.message,
+                "reason": d.reason, "set": {k: v for k, v in d.set_fields.items()
+                                            if k != "admin_comment"},
+                "est_cost": est.amount if est else None,
+                "gpu_type": est.gpu_type if est else None, "gpus": est.gpus if est else None,
+                "hours": est.hours if est else None}
+
+    def visible_teams(self, peer: Peer) -> list[str]:
+        if self.is_admin(peer):
+            return sorted(self.policy.teams)
+        return self.policy.teams_of_user(user_name(peer.uid))
+
+    def op_quota(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        wanted = req.get("team")
+        visible = self.visible_teams(peer)
+        if wanted is not None:
+            if not isinstance(wanted, str) or wanted not in self.policy.teams:
+                return {"ok": False, "error": f"unknown team {wanted!r}; teams you can see: "
+                        f"{', '.join(visible) or 'none'}"}
+            if wanted not in visible:
+                raise Forbidden(f"you ({user_name(peer.uid)}) are not a member or lead of team "
+                                f"{wanted}; teams you can see: {', '.join(visible) or 'none'}")
+            visible = [wanted]
+        with self.lock:
+            policy = self.policy
+            self.roll_period(policy, time.time())
+            rows = []
+            for team in visible:
+                b = team_budget(policy, self.ledger, team)
+                rows.append({
+                    "team": team, "budget": b.budget, "spent": round(b.spent, 6),
+                    "reserved": round(b.reserved, 6), "remaining": round(b.remaining, 6),
+                    "soft_limit": b.soft, "hard_limit": b.hard,
+                    "fairshare": round(self.fairshare.get(team, 1.0), 6),
+                    "share": policy.teams[team].share,
+                })
+        return {"ok": True, "period": self.ledger.period, "currency": policy.rates.currency,
+                "mode": policy.budgets.mode, "teams": rows}
+
+    def op_nudge(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        self.require_controller(peer, "nudge")
+        self.ingest_wakeup.set()
+        return {"ok": True}
+
+    # -- ledger -----------------------------------------------------------------------------
+
+    def roll_period(self, policy: Policy, now: float) -> None:
+        if self.ledger.period != period_bounds(policy.budgets.period, now)[2]:
+            self.refresh_ledger(policy, now)
+
+    def refresh_ledger(self, policy: Policy | None = None, now: float | None = None) -> None:
+        """Rebuild spend, reservations and fairshare from SQLite (caller may hold the lock)."""
+        if self.store is None:
+            return
+        from db.reports import quota_rows
+
+        policy = policy or self.policy
+        now = time.time() if now is None else now
+        start, end, label = period_bounds(policy.budgets.period, now)
+        with self.lock:
+            ledger = Ledger(period=label)
+            rows = quota_rows(self.store, start, end)
+            for row in rows:
+                team = row["team"] or ""
+                ledger.spent[team] = row["net"]
+                ledger.reserved[team] = row["reserved"]
+            self.metrics.set_reservations(sum(r["reservations"] for r in rows),
+                                          sum(ledger.reserved.values()))
+            for team, cfg in policy.teams.items():
+                self.metrics.set_budget_used(team, ledger.spent.get(team, 0.0), cfg.budget)
+            half_life = policy.fairshare.half_life_hours
+            since = now - 10 * half_life * 3600
+            usage = decayed_usage(self.store.team_usage_gpu_hours(since), now, half_life)
+            self.fairshare = factors(policy, usage)
+            self.ledger = ledger

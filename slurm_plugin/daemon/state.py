@@ -1,0 +1,51 @@
+"""What every part of the daemon shares: its state, declared once for the parts to use.
+
+``Daemon`` (service.py) owns and fills this state; ``AdminOps`` (admin_ops.py) and ``Workers``
+(workers.py) are the daemon's other rooms and reach it through these declarations.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from policies.config import Policy
+from policies.ledger import Ledger
+from slurm_plugin.daemon.prometheus import Metrics
+from slurm_plugin.protocol import Peer
+
+if TYPE_CHECKING:
+    from db.store import Store
+    from slurm_plugin.daemon.eventlog import EventLog
+    from slurm_plugin.daemon.requeue import FailureHandler
+    from slurm_plugin.slurm.client import SlurmClient
+
+
+class DaemonState:
+    """Attributes and cross-room methods of the daemon (implemented by ``Daemon``)."""
+
+    policy: Policy
+    store: Store | None
+    slurm: SlurmClient | None
+    lock: threading.RLock
+    log: EventLog
+    metrics: Metrics
+    ledger: Ledger
+    fairshare: dict[str, float]
+    failures: FailureHandler | None
+    stopping: threading.Event
+    ingest_wakeup: threading.Event
+    missing_since: dict[str, float]
+    last_bind_read: float
+
+    def is_admin(self, peer: Peer) -> bool:
+        raise NotImplementedError
+
+    def visible_teams(self, peer: Peer) -> list[str]:
+        raise NotImplementedError
+
+    def refresh_ledger(self, policy: Policy | None = None, now: float | None = None) -> None:
+        raise NotImplementedError
+
+    def reconcile_once(self) -> dict[str, int]:
+        raise NotImplementedError

@@ -1,0 +1,464 @@
+"""`slurmgate hook prolog|epilog|jobcomp`: what Slurm runs on every node and at every job end.
+
+prolog (slurmd, as root): snapshot each allocated GPU's energy counter into
+    ``<spool>/baseline/<node>.<job_id>.<restart>.json``.
+epilog (slurmd): read the baseline, take the deltas (energy) and the run's utilisation and
+    memory, write one ``node_run`` record, delete the baseline, nudge the daemon.
+jobcomp (slurmctld's jobcomp/script, as SlurmUser): one ``jobcomp`` record from the
+    environment slurmctld sets (JOBID, JOBSTATE, START, END, ...), then nudge.
+
+Rules: a hook never fails a job or drains a node because of slurmgate's own errors: any
+exception becomes one line on stderr (the wrapper appends it to a log) and exit status 0.
+Start-up is kept light: the policy TOML is read with tomllib for the few settings hooks need
+(no pydantic), NVML is only loaded when the job has GPUs. The config path comes from
+``SLURMGATE_CONFIG`` (default /etc/slurmgate/policy.toml).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from slurm_plugin.node import spool
+from slurm_plugin.node.nvml import (
+    Allocated,
+    GpuBackend,
+    open_backend,
+    parse_job_gpus,
+    select_allocated,
+)
+
+DEFAULT_CONFIG = "/etc/slurmgate/policy.toml"
+Env = Mapping[str, str]
+
+# Slurm's "not set" sentinels as they appear in %u-formatted environment values.
+_SENTINELS = {0xFFFE, 0xFFFF, 0xFFFFFFFE, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFE, 0xFFFFFFFFFFFFFFFF}
+_UNSET = {"", "unknown", "none", "null", "(null)", "n/a", "na"}
+
+
+class HookConfigError(Exception):
+    """The policy file cannot be read or the hook settings in it are wrong."""
+
+
+class HookSettings(NamedTuple):
+    spool_dir: str
+    socket: str
+    cluster: str
+    nvml: dict[str, Any]
+    gpu_numbering: str
+    """How SLURM_JOB_GPUS maps to devices: "minor" (gres.conf File=/dev/nvidiaN) or "pci"
+    (AutoDetect=nvml). Read from nvml.gpu_numbering when present; default minor."""
+
+
+def _table(data: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise HookConfigError(f"{path}: [{key}] must be a table")
+    return value
+
+
+def _setting(table: dict[str, Any], key: str, default: str, where: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise HookConfigError(f"{where}.{key} must be a non-empty string, not {value!r}")
+    return value
+
+
+def load_settings(path: str) -> HookSettings:
+    """The hooks' few settings, straight from the TOML (defaults as in policies.config)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise HookConfigError(f"{path}: cannot read policy file: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise HookConfigError(f"{path}: not valid TOML: {exc}") from exc
+    daemon = _table(data, "daemon", path)
+    nvml = _table(data, "nvml", path)
+    where = f"{path}: daemon"
+    backend = nvml.get("backend", "real")
+    if backend not in ("real", "fake"):
+        raise HookConfigError(f"{path}: nvml.backend must be 'real' or 'fake', not {backend!r}")
+    numbering = nvml.get("gpu_numbering", "minor")
+    if numbering not in ("minor", "pci"):
+        raise HookConfigError(
+            f"{path}: nvml.gpu_numbering must be 'minor' or 'pci', not {numbering!r}"
+        )
+    if not isinstance(nvml.get("fake_nodes", {}), dict):
+        raise HookConfigError(f"{path}: nvml.fake_nodes must be a table")
+    return HookSettings(
+        spool_dir=_setting(daemon, "spool_dir", "/var/spool/slurmgate", where),
+        socket=_setting(daemon, "socket", "/run/slurmgate/slurmgate.sock", where),
+        cluster=_setting(daemon, "cluster", "default", where),
+        nvml=nvml,
+        gpu_numbering=numbering,
+    )
+
+
+# -- parsing Slurm's environment -------------------------------------------------------------
+
+
+def _str(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return None if value.lower() in _UNSET else value
+
+
+def _int(value: str | None) -> int | None:
+    """'42' -> 42; '', 'Unknown', junk and Slurm's NO_VAL/INFINITE sentinels -> None."""
+    text = _str(value)
+    if text is None:
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        try:
+            number = int(float(text))
+        except (ValueError, OverflowError):
+            return None
+    return None if number in _SENTINELS else number
+
+
+def _epoch(value: str | None) -> float | None:
+    """Epoch seconds; 0 (never started/ended) and unknowns -> None."""
+    number = _int(value)
+    return float(number) if number is not None and number > 0 else None
+
+
+def parse_time_limit(value: str | None) -> int | None:
+    """jobcomp's LIMIT (Slurm's mins2time_str: 'UNLIMITED', 'HH:MM:SS', 'D-HH:MM:SS'; also
+    plain minutes, 'MM:SS', 'D-HH', 'D-HH:MM') -> minutes, rounded up; None if unlimited or
+    unreadable."""
+    text = _str(value)
+    if text is None:
+        return None
+    days = 0
+    if "-" in text:
+        head, _, text = text.partition("-")
+        if not head.isdigit():
+            return None
+        days = int(head)
+        fields = text.split(":")
+        if not 1 <= len(fields) <= 3:
+            return None
+        fields += ["0"] * (3 - len(fields))  # D-HH, D-HH:MM
+        hours, minutes, seconds = fields
+    else:
+        fields = text.split(":")
+        if len(fields) == 1:
+            hours, minutes, seconds = "0", fields[0], "0"
+        elif len(fields) == 2:
+            hours, (minutes, seconds) = "0", fields
+        elif len(fields) == 3:
+            hours, minutes, seconds = fields
+        else:
+            return None
+    if not all(f.isdigit() for f in (hours, minutes, seconds)):
+        return None
+    total = ((days * 24 + int(hours)) * 60 + int(minutes)) * 60 + int(seconds)
+    result = -(-total // 60)
+    return None if result >= 0xFFFFFFFE else result
+
+
+def _job_id(env: Env) -> int:
+    job_id = _int(env.get("SLURM_JOB_ID")) or _int(env.get("SLURM_JOBID"))
+    if job_id is None:
+        raise ValueError(f"SLURM_JOB_ID is missing or not a number: {env.get('SLURM_JOB_ID')!r}")
+    return job_id
+
+
+def _node(env: Env) -> str:
+    node = _str(env.get("SLURMD_NODENAME"))
+    if node is None:
+        import socket
+
+        node = socket.gethostname().split(".")[0]
+    return node
+
+
+def _who(env: Env) -> str:
+    job = env.get("SLURM_JOB_ID") or env.get("JOBID") or "?"
+    node = env.get("SLURMD_NODENAME")
+    return f"job={job}" + (f" node={node}" if node else "")
+
+
+# -- baseline --------------------------------------------------------------------------------
+
+
+def baseline_path(spool_dir: str, node: str, job_id: int) -> str:
+    """One baseline per job and node. Not per restart: on Slurm 22.05 a requeued run's Prolog
+    still sees SLURM_JOB_RESTART_COUNT=0 while its Epilog sees the real count, and runs of one
+    job on one node never overlap (an Epilog that never ran leaves a baseline the next Prolog
+    there overwrites)."""
+    name = f"{spool.name_part(node)}.{job_id}.json"
+    return os.path.join(spool_dir, "baseline", name)
+
+
+def _write_baseline(path: str, spool_dir: str, baseline: dict[str, Any]) -> None:
+    directory = os.path.dirname(path)
+    spool.ensure_dir(spool_dir)
+    spool.ensure_dir(directory, like=spool_dir)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    spool.atomic_write(tmp, path, spool.encode_record(baseline))
+
+
+def _read_baseline(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(baseline, None) or (None, flag) where flag says why there is none."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(4 * 2**20))
+    except FileNotFoundError:
+        return None, "no_baseline"
+    except (OSError, ValueError):
+        return None, "baseline_unreadable"
+    if not isinstance(data, dict) or not isinstance(data.get("gpus", []), list):
+        return None, "baseline_unreadable"
+    start = data.get("start_ts")
+    if not isinstance(start, (int, float)) or isinstance(start, bool):
+        data["start_ts"] = None
+    return data, None
+
+
+def _epilog_restart(env: Env, base: dict[str, Any] | None) -> tuple[int, bool]:
+    """SLURM_JOB_RESTART_COUNT comes from the job credential and may be missing in an
+    epilog: then take the prolog's (or 0), and say so."""
+    restart = _int(env.get("SLURM_JOB_RESTART_COUNT"))
+    if restart is not None and restart >= 0:
+        return restart, False
+    prolog_count = (base or {}).get("restart_count")
+    return (prolog_count if isinstance(prolog_count, int) and prolog_count >= 0 else 0), True
+
+
+# -- the hooks -------------------------------------------------------------------------------
+
+
+def _open(settings: HookSettings, node: str, now: float, notes: list[str]) -> GpuBackend | None:
+    try:
+        return open_backend(settings.nvml, node, clock=lambda: now)
+    except Exception as exc:
+        notes.append(f"GPU readings unavailable: {type(exc).__name__}: {exc}")
+        return None
+
+
+def prolog(env: Env, settings: HookSettings, now: float) -> list[str]:
+    """Write the baseline. Returns notes worth one log line (degraded readings)."""
+    notes: list[str] = []
+    job_id = _job_id(env)
+    restart = _int(env.get("SLURM_JOB_RESTART_COUNT")) or 0
+    node = _node(env)
+    job_gpus = env.get("SLURM_JOB_GPUS")
+    flags: list[str] = []
+    gpus: list[dict[str, Any]] = []
+    if parse_job_gpus(job_gpus):
+        backend = _open(settings, node, now, notes)
+        if backend is None:
+            flags.append("nvml_unavailable")
+        else:
+            try:
+                for alloc in select_allocated(backend.devices(), job_gpus, settings.gpu_numbering):
+                    gpus.append(_baseline_gpu(backend, alloc, flags, notes))
+            finally:
+                backend.close()
+    baseline = {
+        "v": 1, "cluster": settings.cluster, "job_id": job_id, "restart_count": restart,
+        "node": node, "user": _str(env.get("SLURM_JOB_USER")),
+        "account": _str(env.get("SLURM_JOB_ACCOUNT")), "start_ts": now,
+        "job_gpus": job_gpus, "gpus": gpus, "flags": flags,
+    }
+    path = baseline_path(settings.spool_dir, node, job_id)
+    _write_baseline(path, settings.spool_dir, baseline)
+    return notes
+
+
+def _baseline_gpu(
+    backend: GpuBackend, alloc: Allocated, flags: list[str], notes: list[str]
+) -> dict[str, Any]:
+    dev = alloc.device
+    if dev is None:
+        flags.append(f"gpu_not_found:{alloc.token}")
+        return {"index": alloc.slurm_index, "token": alloc.token, "uuid": None}
+    reading = backend.read(dev.uuid)
+    notes.extend(reading.notes)
+    return {
+        "index": alloc.slurm_index if alloc.slurm_index is not None else dev.index,
+        "token": alloc.token, "minor": dev.minor, "uuid": dev.uuid, "gpu_type": dev.gpu_type,
+        "pci_bus_id": dev.pci_bus_id, "energy_mj": reading.energy_mj, "ts": reading.ts,
+    }
+
+
+def epilog(env: Env, settings: HookSettings, now: float) -> list[str]:
+    """Write one node_run record for this node's share of the run, then nudge the daemon."""
+    notes: list[str] = []
+    job_id = _job_id(env)
+    node = _node(env)
+    path = baseline_path(settings.spool_dir, node, job_id)
+    base, why = _read_baseline(path)
+    restart, guessed = _epilog_restart(env, base)
+    flags: list[str] = ["restart_count_missing"] if guessed else []
+    if why:
+        flags.append(why)
+        notes.append(f"{why.replace('_', ' ')} at {path}; energy and start time unknown")
+    start_ts = base.get("start_ts") if base else None
+    if start_ts is None and _epoch(env.get("SLURM_JOB_START_TIME")) is not None:
+        start_ts = _epoch(env.get("SLURM_JOB_START_TIME"))
+        flags.append("start_from_env")
+    if base:
+        flags.extend(f for f in base.get("flags", []) if isinstance(f, str) and f not in flags)
+    job_gpus = env.get("SLURM_JOB_GPUS")
+    if job_gpus is None and base:
+        job_gpus = base.get("job_gpus")
+    gpus: list[dict[str, Any]] = []
+    tokens = parse_job_gpus(job_gpus)
+    if tokens:
+        backend = _open(settings, node, now, notes)
+        if backend is None and "nvml_unavailable" not in flags:
+            flags.append("nvml_unavailable")
+        try:
+            devices = backend.devices() if backend else []
+            for alloc in select_allocated(devices, job_gpus, settings.gpu_numbering):
+                gpus.append(_run_gpu(backend, alloc, base, node, start_ts, now, flags, notes))
+        finally:
+            if backend:
+                backend.close()
+    record = {
+        "kind": "node_run", "cluster": settings.cluster, "job_id": job_id,
+        "restart_count": restart, "node": node,
+        "user": _str(env.get("SLURM_JOB_USER")) or (base or {}).get("user"),
+        "account": _str(env.get("SLURM_JOB_ACCOUNT")) or (base or {}).get("account"),
+        "start_ts": start_ts, "end_ts": now, "gpus": gpus, "flags": list(dict.fromkeys(flags)),
+    }
+    spool.write_record_file(settings.spool_dir, record)
+    if base is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    spool.nudge_daemon(settings.socket)
+    return notes
+
+
+def _run_gpu(
+    backend: GpuBackend | None, alloc: Allocated, base: dict[str, Any] | None, node: str,
+    start_ts: float | None, now: float, flags: list[str], notes: list[str],
+) -> dict[str, Any]:
+    dev = alloc.device
+    base_gpus = [g for g in (base or {}).get("gpus", []) if isinstance(g, dict)]
+    base_gpu = next((g for g in base_gpus if dev and g.get("uuid") == dev.uuid), None)
+    if base_gpu is None and dev is None:
+        base_gpu = next((g for g in base_gpus if g.get("token") == alloc.token), None)
+    info = base_gpu or {}
+    index = alloc.slurm_index if alloc.slurm_index is not None else (dev.index if dev else -1)
+    entry: dict[str, Any] = {
+        "index": index,
+        "minor": dev.minor if dev else _opt_int(info.get("minor")),
+        # Unknown device (not found, or no NVML): a placeholder that is unique in the record
+        # and cannot be mistaken for an NVML UUID, so the GPU time is still accounted.
+        "uuid": dev.uuid if dev else str(info.get("uuid") or f"unknown:{node}:{alloc.token}"),
+        "gpu_type": dev.gpu_type if dev else str(info.get("gpu_type") or "unknown"),
+        "energy_j": None, "util_mean": None, "util_max": None, "mem_max_bytes": None,
+        "gpu_seconds": max(now - start_ts, 0.0) if start_ts is not None else None,
+    }
+    if dev is None:
+        if backend is not None:
+            flags.append(f"gpu_not_found:{alloc.token}")
+        return entry
+    reading = backend.read(dev.uuid, since=start_ts) if backend else None
+    if reading is None:
+        return entry
+    notes.extend(reading.notes)
+    e0 = _opt_int(info.get("energy_mj"))
+    if e0 is not None and reading.energy_mj is not None:
+        if reading.energy_mj >= e0:
+            entry["energy_j"] = (reading.energy_mj - e0) / 1000.0
+        else:
+            flags.append(f"energy_counter_reset:{index}")
+    elif base is not None:
+        flags.append(f"no_energy:{index}")
+    acct = reading.accounting
+    if acct is not None:
+        entry["util_mean"] = acct.util_mean
+        entry["util_max"] = acct.util_max
+        entry["mem_max_bytes"] = acct.mem_max_bytes
+    elif start_ts is not None:
+        flags.append(f"no_accounting:{index}")
+    return entry
+
+
+def _opt_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def jobcomp(env: Env, settings: HookSettings, now: float) -> list[str]:
+    """One jobcomp record from slurmctld's jobcomp/script environment, then nudge."""
+    job_id = _int(env.get("JOBID"))
+    if job_id is None:
+        raise ValueError(f"JOBID is missing or not a number: {env.get('JOBID')!r}")
+    array_job = _int(env.get("ARRAYJOBID"))
+    state = (_str(env.get("JOBSTATE")) or "UNKNOWN").split()[0].upper()
+    if state == "PENDING":  # `scontrol requeue` ends a run with the job already pending again
+        state = "REQUEUED"
+    record = {
+        "kind": "jobcomp", "cluster": settings.cluster, "job_id": job_id,
+        "restart_count": None, "state": state,
+        "submit_ts": _epoch(env.get("SUBMIT")), "start_ts": _epoch(env.get("START")),
+        "end_ts": _epoch(env.get("END")),
+        "nodes": _str(env.get("NODES")) or "", "node_count": _int(env.get("NODECNT")) or 0,
+        "partition": _str(env.get("PARTITION")), "uid": _int(env.get("UID")),
+        "user": _str(env.get("USERNAME")), "account": _str(env.get("ACCOUNT")),
+        "exit_code": _str(env.get("EXITCODE")), "derived_ec": _str(env.get("DERIVED_EC")),
+        "time_limit_min": parse_time_limit(env.get("LIMIT")),
+        # jobcomp/script sets ARRAYJOBID=0 and ARRAYTASKID=NO_VAL for jobs outside arrays.
+        "array_job_id": array_job if array_job else None,
+        "array_task_id": _int(env.get("ARRAYTASKID")) if array_job else None,
+        "work_dir": _str(env.get("WORK_DIR")),
+    }
+    spool.write_record_file(settings.spool_dir, record)
+    spool.nudge_daemon(settings.socket)
+    return []
+
+
+HOOKS: dict[str, Callable[[Env, HookSettings, float], list[str]]] = {
+    "prolog": prolog, "epilog": epilog, "jobcomp": jobcomp,
+}
+
+
+def _say(line: str) -> None:
+    try:
+        sys.stderr.write(line.replace("\n", " | ") + "\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def main(
+    argv: Sequence[str] | None = None, env: Env | None = None, now: float | None = None
+) -> int:
+    """Run one hook. 0 whatever happens inside it; 2 only for a usage error."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["hook"]:
+        args = args[1:]
+    if not args or args[0] not in HOOKS:
+        _say(f"usage: slurmgate hook {{{'|'.join(HOOKS)}}}")
+        return 2
+    name = args[0]
+    env = os.environ if env is None else env
+    try:
+        settings = load_settings(env.get("SLURMGATE_CONFIG") or DEFAULT_CONFIG)
+        notes = HOOKS[name](env, settings, time.time() if now is None else now)
+        if notes:
+            _say(f"slurmgate hook {name} {_who(env)}: note: " + "; ".join(dict.fromkeys(notes)))
+    except Exception as exc:
+        _say(f"slurmgate hook {name} {_who(env)}: {type(exc).__name__}: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

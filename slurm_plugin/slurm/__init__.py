@@ -1,0 +1,1 @@
+"""The Slurm adapter: the interface, the factory that picks a backend, and the backends."""

@@ -1,0 +1,392 @@
+"""CliSlurm: the Slurm client layer over squeue/sinfo/scontrol/scancel (the default backend).
+
+Reads ``squeue --json`` and ``sinfo --json`` (openapi v0.0.38 on Slurm 22.05). The readers
+also accept the shapes later plugins use (numbers as ``{"set", "infinite", "number"}``,
+states as lists, structured exit codes), so a newer Slurm degrades to missing fields rather
+than to a crash. Every command runs from an argv list (never a shell) with a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from pydantic import ValidationError
+
+from policies.request import JobRequest
+from slurm_plugin.slurm.client import (
+    FINISHED_STATES,
+    Job,
+    Node,
+    SlurmError,
+    check_job_fields,
+    check_job_id,
+    check_node_name,
+    check_reason,
+    check_text,
+    job_gpus,
+    node_gpu_counts,
+)
+
+log = logging.getLogger("slurmgate.slurm")
+
+_SCONTROL_JOB_TAGS = {
+    "exc_nodes": "ExcNodeList",
+    "nice": "Nice",
+    "partition": "Partition",
+    "comment": "Comment",
+    "admin_comment": "AdminComment",
+    "time_limit": "TimeLimit",
+    "start_time": "StartTime",
+}
+_NO_VAL = 0xFFFFFFFE  # NO_VAL (and INFINITE above it) for 32-bit fields
+
+
+# --------------------------------------------------------------------------------------------
+# Tolerant readers for one JSON record
+
+
+def _num(value: Any) -> int | None:
+    """An integer from 22.05's plain numbers or 23.02+'s {"set", "infinite", "number"}."""
+    if isinstance(value, dict):
+        if not value.get("set", True) or value.get("infinite"):
+            return None
+        value = value.get("number")
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value == value else None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value != "" else None
+
+
+def _ts(value: Any) -> float | None:
+    n = _num(value)
+    return float(n) if n and 0 < n < _NO_VAL else None
+
+
+def _state(value: Any) -> tuple[str, tuple[str, ...]]:
+    """(base, flags) from "RUNNING", ["PENDING", "REQUEUED"] or "IDLE+DRAIN"."""
+    if isinstance(value, list):
+        words = [str(v) for v in value if isinstance(v, str) and v]
+    elif isinstance(value, str) and value:
+        words = value.split("+")
+    else:
+        words = []
+    if not words:
+        return "UNKNOWN", ()
+    return words[0], tuple(w.upper() for w in words[1:])
+
+
+def _exit_code(value: Any) -> str | None:
+    """"code:signal" from a raw wait status (22.05: 768 is exit 3) or a structured one."""
+    if isinstance(value, dict):
+        code = _num(value.get("return_code"))
+        sig = value.get("signal")
+        sig_num = _num(sig.get("id")) if isinstance(sig, dict) else _num(sig)
+        if code is None and sig_num is None:
+            return None
+        return f"{code or 0}:{sig_num or 0}"
+    raw = _num(value)
+    if raw is None or raw < 0:
+        return None
+    return f"{(raw >> 8) & 0xFF}:{raw & 0x7F}"
+
+
+def _gres_detail(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def _tres_text(value: Any) -> str | None:
+    text = _text(value)
+    return text if text and text != "(null)" else None
+
+
+def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
+    """One ``squeue --json`` job record as a Job. Raises ValueError without a job id."""
+    job_id = _num(rec.get("job_id"))
+    if not job_id or job_id <= 0:
+        raise ValueError(f"job record without a job id: {str(dict(rec))[:200]}")
+    state, _flags = _state(rec.get("job_state"))
+    state = state.upper()
+    node_count = _num(rec.get("node_count")) or 0
+    request: dict[str, Any] = {
+        "tres_per_node": _tres_text(rec.get("tres_per_node")),
+        "tres_per_job": _tres_text(rec.get("tres_per_job")),
+        "tres_per_task": _tres_text(rec.get("tres_per_task")),
+        "tres_per_socket": _tres_text(rec.get("tres_per_socket")),
+        "min_nodes": node_count or None,
+        "num_tasks": _num(rec.get("tasks")),
+        "sockets_per_node": _num(rec.get("sockets_per_node")),
+    }
+    try:
+        req = JobRequest.model_validate({k: v for k, v in request.items() if v is not None})
+        gpu_type, gpus, gpu_error = job_gpus(_gres_detail(rec.get("gres_detail")), req,
+                                             shards_per_gpu)
+    except ValidationError as exc:
+        gpu_type, gpus, gpu_error = None, 0.0, f"unreadable request fields: {exc}"
+    if gpu_error:
+        log.warning("job %s: GPU request not understood: %s", job_id, gpu_error)
+    array_job = _num(rec.get("array_job_id"))
+    reason = _text(rec.get("state_reason"))
+    limit = _num(rec.get("time_limit"))
+    nodes = _text(rec.get("nodes"))
+    return Job(
+        job_id=job_id,
+        array_job_id=array_job or None,
+        array_task_id=_num(rec.get("array_task_id")) if array_job else None,
+        user=_text(rec.get("user_name")),
+        uid=_num(rec.get("user_id")),
+        account=_text(rec.get("account")),
+        partition=_text(rec.get("partition")),
+        state=state,
+        reason=None if reason == "None" else reason,
+        nice=_num(rec.get("nice")) or 0,
+        priority=_num(rec.get("priority")),
+        comment=_text(rec.get("comment")),
+        admin_comment=_text(rec.get("admin_comment")),
+        gpu_type=gpu_type,
+        gpus=gpus,
+        nodes=nodes,
+        node_count=node_count,
+        submit_ts=_ts(rec.get("submit_time")),
+        start_ts=None if state == "PENDING" or (state in FINISHED_STATES and not nodes)
+        else _ts(rec.get("start_time")),
+        end_ts=_ts(rec.get("end_time")) if state in FINISHED_STATES else None,
+        time_limit_min=limit if limit is not None and 0 < limit < _NO_VAL else None,
+        restart_count=_num(rec.get("restart_cnt")) or 0,
+        requeue=rec.get("requeue") is True,
+        exit_code=_exit_code(rec.get("exit_code")),
+        cpus=_num(rec.get("cpus")) or 0,
+        work_dir=_text(rec.get("current_working_directory")),
+        name=_text(rec.get("name")),
+        cluster=_text(rec.get("cluster")),
+        exc_nodes=_text(rec.get("excluded_nodes")),
+        gpu_request_error=gpu_error,
+    )
+
+
+def node_from_sinfo(rec: Mapping[str, Any]) -> Node:
+    """One ``sinfo --json`` node record as a Node. Raises ValueError without a name."""
+    name = _text(rec.get("name"))
+    if not name:
+        raise ValueError(f"node record without a name: {str(dict(rec))[:200]}")
+    base, more_flags = _state(rec.get("state"))
+    flags = [f.upper() for f in rec.get("state_flags") or [] if isinstance(f, str)]
+    flags += [f for f in more_flags if f not in flags]
+    parts = rec.get("partitions")
+    return Node(
+        name=name,
+        state=base.lower(),
+        flags=tuple(flags),
+        reason=_text(rec.get("reason")),
+        gpus_total=node_gpu_counts(_text(rec.get("gres"))),
+        gpus_used=node_gpu_counts(_text(rec.get("gres_used"))),
+        cpus=_num(rec.get("cpus")) or 0,
+        alloc_cpus=_num(rec.get("alloc_cpus")) or 0,
+        partitions=tuple(p for p in parts if isinstance(p, str)) if isinstance(parts, list)
+        else (),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class CliSlurm:
+    """SlurmClient over the Slurm commands.
+
+    ``timeout`` bounds every command. ``cache_seconds`` > 0 lets ``jobs()``/``job()`` calls
+    within that window share one squeue query (actions clear the cache), in the spirit of
+    submitit's batched status checks. ``bin_dir`` picks the Slurm commands' directory;
+    ``env`` replaces the environment they run with (SLURM_CONF comes from there).
+    """
+
+    def __init__(self, timeout: float = 10.0, cache_seconds: float = 0.0,
+                 shards_per_gpu: int = 8, bin_dir: str | None = None,
+                 env: Mapping[str, str] | None = None):
+        self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self.shards_per_gpu = shards_per_gpu
+        self.bin_dir = bin_dir
+        self.env = dict(env) if env is not None else None
+        self._cache: tuple[float, list[Job]] | None = None
+
+    # -- running commands ------------------------------------------------------------------
+
+    def _run(self, argv: list[str], ok_codes: tuple[int, ...] = (0,)
+             ) -> subprocess.CompletedProcess[str]:
+        cmd = list(argv)
+        if self.bin_dir:
+            cmd[0] = os.path.join(self.bin_dir, cmd[0])
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                                 timeout=self.timeout, env=self.env, stdin=subprocess.DEVNULL,
+                                 check=False)
+        except FileNotFoundError:
+            raise SlurmError(argv, None, f"{cmd[0]}: command not found",
+                             "install the Slurm client commands or set bin_dir") from None
+        except subprocess.TimeoutExpired:
+            raise SlurmError(argv, None, f"no answer within {self.timeout:g} s",
+                             "is slurmctld up? try `scontrol ping`") from None
+        except OSError as exc:
+            raise SlurmError(argv, None, f"cannot run {cmd[0]}: {exc}") from None
+        if out.returncode not in ok_codes:
+            raise SlurmError(argv, out.returncode, out.stderr.strip() or out.stdout.strip())
+        return out
+
+    def _json(self, argv: list[str], key: str) -> list[dict[str, Any]]:
+        out = self._run(argv)
+        try:
+            data = json.loads(out.stdout)
+        except json.JSONDecodeError as exc:
+            raise SlurmError(argv, out.returncode,
+                             f"output is not JSON ({exc}): {out.stdout[:200]!r}") from None
+        if not isinstance(data, dict):
+            raise SlurmError(argv, out.returncode, "output is not a JSON object")
+        errors = [e for e in data.get("errors") or [] if e]
+        records = data.get(key)
+        if not isinstance(records, list):
+            raise SlurmError(argv, out.returncode,
+                             f"no '{key}' list in the output; errors: {errors or 'none'}")
+        if errors:
+            log.warning("%s reported errors: %s", " ".join(argv), errors)
+        return [r for r in records if isinstance(r, dict)]
+
+    def _action(self, argv: list[str]) -> None:
+        self._cache = None
+        self._run(argv)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def jobs(self, job_ids: Iterable[int] | None = None) -> list[Job]:
+        wanted = None if job_ids is None else {check_job_id(j) for j in job_ids}
+        if wanted is not None and not wanted:
+            return []
+        now = time.monotonic()
+        if self._cache and self.cache_seconds > 0 and now - self._cache[0] < self.cache_seconds:
+            everything = self._cache[1]
+        else:
+            # squeue --json ignores -j (verified on 22.05): always the whole queue, filtered here
+            everything = []
+            for rec in self._json(["squeue", "--all", "--json"], "jobs"):
+                try:
+                    everything.append(job_from_squeue(rec, self.shards_per_gpu))
+                except ValueError as exc:
+                    log.warning("skipping a squeue record: %s", exc)
+            if self.cache_seconds > 0:
+                self._cache = (now, everything)
+        if wanted is None:
+            return list(everything)
+        return [j for j in everything if j.job_id in wanted]
+
+    def job(self, job_id: int) -> Job | None:
+        found = self.jobs([check_job_id(job_id)])
+        return found[0] if found else None
+
+    def nodes(self) -> list[Node]:
+        merged: dict[str, Node] = {}
+        for rec in self._json(["sinfo", "--all", "--json"], "nodes"):
+            try:
+                node = node_from_sinfo(rec)
+            except ValueError as exc:
+                log.warning("skipping a sinfo record: %s", exc)
+                continue
+            seen = merged.get(node.name)
+            if seen is not None:  # listed once per partition by some versions
+                parts = seen.partitions + tuple(p for p in node.partitions
+                                                if p not in seen.partitions)
+                node = replace(node, partitions=parts)
+            merged[node.name] = node
+        return list(merged.values())
+
+    def _hold_state(self, job_id: int) -> str | None:
+        """"admin"/"user" when the job is held now, "no" when it is not, None when Slurm
+        does not know it (or cannot say). The text output honours --jobs; JSON does not."""
+        try:
+            out = self._run(["squeue", "--noheader", "--states=all", f"--jobs={job_id}",
+                             "--format=%Q|%r"])
+        except SlurmError:
+            return None
+        for line in out.stdout.splitlines():
+            prio, _, reason = line.strip().partition("|")
+            if prio.strip() == "0":
+                return "user" if reason.strip() == "JobHeldUser" else "admin"
+            return "no"
+        return None
+
+    # -- job actions -----------------------------------------------------------------------
+
+    def hold(self, job_id: int, reason: str | None = None) -> None:
+        check_job_id(job_id)
+        if reason is not None:
+            check_text("hold reason", reason)
+        self._action(["scontrol", "hold", str(job_id)])
+        log.info("held job %s: %s", job_id, reason or "(no reason given)")
+
+    def release(self, job_id: int) -> None:
+        check_job_id(job_id)
+        # A release of a job that is not held resets its nice to 0 (verified on 22.05):
+        # only release what is held. An unknown job goes to scontrol for its own error.
+        if self._hold_state(job_id) == "no":
+            log.info("release of job %s skipped: it is not held", job_id)
+            return
+        self._action(["scontrol", "release", str(job_id)])
+
+    def requeue(self, job_id: int, hold: bool = False) -> None:
+        check_job_id(job_id)
+        self._action(["scontrol", "requeuehold" if hold else "requeue", str(job_id)])
+
+    def cancel(self, job_id: int) -> None:
+        check_job_id(job_id)
+        self._cache = None
+        # Without -v, scancel of an unknown job exits 0 and says nothing (verified on 22.05).
+        argv = ["scancel", "--verbose", str(job_id)]
+        out = self._run(argv)
+        errors = [line for line in out.stderr.splitlines() if "error:" in line]
+        if errors and not all("already completing or completed" in e for e in errors):
+            raise SlurmError(argv, out.returncode, "\n".join(errors))
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        check_job_id(job_id)
+        clean = check_job_fields(fields)
+        held = self._hold_state(job_id) if "nice" in clean else None
+        argv = ["scontrol", "update", f"JobId={job_id}"]
+        argv += [f"{_SCONTROL_JOB_TAGS[k]}={v}" for k, v in clean.items()]
+        self._action(argv)
+        if held in ("admin", "user"):
+            # Nice on a held job lifts its priority off 0 (priority/basic): hold it again.
+            self._action(["scontrol", "uhold" if held == "user" else "hold", str(job_id)])
+
+    # -- node actions ----------------------------------------------------------------------
+
+    def drain(self, node: str, reason: str) -> None:
+        self._action(["scontrol", "update", f"NodeName={check_node_name(node)}", "State=DRAIN",
+                      f"Reason={check_reason(reason)}"])
+
+    def resume(self, node: str) -> None:
+        self._action(["scontrol", "update", f"NodeName={check_node_name(node)}",
+                      "State=RESUME"])
+
+    def set_down(self, node: str, reason: str) -> None:
+        self._action(["scontrol", "update", f"NodeName={check_node_name(node)}", "State=DOWN",
+                      f"Reason={check_reason(reason)}"])
+
+
+__all__ = ["CliSlurm", "job_from_squeue", "node_from_sinfo"]

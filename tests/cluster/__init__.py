@@ -1,0 +1,1 @@
+"""Tests that drive the real local Slurm cluster (contrib/devcluster)."""

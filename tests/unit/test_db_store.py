@@ -1,0 +1,175 @@
+"""Store operations the daemon calls: reservations, events, approvals, ledger inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from db import ingest_records, open_store, rollup_samples
+from db.store import Store
+from policies.config import Policy
+from tests.unit.test_db_ingest import (
+    HOUR,
+    T0,
+    check_rollups,
+    make_jobcomp,
+    make_node_run,
+    make_policy,
+    make_sample,
+    reserve,
+)
+
+
+@pytest.fixture
+def store() -> Store:
+    s = open_store(":memory:")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def policy() -> Policy:
+    return make_policy()
+
+
+def test_reservation_lifecycle(store: Store) -> None:
+    rid = reserve(store, None)
+    live = store.live_reservations()
+    assert [(r["rid"], r["state"], r["tags"], r["charged"]) for r in live] == [
+        (rid, "reserved", {"project": "llm"}, 0)]
+    assert store.bind_reservation(rid, 42, "c1")
+    assert store.reservation(rid)["job_id"] == 42
+    assert store.reservation(rid)["state"] == "bound"
+    assert store.finish_reservation(rid, "released", "job gone from the queue")
+    assert store.live_reservations() == []
+    assert not store.finish_reservation(rid, "settled")  # not live any more
+    assert not store.bind_reservation(rid, 43, "c1")
+    assert not store.bind_reservation("nope", 1, "c1")
+    with pytest.raises(ValueError, match="exists|cannot be added"):
+        store.add_reservation({"rid": rid, "cluster": "c1"})
+    with pytest.raises(ValueError, match="unknown reservation field"):
+        store.add_reservation({"cluster": "c1", "colour": "red"})
+    with pytest.raises(ValueError, match="finishes as"):
+        store.finish_reservation(rid, "bound")
+
+
+def test_bind_after_the_job_already_finished_resettles(store: Store, policy: Policy) -> None:
+    rid = reserve(store, None, team="nlp", project="chat", cpus=0, mem_mb=0)
+    # a short job ended before the daemon learnt its id: settled from the policy's map
+    ingest_records(store, [make_node_run(77, account="vis"), make_jobcomp(77)], policy)
+    assert store.run("c1", 77, 0)["team"] == "vision"
+    assert store.bind_reservation(rid, 77, "c1", policy=policy)
+    run = store.run("c1", 77, 0)
+    assert (run["rid"], run["team"], run["project"]) == (rid, "nlp", "chat")
+    assert store.reservation(rid)["state"] == "settled"
+    assert store.spend_by_team(T0 - 86400, T0 + 86400) == {"nlp": pytest.approx(run["cost"])}
+    check_rollups(store)
+
+
+def test_events(store: Store) -> None:
+    from db.reports import events
+
+    first = store.add_event("reject", team="vision", user="vera", message="over budget",
+                            detail={"budget": 100})
+    store.add_event("hold", job_id=5, message="too many restarts", ts=T0)
+    assert first == 1
+    assert [e["kind"] for e in events(store)] == ["hold", "reject"]
+    rejected = events(store, kinds=["reject"])
+    assert rejected[0]["detail"] == {"budget": 100}
+    assert events(store, before_id=2) == rejected
+    with pytest.raises(ValueError, match="unknown event field"):
+        store.add_event("reject", colour="red")
+    assert store.add_events([{"kind": "drain", "node": "node1"},
+                             {"kind": "quarantine", "detail": {"file": "x.json"}}]) == 2
+    assert len(events(store, limit=3)) == 3
+
+
+def test_approvals(store: Store) -> None:
+    aid = store.add_approval(team="nlp", amount=100.0, expires_at=T0 + 86400,
+                             reason="paper deadline", created_by="root", now=T0)
+    assert [a["id"] for a in store.approvals(now=T0)] == [aid]
+    assert store.use_approval(aid, 60.0, job_id=1, user="nora", now=T0 + 1)
+    assert not store.use_approval(aid, 60.0, now=T0 + 2)  # would overdraw
+    assert store.use_approval(aid, 40.0, now=T0 + 3)
+    assert store.approvals(now=T0 + 4) == []  # used up
+    assert store.approvals(active_only=False, now=T0)[0]["used"] == pytest.approx(100.0)
+
+    hours = store.add_approval(team="nlp", gpu_hours=10, expires_at=T0 + 60, now=T0)
+    assert not store.use_approval(hours, 1, now=T0 + 61)  # expired
+    assert store.revoke_approval(hours, actor="root")
+    assert not store.use_approval(hours, 1, now=T0)
+    assert not store.use_approval("unknown", 1)
+    kinds = [e["kind"] for e in store.query("SELECT kind FROM events ORDER BY id")]
+    assert kinds == ["approval", "approval_use", "approval_use", "approval", "approval"]
+    with pytest.raises(ValueError, match="amount or gpu_hours"):
+        store.add_approval(team="nlp", expires_at=T0)
+
+
+def test_spend_by_team_counts_runs_by_end_time(store: Store, policy: Policy) -> None:
+    start, end = T0, T0 + 30 * 86400
+    before = start - 2 * HOUR
+    reserve(store, 1, cpus=0, mem_mb=0, created_at=before)
+    reserve(store, 2, team="nlp", cpus=0, mem_mb=0, created_at=before)
+    reserve(store, 3, cpus=0, mem_mb=0, created_at=before)
+    ingest_records(store, [
+        # ends inside the period
+        make_jobcomp(1, start=start - HOUR, end=start + HOUR),
+        # ends exactly at the period's end: next period
+        make_jobcomp(2, start=end - HOUR, end=end),
+        # node failure: credited
+        make_jobcomp(3, state="NODE_FAIL", start=start + HOUR, end=start + 2 * HOUR),
+    ], policy)
+    assert store.spend_by_team(start, end) == {"vision": pytest.approx(4 * 2 * 2.0)}
+    assert store.spend_by_team(end, end + 86400) == {"nlp": pytest.approx(4 * 1 * 2.0)}
+
+
+def test_team_usage_gpu_hours_ignores_credited_time(store: Store, policy: Policy) -> None:
+    ingest_records(store, [
+        make_node_run(1), make_jobcomp(1),
+        make_node_run(2, account="nlp"), make_jobcomp(2, state="NODE_FAIL", account="nlp"),
+    ], policy)
+    usage = store.team_usage_gpu_hours(T0 - 86400, now=T0 + 3 * HOUR)
+    assert usage == [("vision", T0 + 3 * HOUR, pytest.approx(8.0))]  # capped at now
+    assert store.team_usage_gpu_hours(T0, now=T0 + 2 * 86400) == [
+        ("vision", T0 + 43200, pytest.approx(8.0))]  # the day's midpoint
+    assert store.team_usage_gpu_hours(T0 + 86400, now=T0 + 2 * 86400) == []
+
+
+def test_rollup_samples(store: Store, policy: Policy) -> None:
+    hour = 3600 * (int(T0) // 3600)
+    ingest_records(store, [make_sample(ts=hour + 60 * i) for i in range(10)], policy)
+    # the cutoff splits the hour: 5 samples now, 5 later
+    assert rollup_samples(store, 1, now=hour + 300 + 86400) == 2 * 5
+    assert rollup_samples(store, 1, now=hour + 3000 + 86400) == 2 * 5
+    assert store.conn.execute("SELECT count(*) FROM gpu_samples").fetchone()[0] == 0
+    rows = store.query("SELECT gpu_uuid, hour_ts, util_mean, util_max, samples "
+                       "FROM gpu_samples_hourly ORDER BY gpu_uuid")
+    assert rows == [
+        {"gpu_uuid": "GPU-node1-0", "hour_ts": hour, "util_mean": 10.0, "util_max": 10.0,
+         "samples": 10},
+        {"gpu_uuid": "GPU-node1-1", "hour_ts": hour, "util_mean": 20.0, "util_max": 20.0,
+         "samples": 10},
+    ]
+
+
+def test_transaction_rolls_back_everything(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "t.db")
+    with pytest.raises(RuntimeError), store.transaction():
+        store.add_event("admin_action", message="one")  # nested: a savepoint
+        store.db["events"].insert({"ts": 0, "kind": "admin_action"})
+        raise RuntimeError("boom")
+    assert store.query("SELECT * FROM events") == []
+    store.close()
+
+
+def test_credit_run_moves_the_rollup(store: Store, policy: Policy) -> None:
+    ingest_records(store, [make_node_run(1), make_jobcomp(1)], policy)
+    cost = store.run("c1", 1, 0)["cost"]
+    assert store.credit_run("c1", 1, 0, 5.0, "admin: bad node", actor="root")
+    assert store.spend_by_team(T0, T0 + 86400) == {"vision": pytest.approx(cost - 5.0)}
+    # a later re-settlement keeps the admin's credit
+    ingest_records(store, [make_node_run(1, node="node9", gpus=1)], policy)
+    assert store.run("c1", 1, 0)["credit"] == 5.0
+    check_rollups(store)
+    assert not store.credit_run("c1", 99, 0, 1.0, "nothing there")
