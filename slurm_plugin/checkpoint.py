@@ -51,6 +51,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
+from slurm_plugin.fsutil import fsync_path, fsync_tree, write_new_file
+
 DEFAULT_ENV_VAR = "SLURMGATE_CKPT_DIR"
 ENV_VAR_OVERRIDE = "SLURMGATE_CKPT_ENV"
 """Names the variable that holds the checkpoint directory (policy.checkpoint.env_var)."""
@@ -189,40 +191,6 @@ def _keep(keep: int | None) -> int:
 
 
 # -- durability helpers -------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some network file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(top: Path) -> None:
-    for dirpath, _dirs, files in os.walk(top):
-        for name in files:
-            p = Path(dirpath) / name
-            if p.is_file() and not p.is_symlink():
-                _fsync_path(p)
-        _fsync_path(Path(dirpath), directory=True)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -370,11 +338,11 @@ def save(name_or_step: int | str, writer: Callable[[Path], object], *,
                 raise CheckpointError(f"'{MARKER}' is reserved for slurmgate's completion marker; "
                                       f"name the file differently")
             payload = _payload_name(tmp, returned)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             meta = {"v": 1, "step": step, "created": time.time(), "payload": payload,
                     "job_id": _job_id(), "restart_count": restart_count()}
-            _write_file(tmp / MARKER, json.dumps(meta).encode() + b"\n")
-            _fsync_path(tmp, directory=True)
+            write_new_file(tmp / MARKER, json.dumps(meta).encode() + b"\n")
+            fsync_path(tmp, directory=True)
             final = root / name
             old = _move_into_place(tmp, final)
         except BaseException:
@@ -405,7 +373,7 @@ def _move_into_place(tmp: Path, final: Path) -> Path | None:
         if old is not None:
             os.rename(old, final)
         raise
-    _fsync_path(final.parent, directory=True)
+    fsync_path(final.parent, directory=True)
     return old
 
 
@@ -426,7 +394,7 @@ def _payload_name(tmp: Path, returned: object) -> str | None:
 def save_bytes(step: int | str, data: bytes, *, directory: str | os.PathLike[str] | None = None,
                keep: int | None = None) -> Checkpoint:
     def writer(d: Path) -> str:
-        _write_file(d / BYTES_PAYLOAD, bytes(data))
+        write_new_file(d / BYTES_PAYLOAD, bytes(data))
         return BYTES_PAYLOAD
 
     return save(step, writer, directory=directory, keep=keep)
@@ -436,7 +404,7 @@ def save_json(step: int | str, obj: Any, *, directory: str | os.PathLike[str] | 
               keep: int | None = None) -> Checkpoint:
     data = json.dumps(obj, allow_nan=False).encode() + b"\n"  # fails before touching the disk
     def writer(d: Path) -> str:
-        _write_file(d / JSON_PAYLOAD, data)
+        write_new_file(d / JSON_PAYLOAD, data)
         return JSON_PAYLOAD
 
     return save(step, writer, directory=directory, keep=keep)
@@ -447,13 +415,13 @@ def _set_pointer(root: Path, name: str) -> None:
     try:
         os.symlink(name, tmp)
     except OSError:  # file systems without symlinks: a one-line text file
-        _write_file(tmp, name.encode() + b"\n")
+        write_new_file(tmp, name.encode() + b"\n")
     try:
         os.replace(tmp, root / POINTER)
     except OSError:
         _remove(tmp)
         raise
-    _fsync_path(root, directory=True)
+    fsync_path(root, directory=True)
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:

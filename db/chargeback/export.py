@@ -102,11 +102,6 @@ cursor to the files; only the per-group sums are kept).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
-import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -120,6 +115,8 @@ from datetime import UTC, date, datetime, timedelta
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
+
+from slurm_plugin.fsutil import fsync_dir, locked, swap_in_dir
 
 SCHEMA_VERSION = 1
 DAY = 86400
@@ -971,66 +968,6 @@ def _csv_to_parquet(csv_path: Path, parquet_path: Path, columns: Sequence[Column
 
 # -- atomic folder swap ------------------------------------------------------------------------
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically (Linux renameat2); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Make ``tmp`` the folder at ``final`` in one step; the old folder is removed."""
-    if not final.exists():
-        os.rename(tmp, final)
-    elif _exchange(tmp, final):
-        shutil.rmtree(tmp)
-    else:  # no renameat2 here: two renames, the gap is one directory entry long
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    _fsync_dir(final.parent)
-
-
-@contextlib.contextmanager
-def _locked(out_dir: Path) -> Iterator[None]:
-    fd = os.open(out_dir / ".export.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _remove_leftovers(out_dir: Path, label: str) -> None:
     for p in out_dir.glob(f".{label}.*"):
         if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name):
@@ -1109,7 +1046,7 @@ def export_period(db_path: str | os.PathLike[str], period: Period,
     with_parquet = parquet_available() if parquet is None else parquet
     if with_parquet and not parquet_available():
         raise ExportError("Parquet needs pyarrow: pip install 'slurmgate[parquet]'")
-    with _locked(out):
+    with locked(out / ".export.lock"):
         _remove_leftovers(out, period.label)
         for attempt in range(attempts):
             tmp = out / f".{period.label}.tmp-{os.getpid()}"
@@ -1128,9 +1065,9 @@ def export_period(db_path: str | os.PathLike[str], period: Period,
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             final = out / period.label
-            _swap_in(tmp, final)
+            swap_in_dir(tmp, final)
             return ExportResult(final, manifest)
     raise AssertionError("unreachable")
 

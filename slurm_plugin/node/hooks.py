@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from slurm_plugin.fsutil import atomic_write
 from slurm_plugin.node import spool
 from slurm_plugin.node.nvml import (
     Allocated,
@@ -209,7 +210,7 @@ def _write_baseline(path: str, spool_dir: str, baseline: dict[str, Any]) -> None
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
-    spool.atomic_write(tmp, path, spool.encode_record(baseline))
+    atomic_write(tmp, path, spool.encode_record(baseline))
 
 
 def _read_baseline(path: str) -> tuple[dict[str, Any] | None, str | None]:

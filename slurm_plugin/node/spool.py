@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from slurm_plugin.fsutil import atomic_write, fsync_dir
+
 if TYPE_CHECKING:  # pathlib costs the hooks ~8 ms of start-up: imported where it is used
     from pathlib import Path
 
@@ -160,35 +162,6 @@ def ensure_dir(path: str, like: str | None = None) -> None:
             os.chmod(path, os.stat(like).st_mode & 0o7777)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some network file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(tmp_path: str, final_path: str, data: bytes) -> None:
-    """Write to ``tmp_path`` (same file system), fsync, rename over ``final_path``, fsync dir."""
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    # A failed rename leaves the complete temp file behind on purpose: recover_tmp moves it
-    # into the spool later, so no accounting data is lost.
-    os.rename(tmp_path, final_path)
-    _fsync_dir(os.path.dirname(final_path) or ".")
-
-
 def encode_record(record: dict[str, Any]) -> bytes:
     return json.dumps(
         _finite(record), separators=(",", ":"), ensure_ascii=True, allow_nan=False
@@ -313,7 +286,7 @@ def quarantine(spool_dir: str | os.PathLike[str], item: SpoolItem, reason: str) 
         return None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     Path(qdir, item.path.name + ".reason").write_text(f"{stamp} {reason_line}\n", "utf-8")
-    _fsync_dir(qdir)
+    fsync_dir(qdir)
     logging.getLogger("slurmgate.spool").warning(
         "quarantined spool record %s: %s", item.path.name, reason_line
     )
@@ -352,7 +325,7 @@ def recover_tmp(
         elif quarantine(spool, item, f"left in tmp/ by a writer that died: {item.error}"):
             quarantined += 1
     if recovered:
-        _fsync_dir(spool)
+        fsync_dir(spool)
     return (recovered, quarantined)
 
 
