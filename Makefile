@@ -1,6 +1,8 @@
 # slurmgate developer entry points. Run as root on Debian 12:
 #   make demo          install, start the local Slurm dev cluster, run the demo
-#   make test          install, start the cluster, run pytest (PYTEST_ARGS="-k tags -x")
+#   make test          install, start the cluster, run every test (PYTEST_ARGS="-k tags -x")
+#   make unit          install, run the tests that need no cluster (tests/unit, about a minute)
+#   make check         ruff, the type checker (mypy) and the import contracts (lint-imports)
 #   make stop | status | logs [N=100] | lint
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -16,10 +18,10 @@ export DEVCLUSTER_DIR
 CLUSTER := bash contrib/devcluster/cluster.sh
 WITH_CLUSTER_ENV := source $(DEVCLUSTER_DIR)/env.sh &&
 
-.PHONY: help venv install cluster stop status logs test test-deps lint demo
+.PHONY: help venv install cluster stop status logs test unit test-deps lint check demo
 
 help:
-	@echo "targets: venv install cluster stop status logs [N=50] test [PYTEST_ARGS=...] lint demo"
+	@echo "targets: venv install cluster stop status logs [N=50] test unit [PYTEST_ARGS=...] lint check demo"
 	@echo "venv: $(VENV)   cluster state: $(DEVCLUSTER_DIR)"
 
 # The venv lives outside the repo and must be world-readable: user jobs and the Slurm hooks
@@ -65,11 +67,22 @@ test-deps:
 test: test-deps cluster
 	$(WITH_CLUSTER_ENV) $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# tests/unit needs no Slurm; tests/cluster drives the real dev cluster (make test runs both).
+unit: test-deps install
+	$(VENV)/bin/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
 $(VENV)/bin/ruff:
 	$(MAKE) install
 
 lint: $(VENV)/bin/ruff
 	$(VENV)/bin/ruff check .
+
+# The house, checked: style, types (files listed in pyproject's [tool.mypy]) and the layering
+# contracts in pyproject's [tool.importlinter]. Run from the repository root.
+check: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
 demo: cluster
 	$(WITH_CLUSTER_ENV) bash contrib/examples/demo.sh

@@ -13,7 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-DEFAULT_POLICY_PATH = "/etc/slurmgate/policy.toml"
+from policies import defaults
+
+DEFAULT_POLICY_PATH = defaults.POLICY_PATH
 
 
 class PolicyError(Exception):
@@ -25,11 +27,11 @@ class _Model(BaseModel):
 
 
 class DaemonSettings(_Model):
-    socket: str = "/run/slurmgate/slurmgate.sock"
+    socket: str = defaults.SOCKET
     """Unix socket the daemon listens on (job_submit.lua, hooks and the CLI connect here)."""
-    database: str = "/var/lib/slurmgate/slurmgate.db"
+    database: str = defaults.DATABASE
     """SQLite database; the daemon is its only writer."""
-    spool_dir: str = "/var/spool/slurmgate"
+    spool_dir: str = defaults.SPOOL_DIR
     """Where hooks drop records when the daemon is unreachable (may be shared storage)."""
     log_file: str = ""
     """Structured decision log; empty means standard error."""
@@ -38,7 +40,7 @@ class DaemonSettings(_Model):
     job events."""
     admins: list[str] = ["root"]
     """Users allowed admin actions (approvals, holds, drains) and to see every team."""
-    cluster: str = "default"
+    cluster: str = defaults.CLUSTER
     """Cluster name recorded with every run (a run is keyed cluster, job id, restart count)."""
     reconcile_seconds: float = 30.0
     """How often the daemon compares its reservations with Slurm's queue."""
@@ -193,11 +195,11 @@ class FakeNode(_Model):
 
 
 class Nvml(_Model):
-    backend: Literal["real", "fake"] = "real"
+    backend: Literal["real", "fake"] = defaults.NVML_BACKEND
     """'real' uses nvidia-ml-py; 'fake' is a deterministic stand-in for machines without GPUs."""
     fake_nodes: dict[str, FakeNode] = {}
     """Fake devices per node name (SLURMD_NODENAME); unnamed nodes get the defaults."""
-    gpu_numbering: Literal["minor", "pci"] = "minor"
+    gpu_numbering: Literal["minor", "pci"] = defaults.GPU_NUMBERING
     """How SLURM_JOB_GPUS indices map to NVML devices: by /dev/nvidiaN minor number (gres.conf
     File=/dev/nvidia[0-N]) or by PCI bus order (AutoDetect=nvml)."""
     sample_seconds: float = 30.0
@@ -207,7 +209,7 @@ class Nvml(_Model):
 
 
 class Export(_Model):
-    out_dir: str = "/var/lib/slurmgate/exports"
+    out_dir: str = defaults.EXPORT_DIR
     """Where nightly exports are written."""
 
 
@@ -235,8 +237,8 @@ class Policy(_Model):
                     f"defined teams: {', '.join(sorted(self.teams)) or '(none)'}"
                 )
         seen: dict[str, str] = {}
-        for name, team in self.teams.items():
-            for account in team.accounts:
+        for name, team_cfg in self.teams.items():
+            for account in team_cfg.accounts:
                 if account in seen:
                     raise ValueError(
                         f"account '{account}' belongs to both teams '{seen[account]}' and '{name}'"

@@ -236,7 +236,8 @@ def estimate_job(req: JobRequest, policy: Policy) -> Estimate:
 
     Raises CostError, or GpuRequestError for an unreadable GPU/array request (both ValueError).
     """
-    names = [p.strip() for p in (req.partition or "").split(",") if p.strip()] or [None]
+    names: list[str | None] = [p.strip() for p in (req.partition or "").split(",") if p.strip()]
+    names = names or [None]
     estimates = [_estimate_in(req, policy, name) for name in names]
     return max(estimates, key=lambda e: e.amount)
 

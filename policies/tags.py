@@ -113,12 +113,12 @@ def check_tags(comment: str | None, policy: Policy, team: str | None) -> TagChec
     size = len(comment.encode("utf-8", "surrogateescape")) if comment is not None else 0
     if size > policy.tags.max_length:
         result.errors.append(
-            f"--comment is {len(comment)} characters long; the limit is "
+            f"--comment is {len(comment or '')} characters long; the limit is "
             f"{policy.tags.max_length} (tags only: key=value,key=value)"
         )
-        example = {k: _placeholder(policy, _allowed_for(policy, team, k)[0], k)
-                   for k in policy.tags.required}
-        result.example = f'sbatch --comment "{format_tags(example)}" ...'
+        short = {k: _placeholder(policy, _allowed_for(policy, team, k)[0], k)
+                 for k in policy.tags.required}
+        result.example = f'sbatch --comment "{format_tags(short)}" ...'
         return result
     tags, syntax = parse_tags(comment)
     result.errors.extend(syntax)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from policies import defaults
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_SH = REPO / "contrib/devcluster/cluster.sh"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-                "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = defaults.FINISHED_STATES
 TAGS = {
     "alice": "project=vit-scaling,cost_center=CC1001",
     "carol": "project=detection,cost_center=CC1001",

@@ -8,19 +8,24 @@ from rich.text import Text
 from textual.widgets import Static
 
 from policies.config import Policy
+from policies.decision import checkpoint_dir as job_checkpoint_dir
 from policies.tags import parse_tags
 from tui import format as fmt
 from tui.queue_model import QueueJob
 
 
 def checkpoint_dir(q: QueueJob, tags: dict[str, str], policy: Policy) -> str:
-    """Where the job finds its checkpoints (see slurm_plugin.checkpoint)."""
+    """Where the job finds its checkpoints: the directory the daemon injected at submit
+    (policies.decision.checkpoint_dir), or the job-side default of slurm_plugin.checkpoint."""
     ck = policy.checkpoint
     j = q.job
     injected = ck.inject == "all" or (ck.inject == "tagged" and tags.get("ckpt") == "yes")
     if injected and q.team:
-        name = getattr(j, "name", None) or "<job name>"  # squeue's name, when the client has it
-        return f"${ck.env_var} = {ck.checkpoint_root.rstrip('/')}/{q.team}/{j.user}/{name}"
+        name = getattr(j, "name", None)  # squeue's name, when the client has it
+        if name:
+            return f"${ck.env_var} = {job_checkpoint_dir(policy, q.team, j.user or '', name)}"
+        team_dir = job_checkpoint_dir(policy, q.team, j.user or "", None).rsplit("/", 1)[0]
+        return f"${ck.env_var} = {team_dir}/<job name>"
     if j.work_dir:
         return f"{j.work_dir}/.ckpt/{j.job_id} (no ckpt=yes tag: the job's own default)"
     return "-"
