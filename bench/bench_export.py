@@ -32,7 +32,8 @@ REPO = HERE.parent
 _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from db.chargeback.export import export_period, month_period
+from db.chargeback.export import export_period
+from db.chargeback.periods import month_period
 t = time.perf_counter()
 res = export_period({db!r}, month_period(2026, 11), {out!r}, jobs={jobs!r}, parquet={parquet!r})
 wall = time.perf_counter() - t

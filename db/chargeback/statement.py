@@ -2,9 +2,9 @@
 credits and approvals used, as terminal text and as one self-contained HTML page.
 
 The money is the chargeback's: runs split by wall time at day and month edges, whole cents
-per piece, exactly like ``db.chargeback.export`` (the same functions), so a team's statement for a
-month equals its row in that month's ``by_team`` export to the cent, and the days of the "spend by
-day" chart add up to the month.
+per piece, exactly like ``db.chargeback.export`` (the same functions, ``policies.money``), so a
+team's statement for a month equals its row in that month's ``by_team`` export to the cent, and
+the days of the "spend by day" chart add up to the month.
 
 "Budget used" is the budget ledger's figure instead: what ``slurmgate quota`` and the
 submit-time decisions counted (runs by END time, net of credits) from the start of the
@@ -25,16 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from db.chargeback.export import (
-    DAY,
-    Period,
-    fractions,
-    iso_utc,
-    money,
-    split,
-    to_cents,
-    to_micro,
-)
+from db.chargeback.periods import DAY, Period, iso_utc
+from policies.money import fractions, money, split, to_cents, to_micro
 
 if TYPE_CHECKING:
     from db.store import Store
@@ -168,7 +160,7 @@ def build_statement(store: Store, policy: Policy, month: Period, *,
 
     if month.kind != "month":
         raise ValueError("statements are monthly: give a month like 2026-10")
-    if team is not None and team not in policy.teams and not store.query(
+    if team is not None and team not in policy.teams and not store._query(
             "SELECT 1 FROM runs WHERE coalesce(team, '') = ? LIMIT 1", (team,)):
         raise ValueError(f"unknown team {team!r}; teams: {', '.join(sorted(policy.teams))}")
     a, b = float(month.start_ts), float(month.end_ts)
@@ -256,9 +248,9 @@ def build_statement(store: Store, policy: Policy, month: Period, *,
 
 
 def _approvals_used(store: Store, a: float, b: float) -> dict[str, list[ApprovalUse]]:
-    info = {r["id"]: r for r in store.query("SELECT id, amount, gpu_hours, reason FROM approvals")}
+    info = {r["id"]: r for r in store._query("SELECT id, amount, gpu_hours, reason FROM approvals")}
     uses: dict[tuple[str, str], list[float]] = {}
-    for row in store.query("SELECT team, detail FROM events WHERE kind = 'approval_use' "
+    for row in store._query("SELECT team, detail FROM events WHERE kind = 'approval_use' "
                            "AND ts >= ? AND ts < ? ORDER BY ts", (a, b)):
         try:
             detail = json.loads(row["detail"] or "{}")

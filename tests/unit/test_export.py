@@ -1,7 +1,8 @@
-"""Chargeback exports (db/chargeback/export.py): hand-computed totals to the cent, pro rata splits
-at midnight and month boundaries, byte-identical re-runs, atomic replacement, file formats.
+"""Chargeback exports (db/chargeback/, file format in db/chargeback/FORMAT.md): hand-computed
+totals to the cent, pro rata splits at midnight and month boundaries, byte-identical re-runs,
+atomic replacement, file formats.
 
-The synthetic runs here are also used by tests/test_statement.py.
+The synthetic runs here are also used by tests/unit/test_statement.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ from typing import Any
 import pytest
 
 from db.chargeback import export as ex
+from db.chargeback.columns import (
+    AGGREGATES,
+    EXPORT_COLUMNS,
+    MEASURE_COLUMNS,
+    aggregate_columns,
+    json_schema,
+    schema_text,
+)
+from db.chargeback.periods import Period, day_period, month_period, parse_period
+from db.chargeback.rows import RowFormatter
 from db.store import Store, open_store
+from policies.money import fractions, money, split, to_cents
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = date(2026, 11, 25)
@@ -155,7 +167,7 @@ def db_path(tmp_path: Path) -> Path:
     return path
 
 
-def export(db: Path, period: ex.Period, out: Path, **kw: Any) -> ex.ExportResult:
+def export(db: Path, period: Period, out: Path, **kw: Any) -> ex.ExportResult:
     kw.setdefault("parquet", False)
     return ex.export_period(db, period, out, **kw)
 
@@ -185,15 +197,15 @@ def cents(text: str) -> int:
 
 def test_periods_from_the_command_line_options() -> None:
     today = date(2026, 12, 1)
-    assert ex.parse_period(today=today).label == "2026-11-30"
-    p = ex.parse_period(day="2026-11-25", today=today)
+    assert parse_period(today=today).label == "2026-11-30"
+    p = parse_period(day="2026-11-25", today=today)
     assert (p.kind, p.label, p.start_iso, p.end_iso) == (
         "day", "2026-11-25", "2026-11-25T00:00:00Z", "2026-11-26T00:00:00Z")
-    m = ex.parse_period(month="2026-12", today=today)
+    m = parse_period(month="2026-12", today=today)
     assert (m.label, m.start_iso, m.end_iso) == ("2026-12", "2026-12-01T00:00:00Z",
                                                  "2027-01-01T00:00:00Z")
-    assert ex.parse_period(month="last", today=today).label == "2026-11"
-    r = ex.parse_period(first="2026-11-01", last="2026-11-15", today=today)
+    assert parse_period(month="last", today=today).label == "2026-11"
+    r = parse_period(first="2026-11-01", last="2026-11-15", today=today)
     assert (r.label, r.end_iso) == ("2026-11-01_2026-11-15", "2026-11-16T00:00:00Z")
     for bad, msg in (({"day": "25/11/2026"}, "UTC day like 2026-11-25"),
                      ({"month": "2026-13"}, "month like 2026-10"),
@@ -201,7 +213,7 @@ def test_periods_from_the_command_line_options() -> None:
                      ({"first": "2026-11-05", "last": "2026-11-01"}, "before --from"),
                      ({"day": "2026-11-01", "month": "2026-11"}, "give one of")):
         with pytest.raises(ValueError, match=msg):
-            ex.parse_period(today=today, **bad)
+            parse_period(today=today, **bad)
 
 
 def test_split_pieces_always_add_up_to_the_run() -> None:
@@ -210,19 +222,19 @@ def test_split_pieces_always_add_up_to_the_run() -> None:
     for amount in (0, 1, 7, 777, 10**9 + 3, 123456789):
         pieces = []
         for lo, hi in zip(edges, edges[1:], strict=False):
-            f_lo, f_hi = ex.fractions(start, end, lo, hi)
+            f_lo, f_hi = fractions(start, end, lo, hi)
             if lo < end and hi > start:
-                pieces.append(ex.split(amount, f_lo, f_hi))
+                pieces.append(split(amount, f_lo, f_hi))
         assert sum(pieces) == amount
-    assert ex.to_cents(1.005) == 101 and ex.to_cents(0.004999) == 0 and ex.to_cents(None) == 0
-    assert ex.money(-5) == "-0.05" and ex.money(123456) == "1234.56"
+    assert to_cents(1.005) == 101 and to_cents(0.004999) == 0 and to_cents(None) == 0
+    assert money(-5) == "-0.05" and money(123456) == "1234.56"
 
 
 # -- a day -----------------------------------------------------------------------------------
 
 
 def test_day_export_reproduces_hand_computed_totals(db_path: Path, tmp_path: Path) -> None:
-    res = export(db_path, ex.day_period(DAY), tmp_path / "out", mode="showback",
+    res = export(db_path, day_period(DAY), tmp_path / "out", mode="showback",
                  currency="EUR")
     folder = tmp_path / "out" / "2026-11-25"
     assert res.path == folder
@@ -258,11 +270,11 @@ def test_day_export_reproduces_hand_computed_totals(db_path: Path, tmp_path: Pat
 
 
 def test_aggregates_are_exactly_the_sum_of_the_rows(db_path: Path, tmp_path: Path) -> None:
-    res = export(db_path, ex.day_period(DAY), tmp_path / "out")
+    res = export(db_path, day_period(DAY), tmp_path / "out")
     folder = res.path
     runs = read_csv(folder / "runs.csv")
-    money_cols = [c.name for c in ex.MEASURE_COLUMNS if c.kind == "money"]
-    for name, keys in ex.AGGREGATES.items():
+    money_cols = [c.name for c in MEASURE_COLUMNS if c.kind == "money"]
+    for name, keys in AGGREGATES.items():
         agg = read_csv(folder / f"{name}.csv")
         assert agg == sorted(agg, key=lambda r: tuple(r[k] for k in keys))
         for col in money_cols:
@@ -284,12 +296,12 @@ def test_aggregates_are_exactly_the_sum_of_the_rows(db_path: Path, tmp_path: Pat
 def test_daily_exports_add_up_to_the_month(db_path: Path, tmp_path: Path) -> None:
     """Telescoping: the pieces of every run over the 30 days of November sum to the
     November export, per run and in total, to the cent (runs 6 and 11 cross edges)."""
-    month = export(db_path, ex.month_period(2026, 11), tmp_path / "out")
+    month = export(db_path, month_period(2026, 11), tmp_path / "out")
     per_run_month = {(r["job_id"], r["restart_count"]): r
                      for r in read_csv(month.path / "runs.csv")}
     sums: dict[tuple[str, str], dict[str, int]] = {}
     for day in range(1, 31):
-        res = export(db_path, ex.day_period(date(2026, 11, day)), tmp_path / "out")
+        res = export(db_path, day_period(date(2026, 11, day)), tmp_path / "out")
         for r in read_csv(res.path / "runs.csv"):
             acc = sums.setdefault((r["job_id"], r["restart_count"]), {})
             for col in ("cost", "credit", "net", "cost_gpu"):
@@ -304,7 +316,7 @@ def test_daily_exports_add_up_to_the_month(db_path: Path, tmp_path: Path) -> Non
     # the month boundary: run 6 is half in October, half in November
     assert (per_run_month[("6", "0")]["cost"], per_run_month[("6", "0")]["credit"]) == (
         "50.00", "5.00")
-    october = export(db_path, ex.month_period(2026, 10), tmp_path / "out")
+    october = export(db_path, month_period(2026, 10), tmp_path / "out")
     (oct_row,) = read_csv(october.path / "runs.csv")
     assert (oct_row["job_id"], oct_row["cost"], oct_row["net"], oct_row["share"]) == (
         "6", "50.00", "45.00", "0.500000")
@@ -314,9 +326,9 @@ def test_daily_exports_add_up_to_the_month(db_path: Path, tmp_path: Path) -> Non
 
 def test_rerun_is_byte_identical_and_matches_its_manifest(db_path: Path, tmp_path: Path
                                                           ) -> None:
-    first = export(db_path, ex.day_period(DAY), tmp_path / "a")
-    second = export(db_path, ex.day_period(DAY), tmp_path / "b")
-    again = export(db_path, ex.day_period(DAY), tmp_path / "a")
+    first = export(db_path, day_period(DAY), tmp_path / "a")
+    second = export(db_path, day_period(DAY), tmp_path / "b")
+    again = export(db_path, day_period(DAY), tmp_path / "a")
     assert digests(first.path) == digests(second.path) == digests(again.path)
     for name, info in first.manifest["files"].items():
         data = (first.path / name).read_bytes()
@@ -329,10 +341,10 @@ def test_rerun_is_byte_identical_and_matches_its_manifest(db_path: Path, tmp_pat
 
 def test_worker_processes_write_the_same_bytes(db_path: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    serial = export(db_path, ex.month_period(2026, 11), tmp_path / "serial", jobs=1)
+    serial = export(db_path, month_period(2026, 11), tmp_path / "serial", jobs=1)
     monkeypatch.setattr(ex, "PARALLEL_MIN_RUNS", 1)
     seen: list[tuple[int, int]] = []
-    parallel = export(db_path, ex.month_period(2026, 11), tmp_path / "parallel", jobs=2,
+    parallel = export(db_path, month_period(2026, 11), tmp_path / "parallel", jobs=2,
                       progress=lambda done, total: seen.append((done, total)))
     assert digests(serial.path) == digests(parallel.path)
     total = serial.manifest["totals"]["runs"]
@@ -355,13 +367,13 @@ def test_a_run_changing_during_a_parallel_export_is_exported_again(
         return fp
 
     monkeypatch.setattr(ex, "_fingerprint", changed_once)
-    res = export(db_path, ex.month_period(2026, 11), tmp_path / "out", jobs=2)
+    res = export(db_path, month_period(2026, 11), tmp_path / "out", jobs=2)
     assert calls["whole"] == 2
     assert ex.verify_export(res.path) == []
     monkeypatch.setattr(ex, "_fingerprint",
                         lambda c, p, *, sliced: (-1,) if not sliced else real(c, p, sliced=True))
     with pytest.raises(ex.ExportError, match="kept changing"):
-        export(db_path, ex.month_period(2026, 11), tmp_path / "out", jobs=2)
+        export(db_path, month_period(2026, 11), tmp_path / "out", jobs=2)
     assert ex.verify_export(res.path) == []  # the earlier export is untouched
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".2026")]
 
@@ -373,7 +385,7 @@ def test_rerun_replaces_the_folder_whole_and_a_failed_one_changes_nothing(
     folder.mkdir(parents=True)
     (folder / "stale.csv").write_text("from an older slurmgate\n")
     (out / ".2026-11-25.tmp-99999").mkdir()  # left by a crashed export
-    first = export(db_path, ex.day_period(DAY), out)
+    first = export(db_path, day_period(DAY), out)
     assert not (folder / "stale.csv").exists()
     assert not (out / ".2026-11-25.tmp-99999").exists()
     before = digests(folder)
@@ -383,16 +395,16 @@ def test_rerun_replaces_the_folder_whole_and_a_failed_one_changes_nothing(
 
     monkeypatch.setattr(ex, "_aggregate_lines", boom)
     with pytest.raises(OSError, match="No space"):
-        export(db_path, ex.day_period(DAY), out)
+        export(db_path, day_period(DAY), out)
     assert digests(folder) == before
     assert sorted(p.name for p in out.iterdir()) == [".export.lock", "2026-11-25"]
     assert first.manifest["files"]["runs.csv"]["rows"] == len(DAY_CENTS)
 
 
 def test_csv_parses_into_the_documented_types(db_path: Path, tmp_path: Path) -> None:
-    res = export(db_path, ex.month_period(2026, 11), tmp_path / "out")
-    for name, columns in [("runs", ex.RUN_COLUMNS),
-                          *[(n, ex.aggregate_columns(n)) for n in ex.AGGREGATES]]:
+    res = export(db_path, month_period(2026, 11), tmp_path / "out")
+    for name, columns in [("runs", EXPORT_COLUMNS),
+                          *[(n, aggregate_columns(n)) for n in AGGREGATES]]:
         text = (res.path / f"{name}.csv").read_text(encoding="utf-8")
         assert "\r" not in text
         rows = list(csv.reader(text.splitlines()))
@@ -414,14 +426,14 @@ def test_csv_parses_into_the_documented_types(db_path: Path, tmp_path: Path) -> 
 
 
 def test_json_lines_validate_against_the_schema(db_path: Path, tmp_path: Path) -> None:
-    res = export(db_path, ex.month_period(2026, 11), tmp_path / "out")
+    res = export(db_path, month_period(2026, 11), tmp_path / "out")
     schema = json.loads((res.path / "schema.json").read_text())
     assert schema == json.loads((REPO / "db/chargeback/export_schema.json").read_text())
     try:
         import jsonschema
     except ImportError:
         jsonschema = None
-    for name in ("runs", *ex.AGGREGATES):
+    for name in ("runs", *AGGREGATES):
         sub = schema["$defs"][name]
         csv_rows = read_csv(res.path / f"{name}.csv")
         lines = read_jsonl(res.path / f"{name}.jsonl")
@@ -438,10 +450,11 @@ def test_json_lines_validate_against_the_schema(db_path: Path, tmp_path: Path) -
 
 
 def test_schema_file_and_column_table_are_in_sync() -> None:
-    assert (REPO / "db/chargeback/export_schema.json").read_text() == ex.schema_text(), \
+    assert (REPO / "db/chargeback/export_schema.json").read_text() == schema_text(), \
         "regenerate: python -m db.chargeback.export --schema > db/chargeback/export_schema.json"
-    documented = re.findall(r"^\| (\w+) \| ", ex.__doc__ or "", re.M)
-    assert documented[1:] == [c.name for c in ex.RUN_COLUMNS]  # [0] is the header row
+    spec = (REPO / "db/chargeback/FORMAT.md").read_text(encoding="utf-8")
+    documented = re.findall(r"^\| (\w+) \| ", spec, re.M)
+    assert documented[1:] == [c.name for c in EXPORT_COLUMNS]  # [0] is the header row
 
 
 def test_bad_values_are_exported_as_zero_with_a_warning(db_path: Path, tmp_path: Path
@@ -451,7 +464,7 @@ def test_bad_values_are_exported_as_zero_with_a_warning(db_path: Path, tmp_path:
     add_run(store, 21, "2026-11-25 01:00", "2026-11-25 02:00", 4.0, credit="lots")
     add_run(store, 22, "2026-11-25 01:00", "2026-11-25 02:00", 1.0, credit=3.0)
     store.close()
-    res = export(db_path, ex.day_period(DAY), tmp_path / "out")
+    res = export(db_path, day_period(DAY), tmp_path / "out")
     rows = {r["job_id"]: r for r in read_csv(res.path / "runs.csv")}
     assert rows["20"]["cost"] == "0.00" and rows["21"]["credit"] == "0.00"
     assert rows["21"]["cost"] == "4.00"
@@ -461,7 +474,7 @@ def test_bad_values_are_exported_as_zero_with_a_warning(db_path: Path, tmp_path:
     assert ex.verify_export(res.path) == []
     lines = {o["job_id"]: o for o in read_jsonl(res.path / "runs.jsonl")}
     assert lines[22]["net"] == "-2.00"
-    assert validate(lines[20], ex.json_schema()["$defs"]["runs"]) == []
+    assert validate(lines[20], json_schema()["$defs"]["runs"]) == []
 
 
 def test_clean_rows_take_the_fast_path_and_print_the_same(db_path: Path,
@@ -471,17 +484,17 @@ def test_clean_rows_take_the_fast_path_and_print_the_same(db_path: Path,
     for a row both can take; and clean rows never fall back to the slow one."""
     import sqlite3
 
-    period = ex.month_period(2026, 11)
+    period = month_period(2026, 11)
     conn = sqlite3.connect(db_path)
     rows = conn.execute(ex._SELECT + "WHERE " + ex._SCOPE + ex._ORDER,
                         {"a": period.start_ts, "b": period.end_ts}).fetchall()
-    fast = ex.RowFormatter(period)
+    fast = RowFormatter(period)
     calls = []
     real_slow = fast._one_slow
     monkeypatch.setattr(fast, "_one_slow", lambda row: calls.append(row) or real_slow(row))
     fast_csv, fast_json = fast.format(rows)
     assert calls == []
-    slow = ex.RowFormatter(period)
+    slow = RowFormatter(period)
     lines = [slow._one_slow(row) for row in rows]
     assert fast_csv == "".join(c for c, _, _, _ in lines)
     assert fast_json == "".join(j for _, j, _, _ in lines)
@@ -489,13 +502,13 @@ def test_clean_rows_take_the_fast_path_and_print_the_same(db_path: Path,
 
 def test_an_old_or_missing_database_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ex.ExportError, match="no database here"):
-        export(tmp_path / "missing.db", ex.day_period(DAY), tmp_path / "out")
+        export(tmp_path / "missing.db", day_period(DAY), tmp_path / "out")
 
 
 def test_parquet_files_have_the_documented_types(db_path: Path, tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    res = export(db_path, ex.day_period(DAY), tmp_path / "out", parquet=True)
+    res = export(db_path, day_period(DAY), tmp_path / "out", parquet=True)
     table = pq.read_table(res.path / "runs.parquet")
     assert table.num_rows == len(DAY_CENTS)
     assert table.schema.field("cost").type == pa.decimal128(18, 2)
@@ -503,7 +516,7 @@ def test_parquet_files_have_the_documented_types(db_path: Path, tmp_path: Path) 
     assert sum(table.column("cost").to_pylist()) == Decimal(res.manifest["totals"]["cost"])
     teams = pq.read_table(res.path / "by_team.parquet")
     assert sum(teams.column("net").to_pylist()) == Decimal(res.manifest["totals"]["net"])
-    again = export(db_path, ex.day_period(DAY), tmp_path / "again", parquet=True)
+    again = export(db_path, day_period(DAY), tmp_path / "again", parquet=True)
     assert digests(res.path) == digests(again.path)
 
 

@@ -15,12 +15,13 @@ import pytest
 
 from db.chargeback import export as ex
 from db.chargeback import statement as stmt
+from db.chargeback.periods import Period, day_period, month_period
 from db.ingest import apply_rollup_delta
 from db.store import Store, open_store
 from policies.config import Policy, parse_policy
 from tests.unit.test_export import add_run, sample_store, ts
 
-NOV = ex.month_period(2026, 11)
+NOV = month_period(2026, 11)
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -51,11 +52,11 @@ def store(tmp_path: Path) -> Store:
                           now=ts("2026-11-25 08:59"))
     with s.transaction():
         apply_rollup_delta(s.conn, [(None, r) for r in
-                                    s.query("SELECT * FROM runs WHERE cost IS NOT NULL")])
+                                    s._query("SELECT * FROM runs WHERE cost IS NOT NULL")])
     return s
 
 
-def by_team_export(store: Store, tmp_path: Path, period: ex.Period) -> dict[str, dict]:
+def by_team_export(store: Store, tmp_path: Path, period: Period) -> dict[str, dict]:
     res = ex.export_period(store.path, period, tmp_path / "out", parquet=False)
     with open(res.path / "by_team.csv", newline="") as fh:
         return {r["team"]: r for r in csv.DictReader(fh)}
@@ -89,7 +90,7 @@ def test_days_of_the_chart_match_the_daily_exports(store: Store, tmp_path: Path)
     st = stmt.build_statement(store, make_policy(), NOV)
     vision = st.team("vision")
     for day in (date(2026, 11, 24), date(2026, 11, 25), date(2026, 11, 26)):
-        exported = by_team_export(store, tmp_path, ex.day_period(day))
+        exported = by_team_export(store, tmp_path, day_period(day))
         line = vision.by_day[day.day - 1]
         assert line.name == day.isoformat()
         assert line.net == cents(exported["vision"]["net"]), day
@@ -109,7 +110,7 @@ def test_budget_use_and_approvals(store: Store) -> None:
     with pytest.raises(ValueError, match="unknown team 'nope'"):
         stmt.build_statement(store, make_policy(), NOV, team="nope")
     with pytest.raises(ValueError, match="monthly"):
-        stmt.build_statement(store, make_policy(), ex.day_period(date(2026, 11, 25)))
+        stmt.build_statement(store, make_policy(), day_period(date(2026, 11, 25)))
 
 
 def test_text_statement_says_the_mode(store: Store) -> None:
@@ -200,7 +201,7 @@ def test_report_command_prints_and_writes_html(store: Store, tmp_path: Path,
 
 def test_statement_of_an_empty_month_has_every_team(tmp_path: Path) -> None:
     store = open_store(tmp_path / "empty.db")
-    st = stmt.build_statement(store, make_policy(), ex.month_period(2027, 2))
+    st = stmt.build_statement(store, make_policy(), month_period(2027, 2))
     assert [t.team for t in st.teams] == ["nlp", "vision"]
     assert all(len(t.by_day) == 28 and t.totals.net == 0 for t in st.teams)
     assert stmt.render_html(st).count("<svg") == 2 * 3 + 1  # renders with no data at all
