@@ -2,7 +2,10 @@
 
 ``ingest_records(store, records, policy)`` writes a whole batch in ONE transaction and is
 idempotent: ingesting the same records again changes nothing. A record that does not
-validate is returned in ``errors`` with the reason; it never raises and never blocks the rest.
+validate (``policies.records.validate``, the spool's check too) is returned in ``errors`` with
+the reason; it never raises and never blocks the rest. A node_run without its start time or
+GPU-seconds (the prolog's baseline was missing or unreadable) is kept as an event, and the
+run is charged for that node as if it had not reported.
 
 Run matching (a run is keyed cluster, job_id, restart_count; Slurm reuses job ids after a
 requeue and when the id counter wraps):
@@ -26,29 +29,42 @@ request (cpus, memory, GPUs) come from its reservation (matched by job id, or by
 job id for array tasks), else the team from the policy's account/user map. GPU-seconds and
 energy are the sum over its node_run records (nodes that never reported add their share of
 the allocation x elapsed), else allocated GPUs x elapsed. ``policies.cost.run_cost`` prices
-it; node failures (and preemptions, when the policy says so) are credited in full. When
-node records arrive after the jobcomp the run is re-settled, and the daily rollup follows.
+it; node failures (and preemptions, when the policy says so) are credited in full (the rules:
+``policies.settlement``). When node records arrive after the jobcomp the run is re-settled,
+and the daily rollups follow (``db.rollups``).
+
+The store is anything with ``conn``, ``transaction()`` and ``add_event()`` (``IngestStore``):
+db.store.Store, which builds on this module, is one.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import operator
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from db.schema import ROLLUP_MEASURES, ROLLUPS
+from db.rollups import RollupStore, apply_rollup_delta
+from policies import settlement
+from policies.records import is_complete, validate
+from policies.reservations import REQUEUE_STATES as REQUEUE_STATES  # re-exported
+from policies.reservations import run_settles_reservation
+from policies.settlement import CostFn
 
 if TYPE_CHECKING:
-    from db.store import Store
     from policies.config import Policy
 
 RunKey = tuple[str, int, int]
-CostFn = Callable[..., dict[str, float]]
+
+
+class IngestStore(RollupStore, Protocol):
+    """What the ingest needs of db.store.Store."""
+
+    def add_event(self, kind: str, **fields: Any) -> int: ...
+
 
 MATCH_WINDOW_S = 5.0
 """A jobcomp and a run belong together when their start times are this close."""
@@ -56,14 +72,6 @@ JOB_ID_REUSE_GAP_S = 3600.0
 """A record this far outside a run's time span belongs to another job with the same id."""
 REQUEUE_LOOKBACK_S = 30 * 86400.0
 """Earlier runs of a job are looked for this far back when numbering a new run."""
-RECORD_VERSION = 1
-KINDS = ("node_run", "jobcomp", "gpu_sample")
-
-# Final states after which Slurm may requeue the job (the reservation stays live for the next
-# run; the daemon closes it when the job is gone). Any other state ends the job.
-REQUEUE_STATES = frozenset({"NODE_FAIL", "PREEMPTED", "REQUEUED", "REQUEUE_FED",
-                            "REQUEUE_HOLD", "RESIZING", "SUSPENDED"})
-AUTO_CREDIT_REASONS = frozenset({"node_failure", "preemption"})
 
 
 def _q(name: str) -> str:
@@ -111,24 +119,6 @@ _SAMPLE_INSERT = (
 )
 
 
-def _rollup_sql(table: str, dims: tuple[str, ...], measures: tuple[str, ...]
-                ) -> tuple[str, str]:
-    key = ("day", *dims)
-    cols = key + measures
-    upsert = (f"INSERT INTO {table} ({', '.join(_q(c) for c in cols)}) "
-              f"VALUES ({', '.join('?' for _ in cols)}) "
-              f"ON CONFLICT ({', '.join(_q(c) for c in key)}) DO UPDATE SET "
-              + ", ".join(f"{m} = {m} + excluded.{m}" for m in measures))
-    prune = (f"DELETE FROM {table} WHERE runs <= 0 AND "
-             + " AND ".join(f"{_q(c)} = ?" for c in key))
-    return upsert, prune
-
-
-# (upsert, prune, key of a run row, does the table keep credited_gpu_seconds)
-_ROLLUPS = [(*_rollup_sql(table, dims, measures), operator.itemgetter(*dims),
-             "credited_gpu_seconds" in measures) for table, dims, measures in ROLLUPS]
-
-
 @dataclass
 class IngestResult:
     """What one batch did. ``errors`` holds (record, reason) for records NOT ingested."""
@@ -139,198 +129,6 @@ class IngestResult:
     duplicates: int = 0
     settled: list[RunKey] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-# -- validation -----------------------------------------------------------------------------
-
-
-class _Invalid(ValueError):
-    pass
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "int": _is_int,
-    "num": _is_num,
-    "str": lambda v: isinstance(v, str),
-    "list": lambda v: isinstance(v, list),
-}
-_WHAT = {"int": "an integer", "num": "a finite number", "str": "a string", "list": "a list"}
-
-# (field, type, required-and-not-null)
-_COMMON_SPEC = (("cluster", "str", True), ("record_id", "str", True),
-                ("written_at", "num", True))
-_SPECS: dict[str, tuple[tuple[str, str, bool], ...]] = {
-    "node_run": (
-        ("job_id", "int", True), ("restart_count", "int", True), ("node", "str", True),
-        ("user", "str", False), ("account", "str", False), ("start_ts", "num", True),
-        ("end_ts", "num", True), ("gpus", "list", True),
-    ),
-    "jobcomp": (
-        ("job_id", "int", True), ("restart_count", "int", False), ("state", "str", True),
-        ("submit_ts", "num", False), ("start_ts", "num", False), ("end_ts", "num", False),
-        ("nodes", "str", False), ("node_count", "int", False), ("partition", "str", False),
-        ("uid", "int", False), ("user", "str", False), ("account", "str", False),
-        ("exit_code", "str", False), ("derived_ec", "str", False),
-        ("time_limit_min", "int", False), ("array_job_id", "int", False),
-        ("array_task_id", "int", False), ("work_dir", "str", False),
-    ),
-    "gpu_sample": (("node", "str", True), ("ts", "num", True), ("gpus", "list", True)),
-}
-_NODE_GPU_SPEC = (
-    ("index", "int", True), ("minor", "int", False), ("uuid", "str", True),
-    ("gpu_type", "str", True), ("energy_j", "num", False), ("util_mean", "num", False),
-    ("util_max", "num", False), ("mem_max_bytes", "int", False), ("gpu_seconds", "num", True),
-)
-_SAMPLE_GPU_SPEC = (
-    ("uuid", "str", True), ("index", "int", True), ("gpu_type", "str", True),
-    ("util", "num", True), ("mem_used_bytes", "int", True), ("power_w", "num", False),
-)
-_NON_NEGATIVE = frozenset({"job_id", "restart_count", "node_count", "uid", "energy_j",
-                           "gpu_seconds", "mem_max_bytes", "mem_used_bytes", "power_w",
-                           "util_mean", "util_max", "util", "index", "time_limit_min",
-                           "array_job_id", "array_task_id", "start_ts", "end_ts",
-                           "submit_ts", "written_at", "ts"})
-_PERCENT = frozenset({"util_mean", "util_max", "util"})
-
-
-def _check(obj: dict[str, Any], spec: tuple[tuple[str, str, bool], ...], where: str) -> None:
-    for name, typ, required in spec:
-        v = obj.get(name)
-        if v is None:
-            if required:
-                raise _Invalid(f"{where}{name} is missing")
-            continue
-        if not _CHECKS[typ](v):
-            raise _Invalid(f"{where}{name} must be {_WHAT[typ]}, got {v!r:.60}")
-        if typ == "str" and required and not v:
-            raise _Invalid(f"{where}{name} must not be empty")
-        if name in _NON_NEGATIVE and v < 0:
-            raise _Invalid(f"{where}{name} must not be negative, got {v!r}")
-        if name in _PERCENT and v > 100:
-            raise _Invalid(f"{where}{name} is a percentage, got {v!r}")
-
-
-# Quick acceptance: most records are fine, and the ingest must sustain tens of thousands of
-# runs a second. These predicates accept only what the spec-driven checks above accept too;
-# a record they do not accept is judged (and its error worded) by the full checks.
-_INF = math.inf
-
-
-def _nn(v: Any) -> bool:
-    """A finite, non-negative number (not a bool)."""
-    t = type(v)
-    return (t is float and 0.0 <= v < _INF) or (t is int and v >= 0)
-
-
-def _opt_nn(v: Any) -> bool:
-    return v is None or _nn(v)
-
-
-def _opt_pct(v: Any) -> bool:
-    return v is None or (_nn(v) and v <= 100)
-
-
-def _opt_str(v: Any) -> bool:
-    return v is None or type(v) is str
-
-
-def _opt_int(v: Any) -> bool:
-    return v is None or (type(v) is int and v >= 0)
-
-
-def _word(v: Any) -> bool:
-    return type(v) is str and v != ""
-
-
-def _quick_common(rec: dict[str, Any]) -> bool:
-    return _word(rec.get("cluster")) and _word(rec.get("record_id")) and _nn(
-        rec.get("written_at"))
-
-
-def _quick_node_run(rec: dict[str, Any]) -> bool:
-    g = rec.get
-    job_id, restart, start, end, gpus = (g("job_id"), g("restart_count"), g("start_ts"),
-                                         g("end_ts"), g("gpus"))
-    if not (type(job_id) is int and job_id >= 0 and type(restart) is int and restart >= 0
-            and _word(g("node")) and _opt_str(g("user")) and _opt_str(g("account"))
-            and _nn(start) and _nn(end) and end >= start and type(gpus) is list
-            and _quick_common(rec)):
-        return False
-    uuids = set()
-    for gpu in gpus:
-        if type(gpu) is not dict:
-            return False
-        q = gpu.get
-        index, uuid = q("index"), q("uuid")
-        if not (type(index) is int and index >= 0 and _word(uuid) and _word(q("gpu_type"))
-                and _nn(q("gpu_seconds")) and _opt_nn(q("energy_j"))
-                and _opt_pct(q("util_mean")) and _opt_pct(q("util_max"))
-                and _opt_int(q("mem_max_bytes"))
-                and (q("minor") is None or type(q("minor")) is int)):
-            return False
-        uuids.add(uuid)
-    return len(uuids) == len(gpus)
-
-
-def _quick_jobcomp(rec: dict[str, Any]) -> bool:
-    g = rec.get
-    job_id, start, end = g("job_id"), g("start_ts"), g("end_ts")
-    return (type(job_id) is int and job_id >= 0 and _opt_int(g("restart_count"))
-            and _word(g("state")) and _opt_nn(g("submit_ts")) and _opt_nn(start)
-            and _opt_nn(end) and not (start and end and end < start)
-            and _opt_str(g("nodes")) and _opt_int(g("node_count"))
-            and _opt_str(g("partition")) and _opt_int(g("uid")) and _opt_str(g("user"))
-            and _opt_str(g("account")) and _opt_str(g("exit_code"))
-            and _opt_str(g("derived_ec")) and _opt_int(g("time_limit_min"))
-            and _opt_int(g("array_job_id")) and _opt_int(g("array_task_id"))
-            and _opt_str(g("work_dir")) and _quick_common(rec))
-
-
-_QUICK = {"node_run": _quick_node_run, "jobcomp": _quick_jobcomp}
-
-
-def validate_record(rec: Any) -> str:
-    """Return the record's kind, or raise ValueError saying what is wrong with it."""
-    if type(rec) is dict and rec.get("v") == RECORD_VERSION and type(rec.get("v")) is int:
-        kind = rec.get("kind")
-        quick = _QUICK.get(kind)  # type: ignore[arg-type]
-        if quick is not None and quick(rec):
-            return str(kind)
-    if not isinstance(rec, dict):
-        raise _Invalid(f"a record must be a JSON object, got {type(rec).__name__}")
-    if rec.get("v") != RECORD_VERSION or isinstance(rec.get("v"), bool):
-        raise _Invalid(f"unsupported record version v={rec.get('v')!r} "
-                       f"(this slurmgate reads v={RECORD_VERSION})")
-    kind = rec.get("kind")
-    if kind not in _SPECS:
-        raise _Invalid(f"unknown record kind {kind!r:.40} (known: {', '.join(KINDS)})")
-    _check(rec, _COMMON_SPEC, "")
-    _check(rec, _SPECS[kind], "")
-    gpu_spec = _NODE_GPU_SPEC if kind == "node_run" else _SAMPLE_GPU_SPEC
-    if kind in ("node_run", "gpu_sample"):
-        seen: set[str] = set()
-        for i, gpu in enumerate(rec["gpus"]):
-            if not isinstance(gpu, dict):
-                raise _Invalid(f"gpus[{i}] must be an object")
-            _check(gpu, gpu_spec, f"gpus[{i}].")
-            if gpu["uuid"] in seen:
-                raise _Invalid(f"gpus[{i}].uuid {gpu['uuid']!r:.60} appears twice")
-            seen.add(gpu["uuid"])
-    if kind == "node_run" and rec["end_ts"] < rec["start_ts"]:
-        raise _Invalid(f"end_ts {rec['end_ts']} is before start_ts {rec['start_ts']}")
-    if kind == "jobcomp":
-        s, e = rec.get("start_ts"), rec.get("end_ts")
-        if s and e and e < s:
-            raise _Invalid(f"end_ts {e} is before start_ts {s}")
-    return str(kind)
 
 
 # -- node facts -----------------------------------------------------------------------------
@@ -441,7 +239,7 @@ def _json_list(values: Iterable[Any]) -> str:
 
 
 class _Batch:
-    def __init__(self, store: Store, policy: Policy, cost_fn: CostFn | None,
+    def __init__(self, store: IngestStore, policy: Policy, cost_fn: CostFn | None,
                  now: float) -> None:
         self.store = store
         self.conn = store.conn
@@ -492,9 +290,9 @@ class _Batch:
                      if run.row["cluster"] == cluster}
             for values in cur:
                 node = dict(zip(NODE_COLUMNS, values, strict=True))
-                run = index.get((cluster, node["job_id"], node["restart_count"]))
-                if run is not None:
-                    run.nodes[node["node"]] = node
+                owner = index.get((cluster, node["job_id"], node["restart_count"]))
+                if owner is not None:
+                    owner.nodes[node["node"]] = node
         self._resv_jobs = resv_jobs
         self._resv_rids = rids
 
@@ -707,62 +505,11 @@ class _Batch:
             row["cost_center"] = self.policy.teams[row["team"]].cost_center or None
         return resv
 
-    def _gpu_seconds_by_type(self, run: _Run, seconds: float) -> dict[str | None, float]:
-        row = run.row
-        alloc = row["gpus"] or 0.0
-        by_type: dict[str | None, float] = {}
-        if run.nodes:
-            for n in run.nodes.values():
-                by_type[n["gpu_type"]] = by_type.get(n["gpu_type"], 0.0) + n["gpu_seconds"]
-            missing = (row["node_count"] or 0) - len(run.nodes)
-            if missing > 0 and seconds > 0:
-                per_node = (alloc / row["node_count"] if alloc and row["rid"] else
-                            sum(n["gpu_count"] for n in run.nodes.values()) / len(run.nodes))
-                key = row["gpu_type"]
-                by_type[key] = by_type.get(key, 0.0) + missing * per_node * seconds
-        elif alloc and seconds > 0:
-            types = [t for t in (row["gpu_type"] or "").split("+") if t] or [None]
-            for t in types:
-                by_type[t] = by_type.get(t, 0.0) + alloc * seconds / len(types)
-        return by_type
-
     def _settle(self, run: _Run) -> None:
         row = run.row
-        elapsed = 0.0
-        if row["start_ts"] is not None and row["end_ts"] is not None:
-            elapsed = max(0.0, row["end_ts"] - row["start_ts"])
-        if elapsed <= 0 and run.nodes:
-            nodes = run.nodes.values()
-            elapsed = max(0.0, max(n["end_ts"] for n in nodes) - min(n["start_ts"] for n in nodes))
-        by_type = self._gpu_seconds_by_type(run, elapsed)
-        gpu_seconds = sum(by_type.values())
-        seconds = elapsed
-        if seconds <= 0 and gpu_seconds > 0:
-            seconds = gpu_seconds / max(row["gpus"] or 1.0, 1.0)
-        if len(by_type) == 1:
-            parts = [(t, gs) for t, gs in by_type.items() if gs > 0]
-        else:
-            parts = [(t, gs) for t, gs in sorted(by_type.items(), key=lambda kv: -kv[1])
-                     if gs > 0]
-        if not parts:
-            parts = [(row["gpu_type"] if row["gpu_type"] and "+" not in row["gpu_type"]
-                      else None, 0.0)]
-        cost_fn = self.cost_fn
+        use = settlement.usage(row, run.nodes.values())
         try:
-            total = {"gpu": 0.0, "cpu": 0.0, "mem": 0.0, "energy": 0.0, "total": 0.0}
-            for i, (gpu_type, gs) in enumerate(parts):
-                c = cost_fn(
-                    gpu_type=gpu_type, gpus=gs / seconds if seconds > 0 else 0.0,
-                    cpus=int(round(row["cpus"] or 0)) if i == 0 else 0,
-                    mem_mb=int(round(row["mem_mb"] or 0)) if i == 0 else 0,
-                    seconds=seconds, energy_j=row["energy_j"] if i == 0 else None,
-                    policy=self.policy, partition=row["partition"],
-                )
-                if len(parts) == 1:
-                    total = c
-                else:
-                    for k in total:
-                        total[k] += float(c.get(k, 0.0))
+            total = settlement.price(use, row, self.policy, self.cost_fn)
         except (ValueError, TypeError, KeyError) as exc:
             key = "/".join(str(k) for k in run.key)
             msg = f"run {key} cannot be settled: {exc}"
@@ -773,31 +520,19 @@ class _Batch:
                 "team": row["team"], "user": row["user"], "message": msg, "detail": None,
             })
             return
-        if row["gpu_type"] is None and gpu_seconds > 0:
-            part = self.policy.partitions.get(row["partition"] or "")
-            row["gpu_type"] = (part.default_gpu_type or None) if part else None
-        row["gpu_seconds"] = gpu_seconds
-        row["cost"] = round(total["total"], 6)
-        row["cost_gpu"] = round(total["gpu"], 6)
-        row["cost_cpu"] = round(total["cpu"], 6)
-        row["cost_mem"] = round(total["mem"], 6)
-        row["cost_energy"] = round(total["energy"], 6)
-        util = row["util_mean"]
-        row["cost_idle"] = (round(row["cost_gpu"] * (1.0 - min(max(util, 0.0), 100.0) / 100.0), 6)
-                            if util is not None else None)
+        if row["gpu_type"] is None and use.gpu_seconds > 0:
+            row["gpu_type"] = settlement.default_gpu_type(self.policy, row["partition"])
+        row["gpu_seconds"] = use.gpu_seconds
+        row.update(settlement.charges(total, row["util_mean"]))
         self._credit(run)
 
     def _credit(self, run: _Run) -> None:
         row = run.row
-        if row["credit_reason"] is not None and row["credit_reason"] not in AUTO_CREDIT_REASONS:
+        decided = settlement.auto_credit(row["state"], row["cost"], row["credit_reason"],
+                                         self.policy.requeue)
+        if decided is None:
             return  # an admin's credit stands
-        rq = self.policy.requeue
-        reason = None
-        if row["state"] == "NODE_FAIL" and rq.credit_node_failure:
-            reason = "node_failure"
-        elif row["state"] == "PREEMPTED" and rq.credit_preemption:
-            reason = "preemption"
-        credit = row["cost"] if reason else 0.0
+        credit, reason = decided
         first = reason is not None and (row["credit_reason"] != reason)
         row["credit"], row["credit_reason"] = credit, reason
         if first:
@@ -836,8 +571,8 @@ class _Batch:
             run_rows.append(_run_values(row))
             touched.append(run.key)
             rollup.append((old, row))
-            if (resv is not None and row["cost"] is not None and row["array_job_id"] is None
-                    and row["state"] not in REQUEUE_STATES and resv["state"] != "settled"):
+            if (resv is not None and run_settles_reservation(row)
+                    and resv["state"] != "settled"):
                 reason = f"run {'/'.join(str(k) for k in run.key)} {row['state']}"
                 resv_updates.append((reason, self.now, resv["rid"]))
                 resv["state"] = "settled"
@@ -868,50 +603,10 @@ _settled_facts = operator.itemgetter(
     "partition", "gpu_type")
 
 
-_rollup_measures = operator.itemgetter(*ROLLUP_MEASURES[1:])
-
-
-def apply_rollup_delta(conn: sqlite3.Connection,
-                       pairs: list[tuple[dict[str, Any] | None, dict[str, Any]]]) -> None:
-    """Move settled runs' contributions in the daily rollups from (old row) to (new row).
-
-    Key columns hold '' for a missing team, project, etc. (see db.schema)."""
-    accs: list[dict[tuple[Any, ...], list[float]]] = [{} for _ in _ROLLUPS]
-    for old, new in pairs:
-        for row, sign in ((old, -1.0), (new, 1.0)):
-            if row is None or row["cost"] is None or row["end_ts"] is None:
-                continue
-            day = int(row["end_ts"] // 86400)
-            values = [sign, *(sign * (v or 0.0) for v in _rollup_measures(row))]
-            cost, gs = row["cost"], row["gpu_seconds"] or 0.0
-            credited = sign * gs * min(1.0, row["credit"] / cost) if cost > 0 else 0.0
-            for acc, (_, _, dims_of, with_credited) in zip(accs, _ROLLUPS, strict=True):
-                key = (day, *(v or "" for v in dims_of(row)))
-                vals = [*values, credited] if with_credited else values
-                have = acc.get(key)
-                if have is None:
-                    acc[key] = list(vals)
-                else:
-                    for i, v in enumerate(vals):
-                        have[i] += v
-    for acc, (upsert, prune, _, _) in zip(accs, _ROLLUPS, strict=True):
-        rows, removed = [], []
-        for key, values in acc.items():
-            if values[0] == 0 and all(abs(v) < 1e-12 for v in values):
-                continue
-            rows.append((*key, int(values[0]), *values[1:]))
-            if values[0] < 0:
-                removed.append(key)
-        if rows:
-            conn.executemany(upsert, rows)
-        if removed:
-            conn.executemany(prune, removed)
-
-
 # -- entry points ------------------------------------------------------------------------------
 
 
-def _run_batch(store: Store, policy: Policy, records: list[tuple[str, dict[str, Any]]],
+def _run_batch(store: IngestStore, policy: Policy, records: list[tuple[str, dict[str, Any]]],
                cost_fn: CostFn | None, now: float, result: IngestResult) -> None:
     samples: list[list[tuple[Any, ...]]] = []
     node_runs: list[dict[str, Any]] = []
@@ -954,7 +649,7 @@ def _run_batch(store: Store, policy: Policy, records: list[tuple[str, dict[str, 
     result.warnings.extend(batch.warnings)
 
 
-def ingest_records(store: Store, records: list[Any], policy: Policy, *,
+def ingest_records(store: IngestStore, records: list[Any], policy: Policy, *,
                    now: float | None = None, cost_fn: CostFn | None = None) -> IngestResult:
     """Validate and ingest a batch in one transaction; see the module docstring.
 
@@ -970,12 +665,14 @@ def ingest_records(store: Store, records: list[Any], policy: Policy, *,
         if _without_baseline(rec):
             incomplete.append(rec)
             continue
-        try:
-            kind = validate_record(rec)
-        except ValueError as exc:
-            result.errors.append((rec, str(exc)))
+        problem = validate(rec)
+        if problem is not None:
+            result.errors.append((rec, problem))
             continue
-        valid.append((kind, rec))
+        if not is_complete(rec):
+            incomplete.append(rec)
+            continue
+        valid.append((rec["kind"], rec))
     if incomplete:
         _note_incomplete(store, incomplete, ts, result)
     if not valid:
@@ -991,7 +688,7 @@ def ingest_records(store: Store, records: list[Any], policy: Policy, *,
             for kind, rec in valid:
                 one = IngestResult()
                 try:
-                    with store.db.atomic():
+                    with store.transaction():  # inside the batch's: a savepoint
                         _run_batch(store, policy, [(kind, rec)], cost_fn, ts, one)
                 except sqlite3.OperationalError:
                     raise
@@ -1008,25 +705,34 @@ def ingest_records(store: Store, records: list[Any], policy: Policy, *,
 
 
 def _without_baseline(rec: Any) -> bool:
-    """An epilog that found no prolog baseline knows neither start time nor GPU-seconds."""
+    """An epilog that found no prolog baseline knows neither start time nor GPU-seconds.
+    Looser than ``validate`` (the ingest has always taken these as they come); any other
+    node_run without its start or GPU-seconds is incomplete once it validates."""
     return (isinstance(rec, dict) and rec.get("kind") == "node_run"
             and rec.get("start_ts") is None and isinstance(rec.get("flags"), list)
             and "no_baseline" in rec["flags"] and isinstance(rec.get("job_id"), int)
             and isinstance(rec.get("cluster"), str) and isinstance(rec.get("node"), str))
 
 
-def _note_incomplete(store: Store, recs: list[dict[str, Any]], ts: float,
+def _note_incomplete(store: IngestStore, recs: list[dict[str, Any]], ts: float,
                      result: IngestResult) -> None:
     """Keep what such a record says as an event; the run is then settled as if the node had
     not reported (its share of allocation x elapsed), never at zero."""
     with store.transaction():
         for rec in recs:
-            msg = (f"node {rec['node']} of job {rec['job_id']} reported no prolog baseline; "
+            flags = rec.get("flags")
+            if isinstance(flags, list) and "no_baseline" in flags:
+                why = "reported no prolog baseline"
+            elif rec.get("start_ts") is None:
+                why = "reported no start time"
+            else:
+                why = "reported GPUs without their GPU-seconds"
+            msg = (f"node {rec['node']} of job {rec['job_id']} {why}; "
                    "its GPU time is charged from the allocation")
             store.add_event("settle_warning", ts=ts, cluster=rec["cluster"],
                             job_id=rec["job_id"], restart_count=rec.get("restart_count"),
                             node=rec["node"], user=rec.get("user"), message=msg,
-                            detail={"flags": rec["flags"], "gpus": rec.get("gpus"),
+                            detail={"flags": flags, "gpus": rec.get("gpus"),
                                     "record_id": rec.get("record_id")})
             result.warnings.append(msg)
     result.counts["node_run_incomplete"] = len(recs)
@@ -1039,7 +745,7 @@ def _merge(into: IngestResult, one: IngestResult) -> None:
     into.warnings.extend(one.warnings)
 
 
-def resettle_runs(store: Store, keys: Iterable[RunKey], policy: Policy, *,
+def resettle_runs(store: IngestStore, keys: Iterable[RunKey], policy: Policy, *,
                   now: float | None = None, cost_fn: CostFn | None = None) -> list[RunKey]:
     """Settle the given runs again (after a late reservation bind, a policy change, or a
     credit rule change). Returns the runs whose row changed."""

@@ -9,10 +9,12 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import sys
 from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pathlib and shutil cost the hooks' start-up; only exports need them
+    from pathlib import Path
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -42,8 +44,8 @@ def fsync_tree(top: str | os.PathLike[str]) -> None:
     """fsync every regular file and directory under ``top`` (symlinks are not followed)."""
     for dirpath, _dirs, files in os.walk(top):
         for name in files:
-            p = Path(dirpath) / name
-            if p.is_file() and not p.is_symlink():
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p) and not os.path.islink(p):
                 fsync_path(p)
         fsync_path(dirpath, directory=True)
 
@@ -95,6 +97,8 @@ def exchange_dirs(a: Path, b: Path) -> bool:
 
 def swap_in_dir(tmp: Path, final: Path) -> None:
     """Make ``tmp`` the folder at ``final`` in one step; the old folder is removed."""
+    import shutil
+
     if not final.exists():
         os.rename(tmp, final)
     elif exchange_dirs(tmp, final):

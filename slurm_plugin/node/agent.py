@@ -15,9 +15,11 @@ import threading
 import time
 from typing import Any
 
+from policies.records import gpu_sample_record, sample_gpu
 from slurm_plugin.node.hooks import HookConfigError, load_settings
 from slurm_plugin.node.nvml import open_backend
-from slurm_plugin.node.spool import nudge_daemon, write_record
+from slurm_plugin.node.spool import write_record
+from slurm_plugin.protocol import nudge
 
 
 def sample_once(settings: Any, node: str, backend: Any) -> dict[str, Any]:
@@ -25,14 +27,13 @@ def sample_once(settings: Any, node: str, backend: Any) -> dict[str, Any]:
     gpus = []
     for dev in backend.devices():
         r = backend.read(dev.uuid)
-        gpus.append({
-            "uuid": dev.uuid, "index": dev.index, "gpu_type": dev.gpu_type,
-            "util": float(r.util_gpu) if r.util_gpu is not None else 0.0,
-            "mem_used_bytes": int(r.mem_used or 0),
-            "power_w": r.power_w,
-        })
-    return {"kind": "gpu_sample", "cluster": settings.cluster, "node": node, "ts": now,
-            "gpus": gpus}
+        gpus.append(sample_gpu(
+            uuid=dev.uuid, index=dev.index, gpu_type=dev.gpu_type,
+            util=float(r.util_gpu) if r.util_gpu is not None else 0.0,
+            mem_used_bytes=int(r.mem_used or 0),
+            power_w=r.power_w,
+        ))
+    return gpu_sample_record(cluster=settings.cluster, node=node, ts=now, gpus=gpus)
 
 
 def run(config_path: str, node: str | None = None, interval: float | None = None,
@@ -55,7 +56,7 @@ def run(config_path: str, node: str | None = None, interval: float | None = None
         while True:
             try:
                 path = write_record(settings.spool_dir, sample_once(settings, node, backend))
-                nudge_daemon(settings.socket)
+                nudge(settings.socket)
                 if once:
                     print(path)
                     return 0

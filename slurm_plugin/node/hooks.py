@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from policies import defaults, records
 from slurm_plugin.fsutil import atomic_write
 from slurm_plugin.node import spool
 from slurm_plugin.node.nvml import (
@@ -34,7 +35,6 @@ from slurm_plugin.node.nvml import (
     select_allocated,
 )
 
-DEFAULT_CONFIG = "/etc/slurmgate/policy.toml"
 Env = Mapping[str, str]
 
 # Slurm's "not set" sentinels as they appear in %u-formatted environment values.
@@ -84,10 +84,10 @@ def load_settings(path: str) -> HookSettings:
     daemon = _table(data, "daemon", path)
     nvml = _table(data, "nvml", path)
     where = f"{path}: daemon"
-    backend = nvml.get("backend", "real")
+    backend = nvml.get("backend", defaults.NVML_BACKEND)
     if backend not in ("real", "fake"):
         raise HookConfigError(f"{path}: nvml.backend must be 'real' or 'fake', not {backend!r}")
-    numbering = nvml.get("gpu_numbering", "minor")
+    numbering = nvml.get("gpu_numbering", defaults.GPU_NUMBERING)
     if numbering not in ("minor", "pci"):
         raise HookConfigError(
             f"{path}: nvml.gpu_numbering must be 'minor' or 'pci', not {numbering!r}"
@@ -95,9 +95,9 @@ def load_settings(path: str) -> HookSettings:
     if not isinstance(nvml.get("fake_nodes", {}), dict):
         raise HookConfigError(f"{path}: nvml.fake_nodes must be a table")
     return HookSettings(
-        spool_dir=_setting(daemon, "spool_dir", "/var/spool/slurmgate", where),
-        socket=_setting(daemon, "socket", "/run/slurmgate/slurmgate.sock", where),
-        cluster=_setting(daemon, "cluster", "default", where),
+        spool_dir=_setting(daemon, "spool_dir", defaults.SPOOL_DIR, where),
+        socket=_setting(daemon, "socket", defaults.SOCKET, where),
+        cluster=_setting(daemon, "cluster", defaults.CLUSTER, where),
         nvml=nvml,
         gpu_numbering=numbering,
     )
@@ -331,18 +331,17 @@ def epilog(env: Env, settings: HookSettings, now: float) -> list[str]:
         finally:
             if backend:
                 backend.close()
-    record = {
-        "kind": "node_run", "cluster": settings.cluster, "job_id": job_id,
-        "restart_count": restart, "node": node,
-        "user": _str(env.get("SLURM_JOB_USER")) or (base or {}).get("user"),
-        "account": _str(env.get("SLURM_JOB_ACCOUNT")) or (base or {}).get("account"),
-        "start_ts": start_ts, "end_ts": now, "gpus": gpus, "flags": list(dict.fromkeys(flags)),
-    }
+    record = records.node_run_record(
+        cluster=settings.cluster, job_id=job_id, restart_count=restart, node=node,
+        user=_str(env.get("SLURM_JOB_USER")) or (base or {}).get("user"),
+        account=_str(env.get("SLURM_JOB_ACCOUNT")) or (base or {}).get("account"),
+        start_ts=start_ts, end_ts=now, gpus=gpus, flags=list(dict.fromkeys(flags)),
+    )
     spool.write_record_file(settings.spool_dir, record)
     if base is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    spool.nudge_daemon(settings.socket)
+    _nudge(settings)
     return notes
 
 
@@ -357,16 +356,15 @@ def _run_gpu(
         base_gpu = next((g for g in base_gpus if g.get("token") == alloc.token), None)
     info = base_gpu or {}
     index = alloc.slurm_index if alloc.slurm_index is not None else (dev.index if dev else -1)
-    entry: dict[str, Any] = {
-        "index": index,
-        "minor": dev.minor if dev else _opt_int(info.get("minor")),
+    entry = records.node_run_gpu(
+        index=index,
+        minor=dev.minor if dev else _opt_int(info.get("minor")),
         # Unknown device (not found, or no NVML): a placeholder that is unique in the record
         # and cannot be mistaken for an NVML UUID, so the GPU time is still accounted.
-        "uuid": dev.uuid if dev else str(info.get("uuid") or f"unknown:{node}:{alloc.token}"),
-        "gpu_type": dev.gpu_type if dev else str(info.get("gpu_type") or "unknown"),
-        "energy_j": None, "util_mean": None, "util_max": None, "mem_max_bytes": None,
-        "gpu_seconds": max(now - start_ts, 0.0) if start_ts is not None else None,
-    }
+        uuid=dev.uuid if dev else str(info.get("uuid") or f"unknown:{node}:{alloc.token}"),
+        gpu_type=dev.gpu_type if dev else str(info.get("gpu_type") or "unknown"),
+        gpu_seconds=max(now - start_ts, 0.0) if start_ts is not None else None,
+    )
     if dev is None:
         if backend is not None:
             flags.append(f"gpu_not_found:{alloc.token}")
@@ -406,24 +404,32 @@ def jobcomp(env: Env, settings: HookSettings, now: float) -> list[str]:
     state = (_str(env.get("JOBSTATE")) or "UNKNOWN").split()[0].upper()
     if state == "PENDING":  # `scontrol requeue` ends a run with the job already pending again
         state = "REQUEUED"
-    record = {
-        "kind": "jobcomp", "cluster": settings.cluster, "job_id": job_id,
-        "restart_count": None, "state": state,
-        "submit_ts": _epoch(env.get("SUBMIT")), "start_ts": _epoch(env.get("START")),
-        "end_ts": _epoch(env.get("END")),
-        "nodes": _str(env.get("NODES")) or "", "node_count": _int(env.get("NODECNT")) or 0,
-        "partition": _str(env.get("PARTITION")), "uid": _int(env.get("UID")),
-        "user": _str(env.get("USERNAME")), "account": _str(env.get("ACCOUNT")),
-        "exit_code": _str(env.get("EXITCODE")), "derived_ec": _str(env.get("DERIVED_EC")),
-        "time_limit_min": parse_time_limit(env.get("LIMIT")),
+    record = records.jobcomp_record(
+        cluster=settings.cluster, job_id=job_id, restart_count=None, state=state,
+        submit_ts=_epoch(env.get("SUBMIT")), start_ts=_epoch(env.get("START")),
+        end_ts=_epoch(env.get("END")),
+        nodes=_str(env.get("NODES")) or "", node_count=_int(env.get("NODECNT")) or 0,
+        partition=_str(env.get("PARTITION")), uid=_int(env.get("UID")),
+        user=_str(env.get("USERNAME")), account=_str(env.get("ACCOUNT")),
+        exit_code=_str(env.get("EXITCODE")), derived_ec=_str(env.get("DERIVED_EC")),
+        time_limit_min=parse_time_limit(env.get("LIMIT")),
         # jobcomp/script sets ARRAYJOBID=0 and ARRAYTASKID=NO_VAL for jobs outside arrays.
-        "array_job_id": array_job if array_job else None,
-        "array_task_id": _int(env.get("ARRAYTASKID")) if array_job else None,
-        "work_dir": _str(env.get("WORK_DIR")),
-    }
+        array_job_id=array_job if array_job else None,
+        array_task_id=_int(env.get("ARRAYTASKID")) if array_job else None,
+        work_dir=_str(env.get("WORK_DIR")),
+    )
     spool.write_record_file(settings.spool_dir, record)
-    spool.nudge_daemon(settings.socket)
+    _nudge(settings)
     return []
+
+
+def _nudge(settings: HookSettings) -> None:
+    """Wake the daemon (``slurm_plugin.protocol.nudge``: never raises, bounded by its short
+    timeout). Imported once the record is safe in the spool: the client is not start-up
+    cost."""
+    from slurm_plugin.protocol import nudge
+
+    nudge(settings.socket)
 
 
 HOOKS: dict[str, Callable[[Env, HookSettings, float], list[str]]] = {
@@ -452,7 +458,7 @@ def main(
     name = args[0]
     env = os.environ if env is None else env
     try:
-        settings = load_settings(env.get("SLURMGATE_CONFIG") or DEFAULT_CONFIG)
+        settings = load_settings(defaults.policy_path(env=env))
         notes = HOOKS[name](env, settings, time.time() if now is None else now)
         if notes:
             _say(f"slurmgate hook {name} {_who(env)}: note: " + "; ".join(dict.fromkeys(notes)))

@@ -5,9 +5,12 @@ into ``<spool>/`` as ``<kind>.<cluster>.<job_id>.<restart>.<node or ctl>.<record
 fsync of the directory. A reader therefore never sees a partial record; a writer that crashed
 before the rename leaves its file in ``tmp/``, where ``recover_tmp`` finds it.
 
-The daemon is the only consumer: ``claim_batch`` (oldest first, parsed and checked), ingest and
-commit, then ``remove``; a record it cannot use goes to ``quarantine/`` with a ``.reason`` file.
-Nothing here deletes a record that was not committed.
+Records are checked by ``policies.records.validate`` (the ingest's check too) on the way in:
+``write_record`` refuses a record the daemon could not use, keeps it in ``quarantine/`` with a
+``.reason`` file and raises ``RefusedRecord``. The daemon is the only consumer:
+``claim_batch`` (oldest first, parsed and checked again), ingest and commit, then ``remove``;
+a record it cannot use goes to ``quarantine/`` with a ``.reason`` file. Nothing here deletes
+a record that was not committed.
 
 ``baseline/`` holds the prolog's per-run snapshots (not records; see slurm_plugin.node.hooks).
 """
@@ -22,43 +25,19 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from policies.records import RECORD_VERSION, validate
 from slurm_plugin.fsutil import atomic_write, fsync_dir
 
 if TYPE_CHECKING:  # pathlib costs the hooks ~8 ms of start-up: imported where it is used
     from pathlib import Path
 
-RECORD_VERSION = 1
-KINDS = ("node_run", "jobcomp", "gpu_sample")
 MAX_RECORD_BYTES = 16 * 2**20
 """A bigger file is not a record we wrote: it is quarantined unread."""
 
-# Field types per kind: int, num (int or float), str, list; a trailing ? allows null.
-_COMMON = {"v": "int", "kind": "str", "record_id": "str", "cluster": "str", "written_at": "num"}
-_SCHEMA: dict[str, dict[str, str]] = {
-    "node_run": {
-        "job_id": "int", "restart_count": "int", "node": "str", "user": "str?",
-        "account": "str?", "start_ts": "num?", "end_ts": "num", "gpus": "list",
-    },
-    "jobcomp": {
-        "job_id": "int", "restart_count": "int?", "state": "str", "submit_ts": "num?",
-        "start_ts": "num?", "end_ts": "num?", "nodes": "str", "node_count": "int",
-        "partition": "str?", "uid": "int?", "user": "str?", "account": "str?",
-        "exit_code": "str?", "derived_ec": "str?", "time_limit_min": "int?",
-        "array_job_id": "int?", "array_task_id": "int?", "work_dir": "str?",
-    },
-    "gpu_sample": {"node": "str", "ts": "num", "gpus": "list"},
-}
-_GPU_SCHEMA: dict[str, dict[str, str]] = {
-    "node_run": {
-        "index": "int", "minor": "int?", "uuid": "str", "gpu_type": "str", "energy_j": "num?",
-        "util_mean": "num?", "util_max": "num?", "mem_max_bytes": "int?",
-        "gpu_seconds": "num?",
-    },
-    "gpu_sample": {
-        "uuid": "str", "index": "int", "gpu_type": "str", "util": "num",
-        "mem_used_bytes": "int", "power_w": "num?",
-    },
-}
+
+class RefusedRecord(ValueError):
+    """``write_record`` was handed a record the daemon could not ingest; it was kept in
+    ``quarantine/`` (with its reason) instead of the spool."""
 
 
 class SpoolItem(NamedTuple):
@@ -67,59 +46,6 @@ class SpoolItem(NamedTuple):
     """The parsed record; None when it could not be read or parsed."""
     error: str | None
     """Why the record is unusable (quarantine it); None for a good record."""
-
-
-def _is_type(value: Any, spec: str) -> bool:
-    if spec.endswith("?"):
-        if value is None:
-            return True
-        spec = spec[:-1]
-    if isinstance(value, bool):
-        return False
-    if spec == "int":
-        return isinstance(value, int)
-    if spec == "num":
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    if spec == "str":
-        return isinstance(value, str)
-    if spec == "list":
-        return isinstance(value, list)
-    raise ValueError(f"unknown type spec {spec!r}")
-
-
-def _check_fields(obj: dict[str, Any], schema: dict[str, str], where: str) -> str | None:
-    for key, spec in schema.items():
-        if key not in obj:
-            return f"{where}missing key '{key}'"
-        if not _is_type(obj[key], spec):
-            return f"{where}'{key}' must be {spec.replace('?', ' or null')}, not {obj[key]!r:.60}"
-    return None
-
-
-def validate(record: Any) -> str | None:
-    """None for a usable record, else one sentence saying what is wrong."""
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    if record.get("v") != RECORD_VERSION or isinstance(record.get("v"), bool):
-        return f"unsupported record version {record.get('v')!r:.30} (expected {RECORD_VERSION})"
-    kind = record.get("kind")
-    if kind not in _SCHEMA:
-        return f"unknown kind {kind!r:.40} (known: {', '.join(KINDS)})"
-    problem = _check_fields(record, _COMMON, "") or _check_fields(record, _SCHEMA[kind], "")
-    if problem:
-        return problem
-    gpu_schema = _GPU_SCHEMA.get(kind)
-    if gpu_schema:
-        for i, gpu in enumerate(record["gpus"]):
-            if not isinstance(gpu, dict):
-                return f"gpus[{i}] is not an object"
-            problem = _check_fields(gpu, gpu_schema, f"gpus[{i}]: ")
-            if problem:
-                return problem
-    flags = record.get("flags", [])
-    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
-        return "'flags' must be a list of strings"
-    return None
 
 
 def name_part(value: Any, missing: str = "-") -> str:
@@ -163,8 +89,12 @@ def ensure_dir(path: str, like: str | None = None) -> None:
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
+    return _encode(_finite(record))
+
+
+def _encode(record: dict[str, Any]) -> bytes:
     return json.dumps(
-        _finite(record), separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        record, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode("ascii") + b"\n"
 
 
@@ -172,7 +102,8 @@ def write_record(spool_dir: str | os.PathLike[str], record: dict[str, Any]) -> P
     """Write one record atomically and return its path in the spool.
 
     Fills ``v`` (always 1), ``record_id`` and ``written_at`` unless the caller set them (a
-    retry may keep its record_id so the daemon's ingest stays idempotent).
+    retry may keep its record_id so the daemon's ingest stays idempotent). A record that does
+    not validate is kept in ``quarantine/`` instead and ``RefusedRecord`` says why.
     """
     from pathlib import Path
 
@@ -188,13 +119,29 @@ def write_record_file(spool_dir: str | os.PathLike[str], record: dict[str, Any])
         rec["record_id"] = os.urandom(16).hex()
     rec.setdefault("written_at", time.time())
     name = record_filename(rec)
-    data = encode_record(rec)
+    clean = _finite(rec)
+    data = _encode(clean)
+    problem = validate(clean)  # as the daemon will read it: NaN is null by now
     ensure_dir(spool)
     tmp_dir = os.path.join(spool, "tmp")
     ensure_dir(tmp_dir, like=spool)
+    if problem is not None:
+        _refuse(spool, tmp_dir, name, data, problem)
     final = os.path.join(spool, name)
     atomic_write(os.path.join(tmp_dir, name + ".tmp"), final, data)
     return final
+
+
+def _refuse(spool: str, tmp_dir: str, name: str, data: bytes, problem: str) -> None:
+    """Keep a record the daemon could not use where an admin finds it, then raise."""
+    qdir = os.path.join(spool, "quarantine")
+    ensure_dir(qdir, like=spool)
+    final = os.path.join(qdir, name)
+    atomic_write(os.path.join(tmp_dir, name + ".tmp"), final, data)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    reason = f"{stamp} refused by write_record: {problem}\n".encode()
+    atomic_write(os.path.join(tmp_dir, name + ".reason.tmp"), final + ".reason", reason)
+    raise RefusedRecord(f"{problem} (record kept as {final})")
 
 
 def _read_item(path: Path) -> SpoolItem:
@@ -330,27 +277,9 @@ def recover_tmp(
 
 
 def nudge_daemon(socket_path: str, timeout: float = 0.05) -> bool:
-    """Tell the daemon the spool has new records. Never raises; True if it answered ok.
+    """``slurm_plugin.protocol.nudge`` by its old name (``slurmgate reconcile`` and the
+    cluster tests call it so): tell the daemon the spool has new records. Never raises; True
+    if it answered ok."""
+    from slurm_plugin.protocol import nudge
 
-    ``timeout`` bounds the whole exchange (connect, send, one line back).
-    """
-    import socket
-
-    deadline = time.monotonic() + timeout
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(socket_path)
-            s.settimeout(max(deadline - time.monotonic(), 0.001))
-            s.sendall(b'{"v":1,"op":"nudge"}\n')
-            buf = b""
-            while b"\n" not in buf and len(buf) < 65536:
-                s.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
-        resp = json.loads(buf.split(b"\n", 1)[0])
-        return isinstance(resp, dict) and resp.get("ok") is True
-    except Exception:
-        return False
+    return nudge(socket_path, timeout)

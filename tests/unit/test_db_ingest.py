@@ -207,7 +207,7 @@ def test_jobcomp_before_node_run(store: Store, policy: Policy) -> None:
     assert run["cost_energy"] == pytest.approx(0.4)
     assert len(store.runs_of_job("c1", 201)) == 1
     # the rollup moved with the re-settlement
-    day = store.query("SELECT * FROM usage_daily")
+    day = store._query("SELECT * FROM usage_daily")
     assert len(day) == 1 and day[0]["runs"] == 1
     assert day[0]["cost"] == pytest.approx(run["cost"])
     check_rollups(store)
@@ -251,7 +251,7 @@ def test_requeue_after_node_failure(store: Store, policy: Policy) -> None:
     assert store.reservation(rid)["state"] == "settled"
     spend = store.spend_by_team(T0 - 86400, T0 + 86400)
     assert spend == {"vision": pytest.approx(r1["cost"])}
-    kinds = [e["kind"] for e in store.query("SELECT kind FROM events")]
+    kinds = [e["kind"] for e in store._query("SELECT kind FROM events")]
     assert kinds == ["credit"]
     check_rollups(store)
 
@@ -413,7 +413,7 @@ def test_unpriceable_run_is_kept_unsettled_with_a_warning(store: Store, policy: 
     run = store.run("c1", 950, 0)
     assert run["state"] == "COMPLETED" and run["cost"] is None
     assert run["gpu_seconds"] == pytest.approx(4 * 7200)  # the facts are kept
-    assert [e["kind"] for e in store.query("SELECT kind FROM events")] == ["settle_error"]
+    assert [e["kind"] for e in store._query("SELECT kind FROM events")] == ["settle_error"]
 
 
 def test_a_failing_record_does_not_block_the_batch(store: Store, policy: Policy) -> None:
@@ -446,6 +446,80 @@ def test_epilog_without_baseline_is_kept_as_an_event_not_quarantined(tmp_path):
     result = ingest_records(store, [rec], parse_policy(""))
     assert result.errors == []
     assert result.counts == {"node_run_incomplete": 1}
-    events = store.query("SELECT kind, node, job_id FROM events")
+    events = store._query("SELECT kind, node, job_id FROM events")
     assert events == [{"kind": "settle_warning", "node": "node1", "job_id": 5}]
-    assert store.query("SELECT count(*) AS n FROM run_nodes")[0]["n"] == 0
+    assert store._query("SELECT count(*) AS n FROM run_nodes")[0]["n"] == 0
+
+
+# -- the one record check (policies.records) ------------------------------------------------
+
+
+def test_node_runs_without_their_gpu_time_are_kept_as_events(store: Store,
+                                                             policy: Policy) -> None:
+    """A node_run the spool passes (policies.records.validate) is never an error here: one
+    without its start or GPU-seconds is an event, its node charged from the allocation."""
+    unreadable = dict(make_node_run(990, node="node1"), start_ts=None,
+                      flags=["baseline_unreadable"])
+    for gpu in unreadable["gpus"]:
+        gpu["gpu_seconds"] = None
+    partial = make_node_run(990, node="node2")
+    partial["gpus"][1]["gpu_seconds"] = None
+    res = ingest_records(store, [unreadable, partial,
+                                 make_jobcomp(990, nodes="node[1-3]", node_count=3)], policy)
+    assert res.errors == []
+    assert res.counts == {"node_run_incomplete": 2, "jobcomp": 1}
+    messages = [e["message"] for e in store._query("SELECT message FROM events "
+                                                    "WHERE kind = 'settle_warning'")]
+    assert messages == [
+        "node node1 of job 990 reported no start time; its GPU time is charged from the "
+        "allocation",
+        "node node2 of job 990 reported GPUs without their GPU-seconds; its GPU time is "
+        "charged from the allocation"]
+    run = store.run("c1", 990, 0)
+    assert run["state"] == "COMPLETED" and run["cost"] is not None
+    assert store.run_nodes("c1", 990, 0) == []
+
+
+def test_a_jobcomp_without_its_nodes_settles(store: Store, policy: Policy) -> None:
+    """The spool used to quarantine these (it demanded nodes and node_count)."""
+    rec = {k: v for k, v in make_jobcomp(991).items() if k not in ("nodes", "node_count")}
+    reserve(store, 991)
+    reserve(store, 992)  # its twin, with the nodes named
+    res = ingest_records(store, [make_node_run(991), rec, make_node_run(992),
+                                 make_jobcomp(992)], policy)
+    assert res.errors == [] and res.counts == {"node_run": 2, "jobcomp": 2}
+    run = store.run("c1", 991, 0)
+    assert (run["nodes"], run["node_count"]) == (None, None)
+    assert run["cost"] == store.run("c1", 992, 0)["cost"] == pytest.approx(17.54)
+    check_rollups(store)
+
+
+def test_records_already_in_spools_still_ingest(store: Store, policy: Policy) -> None:
+    """Bytes as the hooks wrote them before the record had one home (and reconcile's
+    jobcomp, with its extra "source")."""
+    import json
+
+    lines = [
+        '{"kind":"node_run","cluster":"c1","job_id":992,"restart_count":0,"node":"node1",'
+        '"user":"vera","account":"vis","start_ts":1790035200.0,"end_ts":1790042400.0,"gpus":'
+        '[{"index":0,"minor":0,"uuid":"GPU-a","gpu_type":"a100","energy_j":3600000.0,'
+        '"util_mean":50.0,"util_max":60.0,"mem_max_bytes":1073741824,"gpu_seconds":7200.0}],'
+        '"flags":[],"v":1,"record_id":"0123456789abcdef0123456789abcdef",'
+        '"written_at":1790042401.0}',
+        '{"kind":"jobcomp","cluster":"c1","job_id":992,"restart_count":null,"state":'
+        '"COMPLETED","submit_ts":1790035140.0,"start_ts":1790035200.0,"end_ts":1790042400.0,'
+        '"nodes":"node1","node_count":1,"partition":"gpu","uid":1001,"user":"vera",'
+        '"account":"vis","exit_code":"0:0","derived_ec":"0:0","time_limit_min":240,'
+        '"array_job_id":null,"array_task_id":null,"work_dir":"/home/vera","v":1,'
+        '"record_id":"fedcba9876543210fedcba9876543210","written_at":1790042400.5}',
+        '{"kind":"jobcomp","cluster":"c1","job_id":993,"restart_count":0,"state":"FAILED",'
+        '"submit_ts":null,"start_ts":1790035200.0,"end_ts":1790038800.0,"nodes":"",'
+        '"node_count":null,"partition":"gpu","uid":null,"user":"vera","account":"vis",'
+        '"exit_code":"1:0","derived_ec":"0:0","time_limit_min":null,"array_job_id":null,'
+        '"array_task_id":null,"work_dir":null,"source":"reconcile","v":1,'
+        '"record_id":"00112233445566778899aabbccddeeff","written_at":1790038801.0}',
+    ]
+    res = ingest_records(store, [json.loads(line) for line in lines], policy)
+    assert res.errors == [] and res.counts == {"node_run": 1, "jobcomp": 2}
+    assert store.run("c1", 992, 0)["cost"] == pytest.approx(4.0 + 0.1 * 1.0)
+    assert store.run("c1", 993, 0)["state"] == "FAILED"

@@ -298,3 +298,37 @@ def test_requeued_run_uses_the_prolog_baseline_and_the_epilogs_restart_count(
     [rec] = records(tmp_path / "spool")
     assert rec["restart_count"] == 1 and rec["start_ts"] == T0
     assert "no_baseline" not in rec["flags"]
+
+
+def test_a_record_the_daemon_could_not_use_is_kept_in_quarantine(
+        cfg: Path, tmp_path: Path, capsys: Any) -> None:
+    """The hooks write through the one record check (policies.records.validate): a GPU that
+    Slurm names by a UUID this node does not have has no index the ingest could take."""
+    env = node_env(cfg, SLURM_JOB_GPUS="GPU-not-on-this-node")
+    assert hooks.main(["epilog"], env=env, now=T0) == 0  # never fails the job
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RefusedRecord: gpus[0].index must not be negative" in err
+    assert records(tmp_path / "spool") == []
+    [kept] = (tmp_path / "spool" / "quarantine").glob("node_run.*.json")
+    assert json.loads(kept.read_text())["gpus"][0]["uuid"] == "unknown:node2:GPU-not-on-this-node"
+
+
+def test_hook_records_are_built_by_the_record_home(cfg: Path, tmp_path: Path) -> None:
+    from policies import records as home
+
+    hooks.main(["prolog"], env=node_env(cfg), now=T0)
+    hooks.main(["epilog"], env=node_env(cfg), now=T0 + 60)
+    jobcomp_env = {"SLURMGATE_CONFIG": str(cfg), "JOBID": "77", "JOBSTATE": "COMPLETED",
+                   "START": str(int(T0)), "END": str(int(T0 + 60)), "NODES": "node2",
+                   "NODECNT": "1"}
+    hooks.main(["jobcomp"], env=jobcomp_env, now=T0 + 61)
+    by_kind = {r["kind"]: r for r in records(tmp_path / "spool")}
+    filled = ["v", "record_id", "written_at"]
+    assert list(by_kind["node_run"]) == [*home.node_run_record(
+        cluster="", job_id=0, restart_count=0, node="", user=None, account=None,
+        start_ts=None, end_ts=0.0, gpus=[]), *filled]
+    assert list(by_kind["node_run"]["gpus"][0]) == list(home.node_run_gpu(
+        index=0, minor=None, uuid="", gpu_type="", gpu_seconds=None))
+    assert list(by_kind["jobcomp"]) == [
+        *home.jobcomp_record(cluster="", job_id=0, state=""), *filled]
+    assert all(home.validate(r) is None for r in by_kind.values())

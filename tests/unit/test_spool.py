@@ -1,4 +1,4 @@
-"""The spool: atomic records, oldest-first claims, quarantine, removal, the daemon nudge."""
+"""The spool: atomic, checked records, oldest-first claims, quarantine, removal, the nudge."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import json
 import logging
 import os
 import re
-import socket
 import stat
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,16 @@ def jobcomp(**over: Any) -> dict[str, Any]:
 
 def json_files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file())
+
+
+def write_unchecked(spool_dir: Path, record: dict[str, Any]) -> Path:
+    """A record in the spool as write_record names and encodes it, but unchecked: what an
+    older or foreign writer, or a damaged disk, leaves for claim_batch to judge."""
+    rec = {**record, "v": record.get("v", 1), "record_id": os.urandom(16).hex(),
+           "written_at": time.time()}
+    path = spool_dir / spool.record_filename(rec)
+    path.write_bytes(spool.encode_record(rec))
+    return path
 
 
 def test_write_record_fills_fields_and_names_the_file(tmp_path: Path) -> None:
@@ -130,13 +138,13 @@ def test_claim_flags_corrupt_and_ill_typed_records(tmp_path: Path, caplog: Any) 
     good = spool.write_record(tmp_path, node_run())
     (tmp_path / "node_run.dev.1.0.n.00.json").write_bytes(b"{not json")
     (tmp_path / "node_run.dev.2.0.n.00.json").write_bytes(b"\xff\xfe")
-    spool.write_record(tmp_path, node_run(job_id="42"))
-    spool.write_record(tmp_path, node_run(job_id=7, restart_count=True))
+    write_unchecked(tmp_path, node_run(job_id="42"))
+    write_unchecked(tmp_path, node_run(job_id=7, restart_count=True))
     gpus = node_run()["gpus"]
     gpus[0]["energy_j"] = "lots"
-    spool.write_record(tmp_path, node_run(job_id=8, gpus=gpus))
-    spool.write_record(tmp_path, jobcomp(node_count=None))
-    spool.write_record(tmp_path, {"kind": "mystery", "cluster": "dev"})
+    write_unchecked(tmp_path, node_run(job_id=8, gpus=gpus))
+    write_unchecked(tmp_path, jobcomp(node_count="2"))
+    write_unchecked(tmp_path, {"kind": "mystery", "cluster": "dev"})
     (tmp_path / "jobcomp.dev.3.-.ctl.00.json").write_text(json.dumps({**jobcomp(), "v": 2}))
     (tmp_path / "jobcomp.dev.4.-.ctl.00.json").write_text("[1, 2]")
     items = spool.claim_batch(tmp_path)
@@ -145,9 +153,11 @@ def test_claim_flags_corrupt_and_ill_typed_records(tmp_path: Path, caplog: Any) 
     problems = sorted(e for e in errors.values())
     assert len(problems) == 9 and all(problems)
     joined = " | ".join(problems)
-    for expected in ("not JSON", "not UTF-8", "'job_id' must be int", "'restart_count' must be",
-                     "gpus[0]: 'energy_j' must be num or null", "'node_count' must be int",
-                     "unknown kind 'mystery'", "unsupported record version 2",
+    for expected in ("not JSON", "not UTF-8", "job_id must be an integer, got '42'",
+                     "restart_count must be an integer, got True",
+                     "gpus[0].energy_j must be a finite number or null, got 'lots'",
+                     "node_count must be an integer or null, got '2'",
+                     "unknown record kind 'mystery'", "unsupported record version 2",
                      "not a JSON object"):
         assert expected in joined, expected
     bad = [i for i in items if i.error]
@@ -200,49 +210,46 @@ def test_gpu_sample_records_validate(tmp_path: Path) -> None:
     assert spool.claim_batch(tmp_path)[0].error is None
 
 
-# -- nudge --------------------------------------------------------------------------------------
+def test_write_record_refuses_what_the_daemon_could_not_use(tmp_path: Path) -> None:
+    with pytest.raises(spool.RefusedRecord, match="job_id must be an integer, got '42'"):
+        spool.write_record(tmp_path, node_run(job_id="42"))
+    assert spool.claim_batch(tmp_path) == []  # nothing for the daemon
+    assert list((tmp_path / "tmp").iterdir()) == []
+    q = tmp_path / "quarantine"
+    [kept] = q.glob("*.json")  # kept for the admin, with its reason, not lost
+    assert json.loads(kept.read_text())["job_id"] == "42"
+    assert kept.name.startswith("node_run.dev.42.1.node1.")
+    reason = (q / (kept.name + ".reason")).read_text()
+    assert "refused by write_record: job_id must be an integer" in reason
+    with pytest.raises(spool.RefusedRecord, match="unknown record kind 'mystery'"):
+        spool.write_record(tmp_path, {"kind": "mystery", "cluster": "dev"})
+    with pytest.raises(ValueError, match=r"gpus\[0\]\.gpu_seconds must not be negative"):
+        gpus = [dict(node_run()["gpus"][0], gpu_seconds=-1.0)]
+        spool.write_record(tmp_path, node_run(gpus=gpus))
 
 
-class LineServer:
-    """A Unix-socket server that records request lines and answers (or stays silent)."""
-
-    def __init__(self, path: str, answer: bytes | None) -> None:
-        self.lines: list[bytes] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(8)
-        self.answer = answer
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                conn.settimeout(2)
-                try:
-                    while not data.endswith(b"\n"):
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    self.lines.append(data)
-                    if self.answer is None:
-                        conn.recv(1)  # hold the line open until the client gives up
-                    else:
-                        conn.sendall(self.answer)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
+def test_what_the_ingest_takes_the_spool_takes(tmp_path: Path) -> None:
+    """One check (policies.records.validate) for the spool and the ingest: nullable fields may
+    be absent, a jobcomp may lack its nodes, a node_run its start and GPU-seconds."""
+    no_nodes = jobcomp(nodes=None, node_count=None)
+    sparse = {k: v for k, v in jobcomp().items() if v is not None}
+    assert "restart_count" not in sparse and "work_dir" not in sparse
+    gpu = {k: v for k, v in node_run()["gpus"][0].items() if k != "minor"}
+    lean = node_run(user=None, gpus=[gpu])
+    del lean["user"], lean["flags"]
+    incomplete = node_run(start_ts=None, flags=["baseline_unreadable"],
+                          gpus=[dict(node_run()["gpus"][0], gpu_seconds=None)])
+    for rec in (no_nodes, sparse, lean, incomplete):
+        spool.write_record(tmp_path, rec)
+    items = spool.claim_batch(tmp_path)
+    assert len(items) == 4 and [i.error for i in items] == [None] * 4
+    assert spool.validate(items[0].record) is None
 
 
-def test_nudge_reaches_the_daemon(tmp_path: Path) -> None:
+def test_nudge_daemon_is_the_protocol_client(tmp_path: Path) -> None:
+    from tests.unit.test_protocol import LineServer
+
+    assert spool.nudge_daemon(str(tmp_path / "missing.sock")) is False
     server = LineServer(str(tmp_path / "d.sock"), b'{"v":1,"ok":true}\n')
     try:
         assert spool.nudge_daemon(str(tmp_path / "d.sock"), timeout=2.0) is True
@@ -250,18 +257,3 @@ def test_nudge_reaches_the_daemon(tmp_path: Path) -> None:
         assert json.loads(server.lines[0]) == {"v": 1, "op": "nudge"}
     finally:
         server.close()
-
-
-def test_nudge_never_raises_and_never_hangs(tmp_path: Path) -> None:
-    assert spool.nudge_daemon(str(tmp_path / "missing.sock")) is False
-    assert spool.nudge_daemon("\0" * 200) is False
-    silent = LineServer(str(tmp_path / "silent.sock"), None)
-    junk = LineServer(str(tmp_path / "junk.sock"), b"garbage\n")
-    try:
-        t0 = time.monotonic()
-        assert spool.nudge_daemon(str(tmp_path / "silent.sock"), timeout=0.05) is False
-        assert time.monotonic() - t0 < 1.0
-        assert spool.nudge_daemon(str(tmp_path / "junk.sock"), timeout=2.0) is False
-    finally:
-        silent.close()
-        junk.close()

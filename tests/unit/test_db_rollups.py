@@ -1,0 +1,149 @@
+"""db.rollups: the daily rollups kept by the ingest, verified and rebuilt from the runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from db import ingest_records, open_store, rollups
+from db.store import Store
+from policies.config import Policy
+from tests.unit.test_db_ingest import (
+    HOUR,
+    T0,
+    check_rollups,
+    make_jobcomp,
+    make_node_run,
+    make_policy,
+    reserve,
+)
+
+
+@pytest.fixture
+def policy() -> Policy:
+    return make_policy()
+
+
+def settled_store(path: str | Path, policy: Policy) -> Store:
+    """Runs of two teams over two days, one credited (a node failure), one unsettled."""
+    store = open_store(path)
+    reserve(store, 1, team="nlp", project="chat")
+    recs = [make_node_run(1), make_jobcomp(1),
+            make_node_run(2, account="vis", start=T0 + 86400, end=T0 + 86400 + HOUR),
+            make_jobcomp(2, state="NODE_FAIL", start=T0 + 86400, end=T0 + 86400 + HOUR),
+            make_node_run(3, gpu_type="v100")]  # no jobcomp, no price: never in a rollup
+    res = ingest_records(store, recs, policy)
+    assert res.errors == []
+    return store
+
+
+def test_kept_rollups_verify_clean(policy: Policy) -> None:
+    store = settled_store(":memory:", policy)
+    assert rollups.verify(store) == []
+    assert rollups.rebuild(store) == []  # nothing to fix, nothing written
+    check_rollups(store)
+
+
+def test_verify_finds_a_corrupt_row_and_rebuild_fixes_it(policy: Policy) -> None:
+    store = settled_store(":memory:", policy)
+    day = int(T0 // 86400)
+    with store.transaction():
+        store.conn.execute("UPDATE usage_daily_team SET cost = cost + 5 WHERE day = ?", (day,))
+        store.conn.execute("UPDATE usage_daily SET runs = runs + 1 WHERE day = ?", (day + 1,))
+        store.conn.execute("DELETE FROM usage_daily_project WHERE day = ?", (day + 1,))
+        store.conn.execute(
+            "INSERT INTO usage_daily_team (day, cluster, team, runs, cost) "
+            "VALUES (?, 'c1', 'ghost', 1, 9.0)", (day + 5,))
+    before = store.spend_by_team(T0 - 86400, T0 + 7 * 86400)
+    assert before["nlp"] != pytest.approx(store.run("c1", 1, 0)["cost"])
+
+    diffs = rollups.verify(store)
+    found = {(d.table, d.key[0] - day, d.column) for d in diffs}
+    assert found == {
+        ("usage_daily_team", 0, "cost"),
+        ("usage_daily_team", 5, "row"),
+        ("usage_daily", 1, "runs"),
+        ("usage_daily_project", 1, "row"),
+    }
+    cost = next(d for d in diffs if d.column == "cost")
+    assert cost.key == (day, "c1", "nlp")
+    assert cost.have == pytest.approx(cost.want + 5)
+    ghost = next(d for d in diffs if d.key[-1] == "ghost")
+    assert (ghost.have, ghost.want) == (1, None)
+    missing = next(d for d in diffs if d.table == "usage_daily_project")
+    assert missing.have is None and missing.want == 1
+    assert "2026-09-22 c1/nlp: cost is" in cost.describe()
+    assert "no settled runs behind it" in ghost.describe()
+    assert "row missing (1 runs)" in missing.describe()
+
+    assert sorted(rollups.rebuild(store)) == sorted(diffs)
+    assert rollups.verify(store) == []
+    check_rollups(store)
+    assert store.spend_by_team(T0 - 86400, T0 + 7 * 86400) == {
+        "nlp": pytest.approx(store.run("c1", 1, 0)["cost"]),
+        "vision": pytest.approx(0.0)}  # the node failure is credited in full
+
+
+def test_float_drift_is_not_a_difference(policy: Policy) -> None:
+    store = settled_store(":memory:", policy)
+    with store.transaction():
+        store.conn.execute("UPDATE usage_daily SET cost = cost + 1e-9, "
+                           "gpu_seconds = gpu_seconds * (1 + 1e-12)")
+    assert rollups.verify(store) == []
+
+
+def test_verify_reads_through_a_reader(tmp_path: Path, policy: Policy) -> None:
+    settled_store(tmp_path / "sg.db", policy).close()
+    reader = open_store(tmp_path / "sg.db", readonly=True)
+    try:
+        assert rollups.verify(reader) == []
+    finally:
+        reader.close()
+
+
+def test_doctor_rollups(tmp_path: Path, policy: Policy) -> None:
+    from slurm_plugin.doctor import Doctor, run_doctor
+
+    db = tmp_path / "sg.db"
+    cfg = tmp_path / "policy.toml"
+    cfg.write_text(f'[daemon]\ndatabase = "{db}"\ncluster = "c1"\n'
+                   '[rates.gpu_hour]\na100 = 2.0\n')
+    settled_store(db, policy).close()
+
+    doc = Doctor(str(cfg), rollups=True)
+    doc.check_policy()
+    doc.check_rollups()
+    assert [(c.name, c.status) for c in doc.checks] == [("policy", "OK"), ("rollups", "OK")]
+
+    with open_store(db) as store, store.transaction():
+        store.conn.execute("UPDATE usage_daily_team SET credit = credit + 1")
+    doc = Doctor(str(cfg), rollups=True)
+    doc.check_policy()
+    doc.check_rollups()
+    check = doc.checks[-1]
+    assert check.status == "FAIL" and "usage_daily_team" in check.detail
+    assert "credit is" in check.detail and "rebuild(open_store(" in check.fix
+
+    # the flag adds the check to a controller run; without it the check does not run
+    lines: list[str] = []
+    run_doctor(str(cfg), print_fn=lines.append, slurm_config=lambda: "", rollups=True)
+    assert any(line.split()[:2] == ["FAIL", "rollups"] for line in lines), lines
+    lines.clear()
+    run_doctor(str(cfg), print_fn=lines.append, slurm_config=lambda: "")
+    assert not any(line.split()[1:2] == ["rollups"] for line in lines), lines
+
+    with open_store(db) as store:
+        rollups.rebuild(store)
+    doc = Doctor(str(cfg), rollups=True)
+    doc.check_policy()
+    doc.check_rollups()
+    assert doc.checks[-1].status == "OK"
+
+
+def test_cli_has_the_flag() -> None:
+    from slurm_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["doctor", "--rollups"])
+    assert args.rollups is True
+    assert build_parser().parse_args(["doctor"]).rollups is False
