@@ -21,7 +21,7 @@ def _detail(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def failure_metrics(store: Store, start_ts: float, end_ts: float) -> dict[str, Any]:
-    events = store.query(
+    events = store._query(
         "SELECT kind, ts, job_id, restart_count, node, detail FROM events "
         "WHERE kind IN ('node_fail', 'preempt', 'recovered', 'drain') AND ts >= ? AND ts < ? "
         "ORDER BY ts", (start_ts, end_ts))
@@ -45,13 +45,13 @@ def failure_metrics(store: Store, start_ts: float, end_ts: float) -> dict[str, A
         elif e["kind"] == "drain" and e["node"]:
             drains.append(e["node"])
     lost = sum(float(d.get("gpu_hours_lost") or 0.0) for d in runs_failed.values())
-    credited = store.query(
+    credited = store._query(
         "SELECT total(credit) AS money, total(CASE WHEN credit > 0 THEN gpu_seconds END) / 3600.0"
         " AS gpu_hours FROM runs WHERE end_ts >= ? AND end_ts < ?", (start_ts, end_ts))[0]
-    scav = store.query(
+    scav = store._query(
         "SELECT count(*) AS runs, total(state = 'PREEMPTED') AS preempted FROM runs "
         "WHERE partition = 'scavenger' AND end_ts >= ? AND end_ts < ?", (start_ts, end_ts))[0]
-    nodes_seen = {r["node"] for r in store.query(
+    nodes_seen = {r["node"] for r in store._query(
         "SELECT DISTINCT node FROM run_nodes WHERE end_ts >= ? AND end_ts < ?",
         (start_ts, end_ts))} | set(per_node)
     interruptions = len(runs_failed) + len(preempted)
@@ -79,7 +79,7 @@ def failure_metrics(store: Store, start_ts: float, end_ts: float) -> dict[str, A
 
 def node_history(store: Store, since_ts: float) -> list[dict[str, Any]]:
     """Per node: failures, last failure, drains by slurmgate, since ``since_ts``."""
-    return store.query(
+    return store._query(
         "SELECT node, total(kind = 'node_fail') AS failures, "
         "max(CASE WHEN kind = 'node_fail' THEN ts END) AS last_failure, "
         "total(kind = 'drain') AS drains, max(CASE WHEN kind = 'drain' THEN ts END) AS last_drain "

@@ -93,7 +93,7 @@ def usage_rows(store: Store, start_ts: float, end_ts: float, dims: Sequence[str]
     measures = ", ".join(f"total({m}) AS {m}" for m in ROLLUP_MEASURES)
     sql = (f"SELECT {group}, {measures} FROM ({' UNION ALL '.join(parts)}) "
            f"GROUP BY {group} HAVING total(runs) != 0 ORDER BY {group}")
-    rows = store.query(sql, params)
+    rows = store._query(sql, params)
     for r in rows:
         r["runs"] = int(r["runs"])
     return rows
@@ -175,7 +175,8 @@ def events(store: Store, kinds: Sequence[str] | None = None, limit: int = 200, *
            since_ts: float | None = None, team: str | None = None,
            job_id: int | None = None, before_id: int | None = None) -> list[dict[str, Any]]:
     """Event log, newest first; ``before_id`` pages backwards. ``detail`` is decoded."""
-    where, params = [], []
+    where: list[str] = []
+    params: list[Any] = []
     if kinds:
         where.append(f"kind IN ({', '.join('?' for _ in kinds)})")
         params += list(kinds)
@@ -188,7 +189,7 @@ def events(store: Store, kinds: Sequence[str] | None = None, limit: int = 200, *
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY id DESC LIMIT ?"
-    rows = store.query(sql, [*params, max(0, int(limit))])
+    rows = store._query(sql, [*params, max(0, int(limit))])
     for r in rows:
         if r["detail"]:
             with contextlib.suppress(ValueError):
@@ -199,7 +200,7 @@ def events(store: Store, kinds: Sequence[str] | None = None, limit: int = 200, *
 def node_failures(store: Store, since_ts: float) -> list[dict[str, Any]]:
     """Nodes with 'node_fail' events since ``since_ts``, most failures first: node,
     failures, jobs (distinct job ids hit), drains, first_ts, last_ts, last_message."""
-    return store.query(
+    return store._query(
         "SELECT node, sum(kind = 'node_fail') AS failures, "
         "count(DISTINCT CASE WHEN kind = 'node_fail' THEN job_id END) AS jobs, "
         "sum(kind = 'drain') AS drains, "
@@ -217,7 +218,7 @@ def unsettled_runs(store: Store, ended_before_ts: float, limit: int = 1000
                    ) -> list[dict[str, Any]]:
     """Runs whose nodes reported but whose jobcomp never came (oldest first): candidates for
     the daemon to look up in Slurm."""
-    return store.query(
+    return store._query(
         "SELECT cluster, job_id, restart_count, start_ts, end_ts, \"user\", account, nodes "
         "FROM runs WHERE state IS NULL AND end_ts < ? ORDER BY end_ts LIMIT ?",
         (ended_before_ts, limit),

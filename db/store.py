@@ -18,12 +18,14 @@ import math
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
+from db.ingest import resettle_runs
+from db.rollups import apply_rollup_delta
 from db.schema import LATEST_VERSION, current_version, migrate
 
 if TYPE_CHECKING:
@@ -46,6 +48,11 @@ _EVENT_FIELDS = (
 
 class StoreError(RuntimeError):
     """The store cannot be opened or used as asked; the message says what to do."""
+
+
+DatabaseError = sqlite3.Error
+"""SQLite's own error (locked, corrupt, I/O), named here so that code outside db can catch it
+without importing sqlite3 (only db runs SQL)."""
 
 
 def _decode_tags(row: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +110,9 @@ class Store:
             raise
         self.conn.execute("COMMIT")
 
-    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+    def _query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        """Rows of one SQL statement as dicts. Private to db: code outside db asks the store
+        for what it needs by name (the import-linter contract "only db runs SQL")."""
         cur = self.conn.execute(sql, params)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
@@ -177,8 +186,6 @@ class Store:
                     "AND restart_count = ?", [(rid, *k) for k in keys],
                 )
                 if policy is not None:
-                    from db.ingest import resettle_runs
-
                     resettle_runs(self, keys, policy, now=ts)
         return True
 
@@ -199,7 +206,7 @@ class Store:
     def live_reservations(self) -> list[dict[str, Any]]:
         """Reserved and bound reservations, tags decoded, with ``charged``: the net cost of
         runs already settled against them (a requeued job keeps its reservation)."""
-        rows = self.query(
+        rows = self._query(
             "SELECT r.*, coalesce((SELECT total(u.cost - u.credit) FROM runs u "
             "WHERE u.rid = r.rid AND u.cost IS NOT NULL), 0) AS charged "
             "FROM reservations r WHERE r.state IN ('reserved', 'bound') ORDER BY r.created_at"
@@ -207,32 +214,58 @@ class Store:
         return [_decode_tags(r) for r in rows]
 
     def reservation(self, rid: str) -> dict[str, Any] | None:
-        rows = self.query("SELECT * FROM reservations WHERE rid = ?", (rid,))
+        rows = self._query("SELECT * FROM reservations WHERE rid = ?", (rid,))
         return _decode_tags(rows[0]) if rows else None
+
+    def bound_job_ids(self, job_ids: Iterable[int]) -> set[int]:
+        """Those of ``job_ids`` that a reservation is bound to (any cluster, any state)."""
+        ids = tuple(job_ids)
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        return {row["job_id"] for row in self._query(
+            f"SELECT job_id FROM reservations WHERE job_id IN ({marks})", ids)}
 
     # -- runs -------------------------------------------------------------------------------
 
     def run(self, cluster: str, job_id: int, restart_count: int) -> dict[str, Any] | None:
-        rows = self.query(
+        rows = self._query(
             "SELECT * FROM runs WHERE cluster = ? AND job_id = ? AND restart_count = ?",
             (cluster, job_id, restart_count),
         )
         return rows[0] if rows else None
 
     def runs_of_job(self, cluster: str, job_id: int) -> list[dict[str, Any]]:
-        return self.query(
+        return self._query(
             "SELECT * FROM runs WHERE cluster = ? AND job_id = ? ORDER BY restart_count",
             (cluster, job_id),
         )
 
     def run_nodes(self, cluster: str, job_id: int, restart_count: int) -> list[dict[str, Any]]:
-        rows = self.query(
+        rows = self._query(
             "SELECT * FROM run_nodes WHERE cluster = ? AND job_id = ? AND restart_count = ? "
             "ORDER BY node", (cluster, job_id, restart_count),
         )
         for r in rows:
             r["gpus"] = json.loads(r["gpus"] or "[]")
         return rows
+
+    def unfinished_runs(self, cluster: str) -> list[dict[str, Any]]:
+        """Runs of ``cluster`` without a final state (their completion record has not come):
+        cluster, job_id, restart_count, start_ts, end_ts."""
+        return self._query(
+            "SELECT cluster, job_id, restart_count, start_ts, end_ts FROM runs "
+            "WHERE cluster = ? AND state IS NULL", (cluster,))
+
+    def recorded_job_ids(self, cluster: str) -> set[int]:
+        """Job ids of ``cluster`` with at least one run that has its final state."""
+        return {r["job_id"] for r in self._query(
+            "SELECT DISTINCT job_id FROM runs WHERE cluster = ? AND state IS NOT NULL",
+            (cluster,))}
+
+    def run_count(self) -> int:
+        """How many runs the store holds (every cluster, settled or not)."""
+        return int(self.conn.execute("SELECT count(*) FROM runs").fetchone()[0])
 
     def credit_run(self, cluster: str, job_id: int, restart_count: int, amount: float,
                    reason: str, *, actor: str | None = None, now: float | None = None) -> bool:
@@ -241,8 +274,6 @@ class Store:
         The daily rollup follows. Returns False when the run does not exist or is not
         settled yet.
         """
-        from db.ingest import apply_rollup_delta
-
         if amount < 0:
             raise ValueError("a credit cannot be negative")
         ts = time.time() if now is None else now
@@ -297,8 +328,61 @@ class Store:
                 row["detail"] = json.dumps(row["detail"], sort_keys=True, default=str)
             rows.append(row)
         with self.transaction():
-            self.db["events"].insert_all(rows, batch_size=1000)
+            self.db.table("events").insert_all(rows, batch_size=1000)
         return len(rows)
+
+    def has_event(self, kind: str, cluster: str, job_id: int,
+                  restart_count: int | None) -> bool:
+        """Whether an event of ``kind`` was logged for this run (``restart_count`` None: for
+        the job with no run number)."""
+        return bool(self._query(
+            "SELECT 1 FROM events WHERE kind = ? AND cluster = ? AND job_id = ? "
+            "AND restart_count IS ? LIMIT 1", (kind, cluster, job_id, restart_count)))
+
+    def event_kinds(self) -> list[str]:
+        """The kinds of event logged so far, in alphabetical order."""
+        return [r["kind"] for r in self._query("SELECT DISTINCT kind FROM events ORDER BY kind")]
+
+    def event_count(self, kind: str | None = None) -> int:
+        """How many events are logged, of ``kind`` when one is given."""
+        where, params = ("WHERE kind = ?", [kind]) if kind else ("", [])
+        return int(self._query(f"SELECT count(*) AS n FROM events {where}", params)[0]["n"])
+
+    def unrecovered_interruptions(self, since_ts: float) -> list[dict[str, Any]]:
+        """'node_fail' and 'preempt' events of a job after ``since_ts`` that no 'recovered'
+        event of the same run (cluster, job id, restart count) answers yet, oldest first:
+        id, cluster, job_id, restart_count, kind, ts."""
+        return self._query(
+            "SELECT e.id, e.cluster, e.job_id, e.restart_count, e.kind, e.ts FROM events e "
+            "WHERE e.kind IN ('node_fail', 'preempt') AND e.job_id IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM events r WHERE r.kind = 'recovered' AND r.job_id = e.job_id "
+            "AND r.cluster = e.cluster AND r.restart_count IS e.restart_count) "
+            "AND e.ts > ? ORDER BY e.ts", (since_ts,))
+
+    def last_drain_ts(self, cluster: str, node: str) -> float | None:
+        """When slurmgate last drained ``node`` ('drain' event), or None if it never did."""
+        rows = self._query(
+            "SELECT max(ts) AS ts FROM events WHERE kind = 'drain' AND node = ? AND cluster = ?",
+            (node, cluster))
+        return rows[0]["ts"] if rows else None
+
+    def failed_runs_on_node(self, cluster: str, node: str, since_ts: float) -> int:
+        """How many runs (job id, restart count) lost ``node`` ('node_fail' events) after
+        ``since_ts``."""
+        rows = self._query(
+            "SELECT count(DISTINCT job_id || ':' || coalesce(restart_count, -1)) AS n "
+            "FROM events WHERE kind = 'node_fail' AND node = ? AND cluster = ? AND ts > ?",
+            (node, cluster, since_ts))
+        return int(rows[0]["n"]) if rows else 0
+
+    # -- GPU samples ------------------------------------------------------------------------
+
+    def gpu_samples(self, since_ts: float, until_ts: float) -> list[dict[str, Any]]:
+        """Raw GPU samples taken in [since_ts, until_ts], oldest first: node, gpu_index,
+        gpu_type, ts, util, mem_used_bytes."""
+        return self._query(
+            "SELECT node, gpu_index, gpu_type, ts, util, mem_used_bytes "
+            "FROM gpu_samples WHERE ts >= ? AND ts <= ? ORDER BY ts", (since_ts, until_ts))
 
     # -- approvals --------------------------------------------------------------------------
 
@@ -313,7 +397,7 @@ class Store:
         ts = time.time() if now is None else now
         aid = approval_id or uuid.uuid4().hex[:12]
         with self.transaction():
-            self.db["approvals"].insert({
+            self.db.table("approvals").insert({
                 "id": aid, "team": team, "amount": amount, "gpu_hours": gpu_hours,
                 "used": 0.0, "expires_at": expires_at, "reason": reason,
                 "created_by": created_by, "created_at": ts, "revoked": 0,
@@ -370,7 +454,8 @@ class Store:
         """Approvals, newest first; ``active_only``: not revoked, not expired, not used up.
         Each row has ``remaining`` in its unit."""
         ts = time.time() if now is None else now
-        where, params = ["1"], []
+        where: list[str] = ["1"]
+        params: list[Any] = []
         if active_only:
             where.append("revoked = 0 AND expires_at > ? "
                          "AND used < coalesce(amount, gpu_hours) - 1e-9")
@@ -378,25 +463,40 @@ class Store:
         if team is not None:
             where.append("team = ?")
             params.append(team)
-        return self.query(
+        return self._query(
             "SELECT *, coalesce(amount, gpu_hours) - used AS remaining FROM approvals "
             f"WHERE {' AND '.join(where)} ORDER BY created_at DESC", params,
         )
+
+    def approval(self, approval_id: str) -> dict[str, Any] | None:
+        """One approval by id, whatever its state (revoked, expired, used up), or None."""
+        rows = self._query("SELECT * FROM approvals WHERE id = ?", (approval_id,))
+        return rows[0] if rows else None
 
     # -- ledger inputs ----------------------------------------------------------------------
 
     def spend_by_team(self, period_start_ts: float, period_end_ts: float) -> dict[str, float]:
         """Settled cost minus credits of runs that ENDED in [start, end), by team.
 
-        Runs with no team are under ``""``. Reads the daily rollup for whole days and the runs
-        table for the partial days at the edges (see db.reports.usage_rows).
+        Runs with no team are under ``""``. Reads the team rollup for whole UTC days and the
+        runs table for the partial days at the edges (as db.reports.usage_rows does; the
+        store reads the tables itself: db.reports builds on the store).
         """
-        from db.reports import usage_rows
-
-        out: dict[str, float] = {}
-        for row in usage_rows(self, period_start_ts, period_end_ts, ("team",)):
-            out[row["team"]] = out.get(row["team"], 0.0) + row["cost"] - row["credit"]
-        return out
+        first_day = math.ceil(period_start_ts / 86400.0)
+        end_day = math.floor(period_end_ts / 86400.0)
+        runs = ("SELECT coalesce(team, '') AS team, 1 AS runs, cost, credit FROM runs "
+                "WHERE end_ts >= ? AND end_ts < ? AND cost IS NOT NULL")
+        if end_day < first_day:  # inside one day
+            parts, params = [runs], [period_start_ts, period_end_ts]
+        else:
+            parts = [runs, runs, "SELECT team, runs, cost, credit FROM usage_daily_team "
+                                 "WHERE day >= ? AND day < ?"]
+            params = [period_start_ts, first_day * 86400.0, end_day * 86400.0, period_end_ts,
+                      first_day, end_day]
+        rows = self.conn.execute(
+            f"SELECT team, total(cost) - total(credit) FROM ({' UNION ALL '.join(parts)}) "
+            "GROUP BY team HAVING total(runs) != 0", params).fetchall()
+        return {team: float(net) for team, net in rows}
 
     def team_usage_gpu_hours(self, since_ts: float, *,
                              now: float | None = None) -> list[tuple[str, float, float]]:

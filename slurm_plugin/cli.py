@@ -12,14 +12,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from policies import defaults
+
 if TYPE_CHECKING:  # argparse itself is imported only when a command line is parsed
     import argparse
 
-DEFAULT_CONFIG = "/etc/slurmgate/policy.toml"
 
 
 def config_path(args: argparse.Namespace) -> str:
-    return args.config or os.environ.get("SLURMGATE_CONFIG") or DEFAULT_CONFIG
+    return defaults.policy_path(args.config)
 
 
 def _policy(args: argparse.Namespace):  # -> Policy (lazy import keeps start-up light)
@@ -269,13 +270,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from datetime import date, timedelta
 
-    from db.chargeback.export import (
-        ExportError,
-        day_period,
-        export_period,
-        parse_period,
-        terminal_progress,
-    )
+    from db.chargeback.export import ExportError, export_period, terminal_progress
+    from db.chargeback.periods import day_period, parse_period
 
     policy = _policy(args)
     try:
@@ -307,7 +303,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from db.chargeback.export import parse_period
+    from db.chargeback.periods import parse_period
     from db.chargeback.statement import build_statement, render_html, render_text, statement_json
 
     policy = _policy(args)
@@ -340,7 +336,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from slurm_plugin.doctor import run_doctor
 
     return run_doctor(config_path(args), node=args.node, socket_path=args.socket,
-                      as_json=args.json)
+                      as_json=args.json, rollups=args.rollups)
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
@@ -362,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="slurmgate",
         description="Job tags, team budgets, GPU accounting and requeue for Slurm GPU clusters.",
     )
-    p.add_argument("--config", help=f"policy file (default $SLURMGATE_CONFIG or {DEFAULT_CONFIG})")
+    p.add_argument("--config",
+                   help=f"policy file (default ${defaults.POLICY_ENV} or {defaults.POLICY_PATH})")
     p.add_argument("--socket", help="daemon socket (default: daemon.socket from the policy file)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -439,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("doctor", cmd_doctor, "check this installation and say what to fix")
     sp.add_argument("--node", nargs="?", const="", metavar="NAME",
                     help="compute-node checks (spool, hooks, GPUs) for NAME (default this node)")
+    sp.add_argument("--rollups", action="store_true",
+                    help="also recompute the daily rollups from the runs and compare them")
     sp.add_argument("--json", action="store_true")
     add("check-policy", cmd_check_policy, "validate the policy file and say what is wrong")
     sp = add("tui", cmd_tui, "open the admin terminal UI")

@@ -58,10 +58,8 @@ class EventsView(View):
     def _fetch(self) -> tuple[str | None, list[str], list[dict[str, Any]], int]:
         kind = self.kind
         with self.sources.store() as store:
-            kinds = [r["kind"] for r in store.query(
-                "SELECT DISTINCT kind FROM events ORDER BY kind")]
-            where, params = ("WHERE kind = ?", [kind]) if kind else ("", [])
-            total = store.query(f"SELECT count(*) AS n FROM events {where}", params)[0]["n"]
+            kinds = store.event_kinds()
+            total = store.event_count(kind)
             rows = events(store, [kind] if kind else None, LIMIT)
         viewer = self.sources.viewer
         if not viewer.admin:

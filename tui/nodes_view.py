@@ -9,7 +9,6 @@ has ``allocated - busy`` GPUs that are allocated but idle.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from db.reports import node_failures
-from db.store import StoreError
+from db.store import DatabaseError, StoreError
 from slurm_plugin.slurm.client import Node
 from tui import format as fmt
 from tui.confirm import ConfirmScreen
@@ -173,13 +172,10 @@ class NodesView(View):
         error = None
         try:
             with self.sources.store() as store:
-                samples = store.query(
-                    "SELECT node, gpu_index, gpu_type, ts, util, mem_used_bytes "
-                    "FROM gpu_samples WHERE ts >= ? AND ts <= ? ORDER BY ts",
-                    (now - WINDOW_S, now))
+                samples = store.gpu_samples(now - WINDOW_S, now)
                 failures = {r["node"]: int(r["failures"])
                             for r in node_failures(store, now - FAILURE_DAYS * 86400)}
-        except (StoreError, sqlite3.Error) as exc:
+        except (StoreError, DatabaseError) as exc:
             error = f"no utilisation or failures: {exc}"
         by_node = trends(samples, now)
         infos = [NodeInfo(n, by_node.get(n.name, []), failures.get(n.name, 0))

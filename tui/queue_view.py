@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -14,7 +13,7 @@ from textual.binding import Binding
 from textual.timer import Timer
 from textual.widgets import DataTable, Input, Static
 
-from db.store import StoreError
+from db.store import DatabaseError, StoreError
 from tui.confirm import ConfirmScreen
 from tui.filter_screen import Filters, FilterScreen
 from tui.job_detail import JobDetail
@@ -100,7 +99,7 @@ class QueueView(View):
         try:
             with self.sources.store() as store:
                 rows = store.live_reservations()
-        except (StoreError, sqlite3.Error) as exc:
+        except (StoreError, DatabaseError) as exc:
             return {}, f"accounting store unavailable, costs are estimates: {exc}"
         return {r["rid"]: r for r in rows}, None
 
@@ -204,7 +203,7 @@ class QueueView(View):
         try:
             with self.sources.store() as store:
                 runs = store.runs_of_job(self.sources.policy.daemon.cluster, job_id)
-        except (StoreError, sqlite3.Error):
+        except (StoreError, DatabaseError):
             runs = []
         call_ui(self.app, self._runs_loaded, job_id, runs)
 

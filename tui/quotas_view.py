@@ -7,7 +7,6 @@ since the period began, when that is shorter); projected = spent + burn x days l
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ from textual.app import ComposeResult
 from textual.widgets import Static
 
 from db.reports import usage_rows
-from db.store import StoreError
+from db.store import DatabaseError, StoreError
 from policies.ledger import period_bounds
 from tui import format as fmt
 from tui.keyed_table import KeyedTable, Row
@@ -102,7 +101,7 @@ class QuotasView(View):
                     rows = usage_rows(store, since, now, ("team",))
                 days = (now - since) / DAY
                 burn = {r["team"]: (r["cost"] - r["credit"]) / days for r in rows}
-            except (StoreError, sqlite3.Error) as exc:
+            except (StoreError, DatabaseError) as exc:
                 error = f"no burn rate: {exc}"
         return QuotaData(quota, burn, max(0.0, (end - now) / DAY), now, error)
 

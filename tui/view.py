@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from textual.containers import Vertical
 from textual.widgets import Static
@@ -11,8 +11,21 @@ from textual.widgets import Static
 from tui.refresh import Poller
 from tui.sources import Sources
 
-if TYPE_CHECKING:
-    from tui.app import SlurmgateApp
+
+class Gate(Protocol):
+    """What a view asks of the app it runs in (``tui.app.SlurmgateApp``): which view is on
+    screen, whether a dialog is open, the status line, and admin actions."""
+
+    active_view: str
+
+    @property
+    def modal_open(self) -> bool: ...
+
+    def report(self, source: str, error: str | None) -> None: ...
+
+    def say(self, message: str, *, error: bool = False) -> None: ...
+
+    def act(self, request: dict[str, Any], poller: Poller) -> None: ...
 
 
 class View(Vertical):
@@ -24,8 +37,8 @@ class View(Vertical):
         self.pollers: list[Poller] = []
 
     @property
-    def gate(self) -> SlurmgateApp:  # the typed app
-        return cast("SlurmgateApp", self.app)
+    def gate(self) -> Gate:  # the typed app
+        return cast(Gate, self.app)
 
     @property
     def shown(self) -> bool:

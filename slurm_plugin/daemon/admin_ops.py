@@ -34,9 +34,9 @@ class AdminOps(DaemonState):
         if not reason:
             return {"ok": False, "error": "an approval needs a --reason"}
         with self.lock:
-            aid = self.store.add_approval(team=team, expires_at=float(expires),
-                                          amount=amount, gpu_hours=hours, reason=reason,
-                                          created_by=user_name(peer.uid))
+            aid = self.need_store().add_approval(team=team, expires_at=float(expires),
+                                                 amount=amount, gpu_hours=hours, reason=reason,
+                                                 created_by=user_name(peer.uid))
         self.log.write("approval", id=aid, team=team, amount=amount, gpu_hours=hours,
                        by=user_name(peer.uid))
         return {"ok": True, "id": aid}
@@ -44,7 +44,7 @@ class AdminOps(DaemonState):
     def op_approvals(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         visible = set(self.visible_teams(peer))
         with self.lock:
-            rows = self.store.approvals(active_only=not req.get("all"))
+            rows = self.need_store().approvals(active_only=not req.get("all"))
         return {"ok": True, "approvals": [r for r in rows if r["team"] in visible]}
 
     JOB_ACTIONS = ("hold", "release", "requeue", "cancel")
@@ -55,7 +55,8 @@ class AdminOps(DaemonState):
         who = user_name(peer.uid)
         if not self.is_admin(peer):
             raise Forbidden(f"only slurmgate admins may act on jobs and nodes; you are {who}")
-        if self.slurm is None:
+        slurm = self.slurm
+        if slurm is None:
             return {"ok": False, "error": "the daemon has no Slurm client configured"}
         action = req.get("action")
         reason = str(req.get("reason") or f"by {who} via slurmgate")[:200]
@@ -63,16 +64,16 @@ class AdminOps(DaemonState):
             job_id = req.get("job_id")
             if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id <= 0:
                 return {"ok": False, "error": "job_id must be a positive integer"}
-            target = {"job_id": job_id}
-            do = (lambda: self.slurm.hold(job_id, reason)) if action == "hold" else (
-                lambda: getattr(self.slurm, action)(job_id))
+            target: dict[str, Any] = {"job_id": job_id}
+            do = (lambda: slurm.hold(job_id, reason)) if action == "hold" else (
+                lambda: getattr(slurm, action)(job_id))
         elif action in self.NODE_ACTIONS:
             node = req.get("node")
             if not isinstance(node, str) or not node.replace("-", "").replace("_", "").isalnum():
                 return {"ok": False, "error": "node must be a node name"}
             target = {"node": node}
-            do = (lambda: self.slurm.drain(node, f"slurmgate: {reason}")) if action == "drain" \
-                else (lambda: self.slurm.resume(node))
+            do = (lambda: slurm.drain(node, f"slurmgate: {reason}")) if action == "drain" \
+                else (lambda: slurm.resume(node))
         else:
             return {"ok": False, "error": f"unknown action {action!r}; one of "
                     f"{', '.join(self.JOB_ACTIONS + self.NODE_ACTIONS)}"}
@@ -83,9 +84,10 @@ class AdminOps(DaemonState):
                            **target)
             return {"ok": False, "error": f"{action} failed: {exc}"}
         with self.lock:
-            self.store.add_event("admin_action", cluster=self.policy.daemon.cluster, actor=who,
-                                 message=f"{action} {target}: {reason}", detail=target | {
-                                     "action": action}, **target)
+            self.need_store().add_event(
+                "admin_action", cluster=self.policy.daemon.cluster, actor=who,
+                message=f"{action} {target}: {reason}", detail=target | {"action": action},
+                **target)
         self.log.write("admin_action", action=action, by=who, **target)
         return {"ok": True}
 

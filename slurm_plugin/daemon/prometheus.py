@@ -42,11 +42,12 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from policies.records import KINDS as RECORD_KINDS
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_HOST = "127.0.0.1"
 DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 """Seconds. job_submit.lua waits at most its timeout (200 ms by default) for an answer."""
-RECORD_KINDS = ("node_run", "jobcomp", "gpu_sample")
 
 
 class MetricsError(ValueError):

@@ -12,27 +12,30 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from policies import defaults
 from policies.config import Policy
+from policies.reservations import job_vanished, vanished_grace
 from policies.tags import parse_admin_comment
 
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-         "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+if TYPE_CHECKING:
+    from slurm_plugin.daemon.seams import ReconcileStore
+    from slurm_plugin.slurm.client import Job
+
+FINAL = defaults.FINISHED_STATES
 
 
-def find_gaps(store: Any, jobs: list[Any], cluster: str, now: float,
-              grace_s: float = 120.0) -> dict[str, list[dict[str, Any]]]:
+def find_gaps(store: ReconcileStore, jobs: list[Job], cluster: str, now: float,
+              grace_s: float) -> dict[str, list[dict[str, Any]]]:
+    """What SQLite and Slurm's queue (``jobs``) disagree on. A job Slurm does not list counts
+    as gone by the daemon's own rule (``policies.reservations.job_vanished``), with
+    ``grace_s`` from ``vanished_grace``."""
     by_id = {j.job_id: j for j in jobs}
     # a run without a final state never got its completion record
-    unfinished = store.query(
-        "SELECT cluster, job_id, restart_count, start_ts, end_ts FROM runs "
-        "WHERE cluster = ? AND state IS NULL", (cluster,))
-    lost = [r for r in unfinished if r["job_id"] not in by_id
-            and (r["start_ts"] or 0) < now - grace_s]
-    recorded = {r["job_id"] for r in store.query(
-        "SELECT DISTINCT job_id FROM runs WHERE cluster = ? AND state IS NOT NULL",
-        (cluster,))}
+    lost = [r for r in store.unfinished_runs(cluster) if r["job_id"] not in by_id
+            and job_vanished(r["start_ts"] or 0, now, grace_s)]
+    recorded = store.recorded_job_ids(cluster)
     missing = [
         {"job_id": j.job_id, "state": j.state, "end_ts": j.end_ts, "restart_count": j.restart_count}
         for j in jobs
@@ -42,7 +45,7 @@ def find_gaps(store: Any, jobs: list[Any], cluster: str, now: float,
     open_resv = []
     known = {parse_admin_comment(j.admin_comment).get("rid") for j in jobs}
     for r in store.live_reservations():
-        if r["rid"] not in known and r["created_at"] < now - grace_s:
+        if r["rid"] not in known and job_vanished(r["created_at"], now, grace_s):
             open_resv.append({"rid": r["rid"], "job_id": r["job_id"], "team": r["team"],
                               "est_cost": r["est_cost"]})
     return {"runs_without_completion": lost, "jobs_not_recorded": missing,
@@ -51,16 +54,16 @@ def find_gaps(store: Any, jobs: list[Any], cluster: str, now: float,
 
 def completion_record(job: Any, cluster: str) -> dict[str, Any]:
     """A jobcomp spool record rebuilt from Slurm's view of a finished job."""
-    return {
-        "kind": "jobcomp", "cluster": cluster, "job_id": job.job_id,
-        "restart_count": job.restart_count, "state": job.state, "submit_ts": job.submit_ts,
-        "start_ts": job.start_ts, "end_ts": job.end_ts, "nodes": job.nodes or "",
-        "node_count": job.node_count, "partition": job.partition, "uid": job.uid,
-        "user": job.user, "account": job.account, "exit_code": job.exit_code or "0:0",
-        "derived_ec": "0:0", "time_limit_min": job.time_limit_min,
-        "array_job_id": job.array_job_id, "array_task_id": job.array_task_id,
-        "work_dir": job.work_dir, "source": "reconcile",
-    }
+    from policies.records import jobcomp_record
+
+    return jobcomp_record(
+        cluster=cluster, job_id=job.job_id, restart_count=job.restart_count, state=job.state,
+        submit_ts=job.submit_ts, start_ts=job.start_ts, end_ts=job.end_ts,
+        nodes=job.nodes or "", node_count=job.node_count, partition=job.partition,
+        uid=job.uid, user=job.user, account=job.account, exit_code=job.exit_code or "0:0",
+        derived_ec="0:0", time_limit_min=job.time_limit_min, array_job_id=job.array_job_id,
+        array_task_id=job.array_task_id, work_dir=job.work_dir, source="reconcile",
+    )
 
 
 def run(policy: Policy, *, repair: bool = False, as_json: bool = False) -> int:
@@ -75,7 +78,8 @@ def run(policy: Policy, *, repair: bool = False, as_json: bool = False) -> int:
         raise SystemExit(f"slurmgate reconcile: {exc}") from exc
     jobs = open_client(policy).jobs()
     cluster = policy.daemon.cluster
-    gaps = find_gaps(store, jobs, cluster, time.time())
+    gaps = find_gaps(store, jobs, cluster, time.time(),
+                     vanished_grace(policy.daemon.reconcile_seconds))
     repaired: dict[str, Any] = {}
     if repair:
         by_id = {j.job_id: j for j in jobs}

@@ -13,13 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 from policies.config import Policy
+from slurm_plugin.daemon.seams import FailureStore
+from slurm_plugin.slurm.client import Job, SlurmClient
 from slurm_plugin.slurm.hostlist import compress, expand
 
 BAD_NODE_STATES = ("down", "drain", "drained", "draining", "fail", "failing")
 
 
 class FailureHandler:
-    def __init__(self, store: Any, slurm: Any, policy: Callable[[], Policy],
+    def __init__(self, store: FailureStore, slurm: SlurmClient, policy: Callable[[], Policy],
                  log: Callable[..., None]) -> None:
         self.store = store
         self.slurm = slurm
@@ -49,7 +51,8 @@ class FailureHandler:
         lost_h = self._gpu_hours(run, rec)
         credit = float(run["credit"] or 0.0) if run else 0.0
         now = time.time()
-        for node in failed or [None]:
+        targets: list[str | None] = [*failed] if failed else [None]
+        for node in targets:
             self.store.add_event(
                 "node_fail", ts=now, cluster=cluster, job_id=job_id, restart_count=restart,
                 team=run["team"] if run else None, user=rec.get("user"), node=node,
@@ -90,14 +93,9 @@ class FailureHandler:
 
     # -- recovery tracking (called from the daemon's reconcile loop) ------------------------
 
-    def note_recoveries(self, jobs: list[Any]) -> int:
+    def note_recoveries(self, jobs: list[Job]) -> int:
         """Record when a requeued job runs again: MTTR = failure -> RUNNING again."""
-        open_ = self.store.query(
-            "SELECT e.id, e.cluster, e.job_id, e.restart_count, e.kind, e.ts FROM events e "
-            "WHERE e.kind IN ('node_fail', 'preempt') AND e.job_id IS NOT NULL AND NOT EXISTS "
-            "(SELECT 1 FROM events r WHERE r.kind = 'recovered' AND r.job_id = e.job_id "
-            "AND r.cluster = e.cluster AND r.restart_count IS e.restart_count) "
-            "AND e.ts > ? ORDER BY e.ts", (time.time() - 7 * 86400,))
+        open_ = self.store.unrecovered_interruptions(time.time() - 7 * 86400)
         if not open_:
             return 0
         running = {j.job_id: j for j in jobs if j.state == "RUNNING"}
@@ -131,10 +129,7 @@ class FailureHandler:
         return max(runs, key=lambda r: r["restart_count"]) if runs else None
 
     def _seen(self, kind: str, cluster: str, job_id: int, restart: int | None) -> bool:
-        rows = self.store.query(
-            "SELECT 1 FROM events WHERE kind = ? AND cluster = ? AND job_id = ? "
-            "AND restart_count IS ? LIMIT 1", (kind, cluster, job_id, restart))
-        return bool(rows)
+        return self.store.has_event(kind, cluster, job_id, restart)
 
     def _failed_nodes(self, job_nodes: list[str]) -> list[str]:
         """The job's nodes Slurm now reports down or not responding."""
@@ -227,15 +222,9 @@ class FailureHandler:
         window = policy.requeue.drain_window_hours * 3600
         # count from the window's start, or from slurmgate's last drain of this node (an admin
         # resumed it since: it starts with a clean slate)
-        last_drain = self.store.query(
-            "SELECT max(ts) AS ts FROM events WHERE kind = 'drain' AND node = ? AND cluster = ?",
-            (node, cluster))
-        since = max(time.time() - window, (last_drain[0]["ts"] or 0.0) if last_drain else 0.0)
-        rows = self.store.query(
-            "SELECT count(DISTINCT job_id || ':' || coalesce(restart_count, -1)) AS n "
-            "FROM events WHERE kind = 'node_fail' AND node = ? AND cluster = ? AND ts > ?",
-            (node, cluster, since))
-        failures = int(rows[0]["n"]) if rows else 0
+        last_drain = self.store.last_drain_ts(cluster, node)
+        since = max(time.time() - window, last_drain or 0.0)
+        failures = self.store.failed_runs_on_node(cluster, node, since)
         if failures < k:
             return
         reason = (f"slurmgate: {failures} job failures in "

@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policies.config import Policy, PolicyError, load_policy
 from policies.decision import ApprovalGrant, Decision, SubmitDecision, decide
@@ -23,6 +23,7 @@ from slurm_plugin.daemon.admin_ops import AdminOps
 from slurm_plugin.daemon.eventlog import EventLog
 from slurm_plugin.daemon.peers import Forbidden, uid_of, user_name
 from slurm_plugin.daemon.prometheus import Metrics
+from slurm_plugin.daemon.seams import LockedStore
 from slurm_plugin.daemon.workers import Workers
 from slurm_plugin.protocol import (
     Peer,
@@ -30,32 +31,17 @@ from slurm_plugin.protocol import (
     decode,
 )
 
-
-class LockedStore:
-    """The store seen through the daemon's lock, one call at a time, for work that also waits
-    on Slurm (failure handling) and so must not hold the lock across those waits."""
-
-    def __init__(self, store: Any, lock: threading.RLock) -> None:
-        self._store, self._lock = store, lock
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._store, name)
-        if not callable(attr):
-            return attr
-
-        def locked(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                return attr(*args, **kwargs)
-
-        return locked
+if TYPE_CHECKING:
+    from db.store import Store
+    from slurm_plugin.slurm.client import SlurmClient
 
 
 class Daemon(AdminOps, Workers):
     """The policy daemon: peers, policy reload, request dispatch, the submit path, quotas and
     the ledger; admin requests and background work live in admin_ops.py and workers.py."""
 
-    def __init__(self, config_path: str, policy: Policy, store: Any = None,
-                 slurm: Any = None) -> None:
+    def __init__(self, config_path: str, policy: Policy, store: Store | None = None,
+                 slurm: SlurmClient | None = None) -> None:
         self.config_path = config_path
         self.policy = policy
         self.log = EventLog(policy.daemon.log_file)
@@ -197,10 +183,9 @@ class Daemon(AdminOps, Workers):
         ref = parse_tags(job.comment)[0].get("approval") if job.comment else None
         if not ref or self.store is None:
             return None
-        rows = self.store.query("SELECT * FROM approvals WHERE id = ?", (ref,))
-        if not rows:
+        a = self.store.approval(ref)
+        if a is None:
             return None
-        a = rows[0]
         left = (a["amount"] - a["used"]) if a["amount"] is not None else None
         left_h = (a["gpu_hours"] - a["used"]) if a["amount"] is None else None
         return ApprovalGrant(a["id"], a["team"], left, left_h, a["expires_at"], bool(a["revoked"]))

@@ -38,6 +38,13 @@ class DaemonState:
     missing_since: dict[str, float]
     last_bind_read: float
 
+    def need_store(self) -> Store:
+        """The store, for work that cannot go without one. A daemon made without a store
+        (``Daemon(..., store=None)``) fails that work, as an internal error in a request."""
+        if self.store is None:
+            raise RuntimeError("the slurmgate daemon has no store")
+        return self.store
+
     def is_admin(self, peer: Peer) -> bool:
         raise NotImplementedError
 

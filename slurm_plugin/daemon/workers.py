@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from policies.reservations import job_vanished, release_reason, vanished_grace
 from policies.tags import parse_admin_comment
 from slurm_plugin.daemon.state import DaemonState
 
@@ -25,16 +26,17 @@ class Workers(DaemonState):
         if not items:
             return 0
         good = [i for i in items if i.error is None and i.record is not None]
+        records: list[dict[str, Any]] = [i.record for i in good if i.record is not None]
         for item in items:
             if item.error is not None or item.record is None:
                 self.quarantine(item, item.error or "unreadable")
-        self.bind_before_settling([i.record for i in good])
-        written = [i.record["written_at"] for i in good
-                   if isinstance(i.record.get("written_at"), int | float)]
+        self.bind_before_settling(records)
+        written = [rec["written_at"] for rec in records
+                   if isinstance(rec.get("written_at"), int | float)]
         if written:
             self.metrics.ingest_lag(time.time() - min(written))
         with self.lock:
-            result = ingest_records(self.store, [i.record for i in good], self.policy)
+            result = ingest_records(self.need_store(), records, self.policy)
             failed = {id(rec) for rec, _ in result.errors}
             for rec, reason in result.errors:
                 item = next(i for i in good if i.record is rec)
@@ -47,7 +49,7 @@ class Workers(DaemonState):
                        settled=len(result.settled), errors=len(result.errors))
         if self.failures is not None:
             try:
-                self.failures.handle([i.record for i in good if id(i.record) not in failed])
+                self.failures.handle([rec for rec in records if id(rec) not in failed])
             except Exception as exc:  # the records are committed; log and carry on
                 self.log.write("failure_handling_error", error=repr(exc))
         return len(items)
@@ -63,9 +65,7 @@ class Workers(DaemonState):
         if not ids or time.monotonic() - self.last_bind_read < 5.0:
             return
         with self.lock:
-            marks = ",".join("?" * len(ids))
-            bound = {row["job_id"] for row in self.store.query(
-                f"SELECT job_id FROM reservations WHERE job_id IN ({marks})", tuple(ids))}
+            bound = self.store.bound_job_ids(ids)
         if ids - bound:
             self.last_bind_read = time.monotonic()
             try:
@@ -108,7 +108,7 @@ class Workers(DaemonState):
             rid = parse_admin_comment(j.admin_comment).get("rid")
             if rid:
                 seen.setdefault(rid, j.array_job_id or j.job_id)
-        grace = max(120.0, 3 * self.policy.daemon.reconcile_seconds)
+        grace = vanished_grace(self.policy.daemon.reconcile_seconds)
         bound = released = 0
         with self.lock:
             live = self.store.live_reservations()
@@ -125,13 +125,10 @@ class Workers(DaemonState):
                     bound += 1
                 continue
             first = self.missing_since.setdefault(rid, now)
-            if now - max(first, r["created_at"]) < grace:
+            if not job_vanished(max(first, r["created_at"]), now, grace):
                 continue
-            why = ("job never appeared in Slurm's queue (rejected later or submission "
-                   "failed)" if r["job_id"] is None else
-                   "job left Slurm's queue without a completion record")
             with self.lock:
-                self.store.finish_reservation(rid, "released", why)
+                self.store.finish_reservation(rid, "released", release_reason(r["job_id"]))
             self.missing_since.pop(rid, None)
             released += 1
         if bound or released:

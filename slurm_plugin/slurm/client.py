@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from policies import defaults
 from policies.gpu import GpuRequestError, parse_gpu_request, parse_gres_entries
 from policies.request import JobRequest
 
@@ -41,10 +42,7 @@ log = logging.getLogger("slurmgate.slurm")
 UNTYPED_GPU = "gpu"
 """Key of ``Node.gpus_total``/``gpus_used`` for GPUs configured without a type (gres gpu:4)."""
 
-FINISHED_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT",
-})
+FINISHED_STATES = defaults.FINISHED_STATES
 HELD_REASONS = frozenset({"JobHeldAdmin", "JobHeldUser"})
 
 MAX_NICE = 2147483645

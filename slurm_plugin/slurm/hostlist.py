@@ -8,7 +8,9 @@ _RANGE_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
 def _split_top(text: str) -> list[str]:
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "[":
             depth += 1

@@ -44,7 +44,9 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "-q": ("qos", "str"), "--qos": ("qos", "str"),
     "-x": ("exc_nodes", "str"), "--exclude": ("exc_nodes", "str"),
 }
-_FLAGS = {"--requeue": ("requeue", 1), "--no-requeue": ("requeue", 0)}
+_FLAGS: dict[str, tuple[str, int]] = {
+    "--requeue": ("requeue", 1), "--no-requeue": ("requeue", 0),
+}
 
 
 def parse_time(text: str) -> int | None:
@@ -127,8 +129,8 @@ def _parse_argv(argv: list[str], job: dict[str, Any]) -> list[str]:
             job["batch"] = True
             return []
         if arg in _FLAGS:
-            field, value = _FLAGS[arg]
-            job[field] = value
+            field, flag = _FLAGS[arg]
+            job[field] = flag
             i += 1
             continue
         if arg.startswith("--") and "=" in arg:

@@ -23,9 +23,9 @@ def settled_runs(cluster: Cluster, job_id: int, n: int = 1, timeout: float = 60)
     def ready():
         store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
         try:
-            runs = store.query("SELECT * FROM runs WHERE job_id = ? ORDER BY restart_count",
+            runs = store._query("SELECT * FROM runs WHERE job_id = ? ORDER BY restart_count",
                                (job_id,))
-            nodes = store.query("SELECT * FROM run_nodes WHERE job_id = ? ORDER BY node",
+            nodes = store._query("SELECT * FROM run_nodes WHERE job_id = ? ORDER BY node",
                                 (job_id,))
         finally:
             store.close()
@@ -129,7 +129,7 @@ def test_daemon_killed_while_jobs_finish_loses_nothing_and_counts_nothing_twice(
     # ingesting the same records again changes nothing
     store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
     try:
-        counts = store.query(
+        counts = store._query(
             "SELECT job_id, count(*) AS n FROM runs WHERE job_id IN (?, ?, ?) GROUP BY job_id",
             jobs)
     finally:
@@ -157,8 +157,8 @@ def test_a_corrupted_spool_record_is_quarantined_and_the_rest_ingest(cluster: Cl
     assert any(bad.name in e["file"] for e in cluster.log_events("quarantined"))
     store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
     try:
-        rows = store.query("SELECT util FROM gpu_samples WHERE gpu_uuid = 'GPU-test-q'")
-        events = store.query("SELECT message FROM events WHERE kind = 'quarantine'")
+        rows = store._query("SELECT util FROM gpu_samples WHERE gpu_uuid = 'GPU-test-q'")
+        events = store._query("SELECT message FROM events WHERE kind = 'quarantine'")
     finally:
         store.close()
     assert rows == [{"util": 55.0}]
@@ -174,7 +174,7 @@ def test_node_agent_samples_land_in_sqlite(cluster: Cluster):
     def samples():
         store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
         try:
-            return store.query("SELECT count(DISTINCT gpu_uuid) AS n FROM gpu_samples "
+            return store._query("SELECT count(DISTINCT gpu_uuid) AS n FROM gpu_samples "
                                "WHERE node = 'node2' AND ts > strftime('%s','now') - 60")[0]["n"]
         finally:
             store.close()

@@ -97,7 +97,7 @@ def events(cluster: Cluster, kind: str, job_id: int | None = None) -> list[dict]
         if job_id is not None:
             sql += " AND job_id = ?"
             params.append(job_id)
-        return store.query(sql + " ORDER BY ts", params)
+        return store._query(sql + " ORDER BY ts", params)
     finally:
         store.close()
 
@@ -105,7 +105,7 @@ def events(cluster: Cluster, kind: str, job_id: int | None = None) -> list[dict]
 def runs_of(cluster: Cluster, job_id: int) -> list[dict]:
     store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
     try:
-        return store.query("SELECT * FROM runs WHERE job_id = ? ORDER BY restart_count",
+        return store._query("SELECT * FROM runs WHERE job_id = ? ORDER BY restart_count",
                            (job_id,))
     finally:
         store.close()
@@ -290,11 +290,11 @@ def test_mttr_and_interruption_metrics_match_the_events(cluster: Cluster):
     try:
         since = time.time() - 3600
         m = failure_metrics(store, since, time.time())
-        fails = store.query("SELECT DISTINCT job_id, restart_count FROM events "
+        fails = store._query("SELECT DISTINCT job_id, restart_count FROM events "
                             "WHERE kind = 'node_fail' AND ts >= ?", (since,))
-        preempts = store.query("SELECT DISTINCT job_id, restart_count FROM events "
+        preempts = store._query("SELECT DISTINCT job_id, restart_count FROM events "
                                "WHERE kind = 'preempt' AND ts >= ?", (since,))
-        rec = store.query("SELECT e.ts, e.job_id, f.ts AS failed FROM events e JOIN events f "
+        rec = store._query("SELECT e.ts, e.job_id, f.ts AS failed FROM events e JOIN events f "
                           "ON f.job_id = e.job_id AND f.restart_count IS e.restart_count "
                           "AND f.kind IN ('node_fail', 'preempt') "
                           "WHERE e.kind = 'recovered' AND e.ts >= ? GROUP BY e.id", (since,))

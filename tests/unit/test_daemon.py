@@ -249,3 +249,102 @@ def _get(url: str) -> str | None:
             return resp.read().decode()
     except OSError:
         return None
+
+
+# -- in process: the reconcile loop and `slurmgate reconcile` share one vanished-job rule ----
+
+
+class _Queue:
+    """Slurm's queue and nothing else (the reconcile loop only reads it)."""
+
+    def __init__(self, jobs: list) -> None:
+        self.listed = jobs
+
+    def jobs(self, job_ids=None) -> list:  # noqa: ANN001
+        return list(self.listed)
+
+
+def test_reconcile_loop_and_reconcile_command_agree_on_vanished_jobs(tmp_path):
+    import time
+
+    from db.store import open_store
+    from policies.reservations import release_reason, vanished_grace
+    from slurm_plugin.daemon.reconcile import find_gaps
+    from slurm_plugin.daemon.service import Daemon
+    from slurm_plugin.slurm.client import Job
+    from tests.unit.test_db_ingest import make_policy, reserve
+
+    policy = make_policy(daemon={"cluster": "c1", "log_file": str(tmp_path / "log"),
+                                 "reconcile_seconds": 60})
+    grace = vanished_grace(policy.daemon.reconcile_seconds)
+    assert grace == 180.0  # three rounds of 60 s, more than the 120 s minimum
+    store = open_store(tmp_path / "sg.db")
+    now = time.time()
+    listed = reserve(store, None, created_at=now - 10 * grace)
+    gone = reserve(store, 41, created_at=now - grace - 30)
+    never = reserve(store, None, created_at=now - grace - 30)
+    young = reserve(store, 43, created_at=now - grace + 30)
+    queue = _Queue([Job(job_id=40, state="RUNNING",
+                        admin_comment=f"slurmgate:team=vision;rid={listed}")])
+
+    gaps = find_gaps(store, queue.jobs(), "c1", now, grace)
+    assert {r["rid"] for r in gaps["reservations_without_job"]} == {gone, never}
+
+    daemon = Daemon(str(tmp_path / "policy.toml"), policy, store, queue)
+    for rid in (gone, never, young):  # missing from the queue for a while already
+        daemon.missing_since[rid] = now - 10 * grace
+    assert daemon.reconcile_once() == {"bound": 1, "released": 2}
+    states = {rid: store.reservation(rid) for rid in (listed, gone, never, young)}
+    assert states[listed]["state"] == "bound" and states[listed]["job_id"] == 40
+    assert states[young]["state"] == "bound"  # within the grace: kept
+    assert (states[gone]["state"], states[gone]["reason"]) == ("released", release_reason(41))
+    assert (states[never]["state"], states[never]["reason"]) == (
+        "released", release_reason(None))
+    assert "never appeared" in release_reason(None)
+    assert find_gaps(store, queue.jobs(), "c1", now, grace)["reservations_without_job"] == []
+    store.close()
+
+
+def test_failure_handler_reads_through_the_locked_store(tmp_path):
+    """The failure handler's store is a FailureStore behind the daemon's lock."""
+    import threading
+
+    from db.store import open_store
+    from slurm_plugin.daemon.requeue import FailureHandler
+    from slurm_plugin.daemon.seams import FailureStore, LockedStore
+    from slurm_plugin.slurm.client import Job, Node
+    from tests.unit.test_db_ingest import make_policy
+
+    class Slurm(_Queue):
+        def __init__(self) -> None:
+            super().__init__([])
+            self.drained: list[tuple[str, str]] = []
+
+        def nodes(self) -> list:
+            return [Node(name="node1", state="down")]
+
+        def job(self, job_id: int):  # noqa: ANN201
+            return None
+
+        def drain(self, node: str, reason: str) -> None:
+            self.drained.append((node, reason))
+
+    policy = make_policy(requeue={"drain_after_failures": 2, "drain_window_hours": 24})
+    store = open_store(tmp_path / "sg.db")
+    lock = threading.RLock()
+    locked: FailureStore = LockedStore(store, lock)
+    slurm = Slurm()
+    handler = FailureHandler(locked, slurm, lambda: policy, lambda *a, **k: None)
+    for job_id in (1, 2):
+        rec = {"kind": "jobcomp", "cluster": "c1", "job_id": job_id, "state": "NODE_FAIL",
+               "nodes": "node1", "end_ts": 100.0 + job_id}
+        handler.handle([rec])
+        handler.handle([rec])  # the same record again acts once
+    assert store.event_count("node_fail") == 2
+    assert [n for n, _ in slurm.drained] == ["node1"]
+    assert store.last_drain_ts("c1", "node1") is not None
+    running = [Job(job_id=1, state="RUNNING", restart_count=1, start_ts=200.0)]
+    assert handler.note_recoveries(running) == 1
+    assert handler.note_recoveries(running) == 0  # recorded once
+    assert store.unrecovered_interruptions(0.0)[0]["job_id"] == 2
+    store.close()

@@ -99,7 +99,7 @@ def test_a_v1_database_upgrades_and_keeps_every_row(tmp_path: Path) -> None:
     assert "events_kind_ts" in indexes
 
     # v3: the daily rollup holds exactly the settled runs
-    rollup = store.query("SELECT team, project, gpu_type, runs, cost, credit, cost_idle "
+    rollup = store._query("SELECT team, project, gpu_type, runs, cost, credit, cost_idle "
                          "FROM usage_daily ORDER BY team")
     assert rollup == [
         {"team": "nlp", "project": "", "gpu_type": "h100", "runs": 1, "cost": 4.0,
@@ -108,7 +108,7 @@ def test_a_v1_database_upgrades_and_keeps_every_row(tmp_path: Path) -> None:
          "credit": 0.0, "cost_idle": pytest.approx(12.0)},
     ]
     # v4: the team rollup, with the credited GPU time of the node failure
-    team = store.query("SELECT team, runs, cost, credit, gpu_seconds, credited_gpu_seconds "
+    team = store._query("SELECT team, runs, cost, credit, gpu_seconds, credited_gpu_seconds "
                        "FROM usage_daily_team ORDER BY team")
     assert team == [
         {"team": "nlp", "runs": 1, "cost": 4.0, "credit": 4.0, "gpu_seconds": 3600.0,
@@ -152,7 +152,7 @@ def test_readonly_store_cannot_write(tmp_path: Path) -> None:
     writer = open_store(path)
     writer.add_event("admin_action", message="hello")
     reader = open_store(path, readonly=True)
-    assert reader.query("SELECT message FROM events") == [{"message": "hello"}]
+    assert reader._query("SELECT message FROM events") == [{"message": "hello"}]
     with pytest.raises(StoreError, match="read-only"):
         reader.add_event("admin_action", message="nope")
     with pytest.raises(sqlite3.OperationalError):
@@ -161,7 +161,7 @@ def test_readonly_store_cannot_write(tmp_path: Path) -> None:
         reader.db["events"].insert({"ts": 0, "kind": "x"})
     # the reader sees the writer's later commits (WAL)
     writer.add_event("admin_action", message="again")
-    assert len(reader.query("SELECT * FROM events")) == 2
+    assert len(reader._query("SELECT * FROM events")) == 2
     reader.close()
     writer.close()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from db import ingest_records, open_store, rollup_samples
+from db.reports import events
 from db.store import Store
 from policies.config import Policy
 from tests.unit.test_db_ingest import (
@@ -68,8 +69,6 @@ def test_bind_after_the_job_already_finished_resettles(store: Store, policy: Pol
 
 
 def test_events(store: Store) -> None:
-    from db.reports import events
-
     first = store.add_event("reject", team="vision", user="vera", message="over budget",
                             detail={"budget": 100})
     store.add_event("hold", job_id=5, message="too many restarts", ts=T0)
@@ -100,7 +99,7 @@ def test_approvals(store: Store) -> None:
     assert store.revoke_approval(hours, actor="root")
     assert not store.use_approval(hours, 1, now=T0)
     assert not store.use_approval("unknown", 1)
-    kinds = [e["kind"] for e in store.query("SELECT kind FROM events ORDER BY id")]
+    kinds = [e["kind"] for e in reversed(events(store))]  # oldest first
     assert kinds == ["approval", "approval_use", "approval_use", "approval", "approval"]
     with pytest.raises(ValueError, match="amount or gpu_hours"):
         store.add_approval(team="nlp", expires_at=T0)
@@ -143,8 +142,8 @@ def test_rollup_samples(store: Store, policy: Policy) -> None:
     assert rollup_samples(store, 1, now=hour + 300 + 86400) == 2 * 5
     assert rollup_samples(store, 1, now=hour + 3000 + 86400) == 2 * 5
     assert store.conn.execute("SELECT count(*) FROM gpu_samples").fetchone()[0] == 0
-    rows = store.query("SELECT gpu_uuid, hour_ts, util_mean, util_max, samples "
-                       "FROM gpu_samples_hourly ORDER BY gpu_uuid")
+    rows = store._query("SELECT gpu_uuid, hour_ts, util_mean, util_max, samples "
+                        "FROM gpu_samples_hourly ORDER BY gpu_uuid")
     assert rows == [
         {"gpu_uuid": "GPU-node1-0", "hour_ts": hour, "util_mean": 10.0, "util_max": 10.0,
          "samples": 10},
@@ -159,7 +158,7 @@ def test_transaction_rolls_back_everything(tmp_path: Path) -> None:
         store.add_event("admin_action", message="one")  # nested: a savepoint
         store.db["events"].insert({"ts": 0, "kind": "admin_action"})
         raise RuntimeError("boom")
-    assert store.query("SELECT * FROM events") == []
+    assert events(store) == []
     store.close()
 
 
@@ -173,3 +172,83 @@ def test_credit_run_moves_the_rollup(store: Store, policy: Policy) -> None:
     assert store.run("c1", 1, 0)["credit"] == 5.0
     check_rollups(store)
     assert not store.credit_run("c1", 99, 0, 1.0, "nothing there")
+
+
+def test_named_reads(store: Store, policy: Policy) -> None:
+    """The reads the daemon, the reconcile command, the doctor and the TUI ask for by name."""
+    reserve(store, 7)
+    reserve(store, None)
+    reserve(store, 8, cluster="c2")
+    assert store.bound_job_ids({7, 8, 9}) == {7, 8}
+    assert store.bound_job_ids([]) == set()
+
+    aid = store.add_approval(team="nlp", amount=10.0, expires_at=T0 + 60, now=T0)
+    assert store.revoke_approval(aid)
+    approval = store.approval(aid)
+    assert approval is not None and approval["team"] == "nlp" and approval["revoked"] == 1
+    assert store.approval("unknown") is None
+
+    ingest_records(store, [make_node_run(1), make_jobcomp(2), make_sample(ts=T0)], policy)
+    assert [(r["job_id"], r["restart_count"]) for r in store.unfinished_runs("c1")] == [(1, 0)]
+    assert set(store.unfinished_runs("c1")[0]) == {
+        "cluster", "job_id", "restart_count", "start_ts", "end_ts"}
+    assert store.unfinished_runs("c2") == []
+    assert store.recorded_job_ids("c1") == {2}
+    assert store.run_count() == 2
+
+    samples = store.gpu_samples(T0, T0)
+    assert [(s["node"], s["gpu_index"], s["util"]) for s in samples] == [
+        ("node1", 0, 10.0), ("node1", 1, 20.0)]
+    assert set(samples[0]) == {"node", "gpu_index", "gpu_type", "ts", "util",
+                               "mem_used_bytes"}
+    assert store.gpu_samples(T0 + 1, T0 + 2) == []
+
+
+def test_named_reads_of_the_event_log(store: Store) -> None:
+    kinds_before = store.event_kinds()
+    assert store.event_count() == len(events(store))
+    store.add_event("node_fail", ts=T0, cluster="c1", job_id=5, restart_count=0,
+                    node="node1")
+    store.add_event("node_fail", ts=T0 + 1, cluster="c1", job_id=5, restart_count=0,
+                    node="node1")  # the same run, twice
+    store.add_event("node_fail", ts=T0 + 2, cluster="c1", job_id=6, node="node1")
+    store.add_event("preempt", ts=T0 + 3, cluster="c1", job_id=7, restart_count=1)
+    store.add_event("recovered", ts=T0 + 4, cluster="c1", job_id=7, restart_count=1)
+    store.add_event("drain", ts=T0 + 5, cluster="c1", node="node1")
+    store.add_event("drain", ts=T0 + 9, cluster="c1", node="node1")
+    assert store.event_kinds() == sorted({*kinds_before, "node_fail", "preempt",
+                                          "recovered", "drain"})
+    assert store.event_count("node_fail") == 3
+    assert store.event_count() == len(events(store))
+
+    assert store.has_event("node_fail", "c1", 5, 0)
+    assert store.has_event("node_fail", "c1", 6, None)
+    assert not store.has_event("node_fail", "c1", 6, 0)
+    assert not store.has_event("node_fail", "c2", 5, 0)
+
+    open_ = store.unrecovered_interruptions(T0 - 1)
+    assert [(e["job_id"], e["restart_count"], e["kind"]) for e in open_] == [
+        (5, 0, "node_fail"), (5, 0, "node_fail"), (6, None, "node_fail")]
+    assert set(open_[0]) == {"id", "cluster", "job_id", "restart_count", "kind", "ts"}
+    assert store.unrecovered_interruptions(T0 + 2) == []
+
+    assert store.last_drain_ts("c1", "node1") == T0 + 9
+    assert store.last_drain_ts("c1", "node2") is None
+    assert store.failed_runs_on_node("c1", "node1", T0 - 1) == 2  # runs, not events
+    assert store.failed_runs_on_node("c1", "node1", T0) == 2
+    assert store.failed_runs_on_node("c1", "node1", T0 + 1) == 1
+    assert store.failed_runs_on_node("c2", "node1", T0 - 1) == 0
+
+
+def test_the_reservation_rules_home_agrees_with_the_ingest() -> None:
+    """policies.reservations holds the settle rule; db.ingest keeps its own copy of the
+    requeue states until it calls that rule (then this is trivially true)."""
+    from db import ingest
+    from policies.reservations import REQUEUE_STATES, run_settles_reservation
+
+    assert ingest.REQUEUE_STATES == REQUEUE_STATES
+    settled = {"cost": 1.0, "array_job_id": None, "state": "COMPLETED"}
+    assert run_settles_reservation(settled)
+    assert not run_settles_reservation(dict(settled, cost=None))
+    assert not run_settles_reservation(dict(settled, array_job_id=3))
+    assert not run_settles_reservation(dict(settled, state="NODE_FAIL"))
