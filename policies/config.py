@@ -48,6 +48,14 @@ class DaemonSettings(_Model):
     """How slurmgate talks to Slurm: the CLI's JSON output, or pyslurm on Slurm 25.11."""
     metrics_listen: str = ""
     """host:port for Prometheus metrics; empty disables them (bind to 127.0.0.1 by default)."""
+    metrics_token_file: str = ""
+    """File holding the bearer token scrapers must send (Authorization: Bearer ...); required
+    when metrics_listen is set, so local users cannot read every team's spend."""
+    spool_squash_uid: int | None = None
+    """On an NFS spool exported with root_squash, the uid root on the nodes becomes (usually
+    65534): node records owned by it are accepted as written by a node's root."""
+    quarantine_days: float = 30.0
+    """How long quarantined spool records (and their .reason files) are kept."""
 
 
 class AllowedValues(_Model):
@@ -194,6 +202,12 @@ class FakeNode(_Model):
     """Memory per device."""
 
 
+class Node(_Model):
+    state_dir: str = defaults.NODE_STATE_DIR
+    """Node-local, root-only directory (mode 0700) for Prolog baselines and the fallback spool
+    that keeps records a hook could not write to the shared spool."""
+
+
 class Nvml(_Model):
     backend: Literal["real", "fake"] = defaults.NVML_BACKEND
     """'real' uses nvidia-ml-py; 'fake' is a deterministic stand-in for machines without GPUs."""
@@ -225,6 +239,7 @@ class Policy(_Model):
     fairshare: Fairshare = Fairshare()
     checkpoint: Checkpoint = Checkpoint()
     requeue: Requeue = Requeue()
+    node: Node = Node()
     nvml: Nvml = Nvml()
     export: Export = Export()
 
