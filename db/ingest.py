@@ -29,9 +29,17 @@ request (cpus, memory, GPUs) come from its reservation (matched by job id, or by
 job id for array tasks), else the team from the policy's account/user map. GPU-seconds and
 energy are the sum over its node_run records (nodes that never reported add their share of
 the allocation x elapsed), else allocated GPUs x elapsed. ``policies.cost.run_cost`` prices
-it; node failures (and preemptions, when the policy says so) are credited in full (the rules:
-``policies.settlement``). When node records arrive after the jobcomp the run is re-settled,
+it; node failures (and preemptions, when the policy says so) are credited in full once the
+daemon confirmed them with Slurm, until then they are marked ``node_failure_pending`` (the
+rules: ``policies.settlement``). When node records arrive after the jobcomp the run is re-settled,
 and the daily rollups follow (``db.rollups``).
+
+Writers: the daemon passes, per record, who wrote it (``writers``: 'ctld' for slurmctld's
+jobcomp, 'repair' for ``reconcile --repair``, 'node:<name>'; known from the spool subdirectory
+and the file's owner). A run keeps the writer of the jobcomp that settled it (``settled_by``);
+a jobcomp from a different writer that would settle that run again is refused (returned in
+``errors``: the daemon quarantines it), never applied. Without ``writers`` (or with None for a
+record) nothing is checked.
 
 The store is anything with ``conn``, ``transaction()`` and ``add_event()`` (``IngestStore``):
 db.store.Store, which builds on this module, is one.
@@ -43,7 +51,7 @@ import json
 import operator
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -84,7 +92,8 @@ RUN_COLUMNS = (
     "tags", "partition", "nodes", "node_count", "gpu_type", "gpus", "cpus", "mem_mb",
     "time_limit_min", "rid", "gpu_seconds", "energy_j", "util_mean", "cost", "cost_gpu",
     "cost_cpu", "cost_mem", "cost_energy", "cost_idle", "credit", "credit_reason",
-    "array_job_id", "array_task_id", "work_dir", "jobcomp_at", "settled_at", "updated_at",
+    "array_job_id", "array_task_id", "work_dir", "settled_by", "jobcomp_at", "settled_at",
+    "updated_at",
 )
 NODE_COLUMNS = (
     "cluster", "job_id", "restart_count", "node", "start_ts", "end_ts", "gpus", "gpu_type",
@@ -258,6 +267,7 @@ class _Batch:
         self.warnings: list[str] = []
         self.events: list[dict[str, Any]] = []
         self.settled: list[RunKey] = []
+        self.refused: list[tuple[dict[str, Any], str]] = []
 
     # loading ---------------------------------------------------------------------------------
 
@@ -369,7 +379,26 @@ class _Batch:
         self.dirty[run.key] = run
         return True
 
-    def add_jobcomp(self, rec: dict[str, Any]) -> bool:
+    def _settled_target(self, runs: list[_Run], rec: dict[str, Any], start: float | None,
+                        end: float | None) -> _Run | None:
+        """The finished run this jobcomp is about, if any (same restart count, or a start
+        within MATCH_WINDOW_S; without either, an end within it)."""
+        rc = rec.get("restart_count")
+        for r in runs:
+            row = r.row
+            if row["state"] is None:
+                continue
+            if rc is not None and row["restart_count"] == rc and r.compatible(start, end):
+                return r
+            if start is not None:
+                if row["start_ts"] is not None and abs(row["start_ts"] - start) <= MATCH_WINDOW_S:
+                    return r
+            elif end is not None and row["end_ts"] is not None \
+                    and abs(row["end_ts"] - end) <= MATCH_WINDOW_S:
+                return r
+        return None
+
+    def add_jobcomp(self, rec: dict[str, Any], writer: str | None = None) -> bool:
         cluster, job_id = rec["cluster"], rec["job_id"]
         state = rec["state"].split()[0].upper()
         start, end = _ts(rec.get("start_ts")), _ts(rec.get("end_ts"))
@@ -385,6 +414,14 @@ class _Batch:
                         and (start is None or _close(row["start_ts"], start)))
             if same:
                 self.duplicates += 1
+                return False
+        if writer is not None:
+            settled = self._settled_target(runs, rec, start, end)
+            by = settled.row.get("settled_by") if settled is not None else None
+            if settled is not None and by is not None and by != writer:
+                key = "/".join(str(k) for k in settled.key)
+                self.refused.append((rec, f"run {key} was settled by {by}; a jobcomp from "
+                                          f"{writer} may not settle it again"))
                 return False
         unfinished = [r for r in runs if r.row["state"] is None]
         rc = rec.get("restart_count")
@@ -418,6 +455,8 @@ class _Batch:
         row = run.row
         row["state"] = state
         row["jobcomp_at"] = float(rec["written_at"])
+        if writer is not None:
+            row["settled_by"] = writer
         if start is not None:
             row["start_ts"] = start
         if end is not None:
@@ -533,7 +572,10 @@ class _Batch:
         if decided is None:
             return  # an admin's credit stands
         credit, reason = decided
-        first = reason is not None and (row["credit_reason"] != reason)
+        # a failure is credited once the failure handler confirmed it with Slurm
+        # (Store.confirm_failure_credit); a pending credit (0) logs no event
+        first = (reason is not None and reason not in settlement.PENDING_CREDIT_REASONS
+                 and row["credit_reason"] != reason)
         row["credit"], row["credit_reason"] = credit, reason
         if first:
             self.events.append({
@@ -606,12 +648,16 @@ _settled_facts = operator.itemgetter(
 # -- entry points ------------------------------------------------------------------------------
 
 
-def _run_batch(store: IngestStore, policy: Policy, records: list[tuple[str, dict[str, Any]]],
+_Item = tuple[str, dict[str, Any], str | None]
+"""(kind, record, writer) of one valid record."""
+
+
+def _run_batch(store: IngestStore, policy: Policy, records: list[_Item],
                cost_fn: CostFn | None, now: float, result: IngestResult) -> None:
     samples: list[list[tuple[Any, ...]]] = []
     node_runs: list[dict[str, Any]] = []
-    jobcomps: list[dict[str, Any]] = []
-    for kind, rec in records:
+    jobcomps: list[tuple[dict[str, Any], str | None]] = []
+    for kind, rec, writer in records:
         if kind == "gpu_sample":
             ts = float(rec["ts"])
             samples.append([(rec["node"], g["uuid"], ts, g["index"], g["gpu_type"],
@@ -620,7 +666,7 @@ def _run_batch(store: IngestStore, policy: Policy, records: list[tuple[str, dict
         elif kind == "node_run":
             node_runs.append(rec)
         else:
-            jobcomps.append(rec)
+            jobcomps.append((rec, writer))
     conn = store.conn
     for rows in samples:
         before = conn.total_changes
@@ -630,19 +676,21 @@ def _run_batch(store: IngestStore, policy: Policy, records: list[tuple[str, dict
     if not node_runs and not jobcomps:
         return
     batch = _Batch(store, policy, cost_fn, now)
-    batch.load({(r["cluster"], r["job_id"]) for r in node_runs + jobcomps})
+    batch.load({(r["cluster"], r["job_id"]) for r in node_runs}
+               | {(r["cluster"], r["job_id"]) for r, _ in jobcomps})
     extra: dict[str, set[int]] = {}
-    for r in jobcomps:
+    for r, _ in jobcomps:
         if r.get("array_job_id"):
             extra.setdefault(r["cluster"], set()).add(r["array_job_id"])
     batch.load_reservations(extra)
     node_runs.sort(key=lambda r: (r["start_ts"], r["node"]))
-    jobcomps.sort(key=lambda r: (_ts(r.get("start_ts")) or _ts(r.get("end_ts")) or 0.0,
-                                 _ts(r.get("end_ts")) or 0.0))
+    jobcomps.sort(key=lambda rw: (_ts(rw[0].get("start_ts")) or _ts(rw[0].get("end_ts"))
+                                  or 0.0, _ts(rw[0].get("end_ts")) or 0.0))
     for rec in node_runs:
         batch.add_node_run(rec)
-    for rec in jobcomps:
-        batch.add_jobcomp(rec)
+    for rec, writer in jobcomps:
+        batch.add_jobcomp(rec, writer)
+    result.errors.extend(batch.refused)
     result.runs_touched.extend(batch.finish())
     result.duplicates += batch.duplicates
     result.settled.extend(batch.settled)
@@ -650,8 +698,12 @@ def _run_batch(store: IngestStore, policy: Policy, records: list[tuple[str, dict
 
 
 def ingest_records(store: IngestStore, records: list[Any], policy: Policy, *,
-                   now: float | None = None, cost_fn: CostFn | None = None) -> IngestResult:
+                   now: float | None = None, cost_fn: CostFn | None = None,
+                   writers: Sequence[str | None] | None = None) -> IngestResult:
     """Validate and ingest a batch in one transaction; see the module docstring.
+
+    ``writers`` (parallel to ``records``) says who wrote each record; a jobcomp that would
+    settle a run another writer settled lands in ``errors``.
 
     A database error (locked past busy_timeout, disk full) raises sqlite3.Error and writes
     nothing: the caller keeps the records and retries. Any other failure inside the batch
@@ -659,9 +711,12 @@ def ingest_records(store: IngestStore, records: list[Any], policy: Policy, *,
     """
     ts = time.time() if now is None else now
     result = IngestResult()
-    valid: list[tuple[str, dict[str, Any]]] = []
+    valid: list[_Item] = []
     incomplete: list[dict[str, Any]] = []
-    for rec in records:
+    if writers is not None and len(writers) != len(records):
+        raise ValueError("writers must name one writer per record")
+    for n, rec in enumerate(records):
+        writer = writers[n] if writers is not None else None
         if _without_baseline(rec):
             incomplete.append(rec)
             continue
@@ -672,34 +727,40 @@ def ingest_records(store: IngestStore, records: list[Any], policy: Policy, *,
         if not is_complete(rec):
             incomplete.append(rec)
             continue
-        valid.append((rec["kind"], rec))
+        valid.append((rec["kind"], rec, writer))
     if incomplete:
         _note_incomplete(store, incomplete, ts, result)
     if not valid:
         return result
+    early = list(result.errors)
     try:
         with store.transaction():
             _run_batch(store, policy, valid, cost_fn, ts, result)
     except sqlite3.OperationalError:
         raise
     except Exception:
-        result = IngestResult(errors=result.errors)
+        result = IngestResult(errors=list(early))
         with store.transaction():
-            for kind, rec in valid:
+            for kind, rec, writer in valid:
                 one = IngestResult()
                 try:
                     with store.transaction():  # inside the batch's: a savepoint
-                        _run_batch(store, policy, [(kind, rec)], cost_fn, ts, one)
+                        _run_batch(store, policy, [(kind, rec, writer)], cost_fn, ts, one)
                 except sqlite3.OperationalError:
                     raise
                 except Exception as exc:  # a bug must not block the other records
                     result.errors.append((rec, f"internal error while ingesting: {exc!r}"))
                     continue
                 _merge(result, one)
+                if one.errors:
+                    result.errors.extend(one.errors)
+                    continue
                 result.counts[kind] = result.counts.get(kind, 0) + 1
         return result
-    for kind, _ in valid:
-        result.counts[kind] = result.counts.get(kind, 0) + 1
+    refused = {id(rec) for rec, _ in result.errors}
+    for kind, rec, _ in valid:
+        if id(rec) not in refused:
+            result.counts[kind] = result.counts.get(kind, 0) + 1
     result.runs_touched = list(dict.fromkeys(result.runs_touched))
     return result
 

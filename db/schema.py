@@ -299,11 +299,19 @@ ROLLUPS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("usage_daily", ROLLUP_DIMENSIONS, ROLLUP_MEASURES),
 )
 
+# v5: who settled a run ('ctld': slurmctld's jobcomp, 'repair': reconcile --repair,
+# 'node:<name>'), known from the spool subdirectory and the record file's owner. A jobcomp from
+# another writer may not settle that run again (db.ingest).
+SCHEMA_V5 = """
+ALTER TABLE runs ADD COLUMN settled_by TEXT;
+"""
+
 MIGRATIONS: list[tuple[int, Step]] = [
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
+    (5, SCHEMA_V5),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sqlite3
 import time
 import uuid
@@ -27,6 +28,7 @@ import sqlite_utils
 from db.ingest import resettle_runs
 from db.rollups import apply_rollup_delta
 from db.schema import LATEST_VERSION, current_version, migrate
+from policies import settlement
 
 if TYPE_CHECKING:
     from policies.config import Policy
@@ -294,6 +296,37 @@ class Store:
                            message=f"credit {amount:g}: {reason}",
                            detail={"amount": amount, "previous": before["credit"]})
         return True
+
+    def confirm_failure_credit(self, cluster: str, job_id: int, restart_count: int, *,
+                               now: float | None = None) -> float | None:
+        """Credit a failed run whose failure the daemon confirmed with Slurm: a run whose
+        credit is pending ("node_failure_pending", "preemption_pending": set by ingest) gets
+        its whole cost credited under the confirmed reason; logs a 'credit' event and moves
+        the rollup. Returns the amount credited, or None when nothing was pending (already
+        confirmed, an admin's credit, not a failure, no such run). A run not settled yet keeps
+        the confirmed reason and is credited when it is settled."""
+        ts = time.time() if now is None else now
+        with self.transaction():
+            before = self.run(cluster, job_id, restart_count)
+            reason = settlement.confirm_credit_reason(before["credit_reason"]) if before \
+                else None
+            if before is None or reason is None:
+                return None
+            amount = float(before["cost"] or 0.0)
+            self.conn.execute(
+                "UPDATE runs SET credit = ?, credit_reason = ?, updated_at = ? "
+                "WHERE cluster = ? AND job_id = ? AND restart_count = ?",
+                (amount, reason, ts, cluster, job_id, restart_count),
+            )
+            after = dict(before, credit=amount, credit_reason=reason)
+            apply_rollup_delta(self.conn, [(before, after)])
+            self.add_event("credit", ts=ts, cluster=cluster, job_id=job_id,
+                           restart_count=restart_count, team=before["team"],
+                           user=before["user"], actor="slurmgate",
+                           message=f"{before['state']}: run credited ({reason}; "
+                                   "confirmed by Slurm)",
+                           detail={"amount": amount, "reason": reason})
+        return amount
 
     # -- events -----------------------------------------------------------------------------
 
@@ -563,9 +596,42 @@ def open_store(path: str | Path, *, readonly: bool = False) -> Store:
             )
         return Store(sqlite_utils.Database(conn), path=spath, readonly=True)
     try:
-        conn = sqlite3.connect(spath, check_same_thread=False)
-        _configure(conn, writer=True)
-        migrate(conn)
+        with _private_umask():
+            conn = sqlite3.connect(spath, check_same_thread=False)
+            _configure(conn, writer=True)
+            migrate(conn)
+        make_private(spath)
     except sqlite3.Error as exc:
         raise StoreError(f"{spath}: cannot open the database for writing: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"{spath}: cannot make the database private (0640): {exc}") from exc
     return Store(sqlite_utils.Database(conn), path=spath, readonly=False)
+
+
+PRIVATE_UMASK = 0o027
+"""Files of the store are at most 0640: the service user writes, its group reads."""
+
+
+@contextlib.contextmanager
+def _private_umask() -> Iterator[None]:
+    old = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def make_private(path: str) -> None:
+    """Take group write and every 'other' bit off the database and its -wal/-shm (whatever
+    the umask was when they were created). SQLite creates -wal/-shm later with the process
+    umask: the daemon sets its umask to PRIVATE_UMASK as well (server.serve)."""
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            continue
+        mode = st.st_mode & 0o7777
+        if mode & ~0o640:
+            os.chmod(name, mode & 0o640)

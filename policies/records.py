@@ -32,6 +32,9 @@ from typing import Any
 
 RECORD_VERSION = 1
 KINDS = ("node_run", "jobcomp", "gpu_sample")
+MAX_RECORD_BYTES = 64 * 1024
+"""The biggest record file the daemon reads (the spool checks the size on the open descriptor
+before reading). Real records are well under 10 KiB; a bigger file is quarantined unread."""
 
 Spec = tuple[tuple[str, str, bool], ...]
 """(field, type, required) per field."""

@@ -10,8 +10,11 @@ loads them, calls these functions and writes what they return.
   of a mixed request ("a100+h100").
 - Each GPU type is priced by ``cost_fn`` (policies.cost.run_cost) in turn, the largest share
   first; CPUs, memory and measured energy go with the first. Money is rounded to 1e-6.
-- A run that ended in NODE_FAIL (or PREEMPTED, when the policy says so) is credited in full;
-  an admin's credit is never replaced.
+- A run that ended in NODE_FAIL (or PREEMPTED, when the policy says so) is credited in full,
+  but only once the daemon's failure handler confirmed the failure with Slurm: until then its
+  credit is 0 with the reason ``node_failure_pending`` (``preemption_pending``), and the handler
+  turns that into ``node_failure`` (``confirm_credit_reason``). An admin's credit is never
+  replaced.
 """
 
 from __future__ import annotations
@@ -25,8 +28,21 @@ if TYPE_CHECKING:
 CostFn = Callable[..., dict[str, float]]
 Row = Mapping[str, Any]
 
-AUTO_CREDIT_REASONS = frozenset({"node_failure", "preemption"})
+PENDING_SUFFIX = "_pending"
+CONFIRMED_CREDIT_REASONS = frozenset({"node_failure", "preemption"})
+"""Credit reasons of a failure Slurm confirmed (the run is credited in full)."""
+PENDING_CREDIT_REASONS = frozenset(r + PENDING_SUFFIX for r in CONFIRMED_CREDIT_REASONS)
+"""Credit reasons of a failure not confirmed yet (credit 0 until it is)."""
+AUTO_CREDIT_REASONS = CONFIRMED_CREDIT_REASONS | PENDING_CREDIT_REASONS
 """Credit reasons settlement sets (and may change on re-settlement); any other is an admin's."""
+
+
+def confirm_credit_reason(credit_reason: str | None) -> str | None:
+    """The confirmed reason for a pending one ("node_failure_pending" -> "node_failure"); None
+    when ``credit_reason`` is not pending (nothing to confirm)."""
+    if credit_reason in PENDING_CREDIT_REASONS:
+        return credit_reason[: -len(PENDING_SUFFIX)]
+    return None
 
 
 def money(amount: float) -> float:
@@ -142,8 +158,10 @@ def default_gpu_type(policy: Policy, partition: str | None) -> str | None:
 def auto_credit(state: str | None, cost: float | None, credit_reason: str | None,
                 requeue: Requeue) -> tuple[float | None, str | None] | None:
     """(credit, reason) settlement gives a run that ended in ``state``: its whole ``cost`` for
-    a node failure (and a preemption, when ``requeue`` says so), else (0.0, None). None when
-    ``credit_reason`` is an admin's: that credit stands."""
+    a node failure (and a preemption, when ``requeue`` says so) that Slurm confirmed
+    (``credit_reason`` is already "node_failure"/"preemption"), (0.0, "<reason>_pending") for
+    one not confirmed yet, else (0.0, None). None when ``credit_reason`` is an admin's: that
+    credit stands."""
     if credit_reason is not None and credit_reason not in AUTO_CREDIT_REASONS:
         return None
     reason = None
@@ -151,4 +169,8 @@ def auto_credit(state: str | None, cost: float | None, credit_reason: str | None
         reason = "node_failure"
     elif state == "PREEMPTED" and requeue.credit_preemption:
         reason = "preemption"
-    return (cost if reason else 0.0), reason
+    if reason is None:
+        return 0.0, None
+    if credit_reason == reason:  # confirmed: the credit follows the (re-settled) cost
+        return cost, reason
+    return 0.0, reason + PENDING_SUFFIX

@@ -17,14 +17,21 @@ From bash: ``slurmgate ckpt dir | latest [--path|--step] | restarts | save STEP 
 load [--path] | list`` (see ``main``).
 
 Where: the directory named by ``$SLURMGATE_CKPT_DIR`` (the variable's name can be changed with
-``$SLURMGATE_CKPT_ENV``; slurmgate injects it at submit time into jobs tagged ``ckpt=yes``, the
-same directory across requeues). Without it: ``$SLURM_SUBMIT_DIR/.ckpt/$SLURM_JOB_ID``.
+``$SLURMGATE_CKPT_ENV``; slurmgate injects ``ROOT/TEAM/USER/JOBNAME`` at submit time into jobs
+tagged ``ckpt=yes``, the same directory across requeues; the Prolog creates ``ROOT/TEAM/USER``
+owned by the user, mode 0700). Without it: ``$SLURM_SUBMIT_DIR/.ckpt/$SLURM_JOB_ID``. Every
+directory on the way is opened without following symlinks and must be the caller's (root may
+own those above the caller's own); a symlink, another user's directory or one others may write
+is refused (``CheckpointError`` says which and why). ``.active`` in the directory names the job
+working there: a second job with the same name that runs at the same time gets
+``JOBNAME.JOBID`` beside it (with a warning); a resubmitted job resumes from ``JOBNAME``.
 
 Layout of that directory::
 
     step-00000042/          one complete checkpoint: the payload file(s) and COMPLETE
     step-00000043/
     latest -> step-00000043 pointer (a symlink; a one-line text file where symlinks fail)
+    .active                 the job id that works here (one job per directory)
     .tmp-...                a save in progress, or one that crashed: never read
 
 A save writes into ``.tmp-step-...``, fsyncs every file, writes the ``COMPLETE`` marker, renames
@@ -37,6 +44,7 @@ Only one process per job should save (rank 0 in distributed training).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -44,6 +52,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -103,23 +112,35 @@ def _note(message: str) -> None:
 
 
 def checkpoint_dir(create: bool = True) -> Path:
-    """This job's checkpoint directory (the same across requeues of the job)."""
+    """This job's checkpoint directory (the same across requeues of the job).
+
+    Checked on every call: each directory below the checkpoint root (below
+    ``$SLURM_SUBMIT_DIR`` for the fallback) is opened without following symlinks and must be
+    yours (root may own the ones above your own); a symlink, another user's directory or one
+    that others may write is refused with a ``CheckpointError`` naming it and the reason.
+    Missing directories are created, mode 0700. A job claims its directory with an ``.active``
+    file; while another running job with the same name holds it, this job works in its own
+    ``NAME.JOBID`` beside it (and says so on stderr). A later job of that name, or this job
+    after a requeue, takes the directory over and resumes from it.
+    """
     name = env_var_name()
     value = os.environ.get(name, "").strip()
     if value:
         path = Path(value).expanduser()
+        anchor, parts, strict = _split_injected(path)
     else:
         base = os.environ.get("SLURM_SUBMIT_DIR") or os.getcwd()
         job = os.environ.get("SLURM_JOB_ID") or "local"
         path = Path(base) / ".ckpt" / job
         _note(f"${name} is not set (submit with --comment 'ckpt=yes,...' to get a checkpoint "
               f"directory from slurmgate); using {path}")
-    if create:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CheckpointError(f"cannot create checkpoint directory {path}: {e.strerror or e}; "
-                                  f"set ${name} to a writable directory") from e
+        anchor, parts = ((os.path.abspath(base), []) if os.path.isdir(base)
+                         else _split_chosen(Path(base)))
+        parts, strict = [*parts, ".ckpt", job], False
+    exists = _walk(path, anchor, parts, create=create, strict=strict)
+    job_id = _job_id()
+    if value and exists and job_id != "local":
+        return _claim(path, anchor, parts, job_id, strict=strict)
     return path
 
 
@@ -127,13 +148,329 @@ def _root(directory: str | os.PathLike[str] | None, create: bool) -> Path:
     if directory is None:
         return checkpoint_dir(create=create)
     path = Path(directory)
-    if create:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CheckpointError(f"cannot create checkpoint directory {path}: "
-                                  f"{e.strerror or e}") from e
+    anchor, parts = _split_chosen(path)
+    _walk(path, anchor, parts, create=create, strict=False)
     return path
+
+
+# -- who may write there -----------------------------------------------------------------------
+
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_OPEN_BELOW = _OPEN_DIR | os.O_NOFOLLOW
+ACTIVE = ".active"
+"""Names the job (SLURM_JOB_ID) that works in a checkpoint directory now or did last."""
+SQUEUE_TIMEOUT = 5.0
+
+
+def _user_name() -> str | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return os.environ.get("USER") or os.environ.get("LOGNAME")
+
+
+def _split_injected(path: Path) -> tuple[str, list[str], bool]:
+    """(anchor, parts below it, strict). slurmgate injects ``ROOT/TEAM/USER/JOBNAME``: then
+    the anchor is ROOT, and ROOT, TEAM and USER are checked strictly (no world-writable
+    directory, even a sticky one). Any other path is checked like a chosen directory."""
+    absolute = Path(os.path.abspath(path))
+    parts = absolute.parts
+    if len(parts) >= 5 and parts[-2] == _user_name():
+        return os.path.join(*parts[:-3]), list(parts[-3:]), True
+    anchor, below = _split_chosen(absolute)
+    return anchor, below, False
+
+
+def _split_chosen(path: Path) -> tuple[str, list[str]]:
+    """A directory the user named: the anchor is its nearest existing ancestor; the directory
+    and anything missing on the way to it are checked (or created) below the anchor."""
+    absolute = Path(os.path.abspath(path))
+    if not absolute.name:
+        raise CheckpointError(f"{path} cannot be a checkpoint directory")
+    anchor, parts = absolute.parent, [absolute.name]
+    while not os.path.lexists(anchor) and anchor != anchor.parent:
+        parts.insert(0, anchor.name)
+        anchor = anchor.parent
+    return str(anchor), parts
+
+
+def _private_group(gid: int) -> bool:
+    """The caller's own user-private group (same name, no other members)."""
+    import grp
+
+    me = _user_name()
+    try:
+        g = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return g.gr_name == me and all(m == me for m in g.gr_mem)
+
+
+def _others_may_write(st: os.stat_result) -> bool:
+    if st.st_mode & stat.S_IWOTH:
+        return True
+    return bool(st.st_mode & stat.S_IWGRP) and not _private_group(st.st_gid)
+
+
+def _refuse(path: Path, where: str, reason: str, fix: str) -> CheckpointError:
+    return CheckpointError(f"refusing checkpoint directory {path}: {where} {reason}; {fix}")
+
+
+def _check(path: Path, where: str, st: os.stat_result, *, leaf: bool, strict: bool) -> None:
+    me = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"cannot use checkpoint directory {path}: {where} is not a "
+                              f"directory")
+    mode = stat.S_IMODE(st.st_mode)
+    if leaf and st.st_uid != me:
+        raise _refuse(path, where, f"is owned by uid {st.st_uid}, not you (uid {me})",
+                      "a checkpoint directory must be yours (someone else could plant the "
+                      "checkpoint you resume from); remove it or ask your admin to")
+    if not leaf and st.st_uid not in (0, me):
+        raise _refuse(path, where, f"is owned by uid {st.st_uid}, not you (uid {me}) or root",
+                      "ask your admin to remove it (slurmgate's Prolog creates "
+                      "ROOT/TEAM/USER owned by you)")
+    if _others_may_write(st) and (leaf or strict or not mode & stat.S_ISVTX):
+        raise _refuse(path, where, f"is writable by others (mode {mode:04o})",
+                      "chmod go-w it (the checkpoint root should be 0755)" if not leaf
+                      else f"chmod 0700 {where}")
+
+
+def _walk(path: Path, anchor: str, parts: Sequence[str], *, create: bool,
+          strict: bool) -> bool:
+    """Open ``anchor`` (symlinks followed: the admin's or your choice), then each of ``parts``
+    below it with O_NOFOLLOW, checking each; create missing ones (0700) when ``create``.
+    True when the directory exists (and passed), False when it is missing and not created."""
+    verb = "create" if create else "open"
+    hint = ("; slurmgate's Prolog creates ROOT/TEAM/USER for you (ask your admin whether it "
+            "runs)" if strict else "")
+    try:
+        fd = os.open(anchor, _OPEN_DIR)
+    except FileNotFoundError:
+        if not create:
+            return False
+        raise CheckpointError(f"cannot create checkpoint directory {path}: {anchor} does not "
+                              f"exist{hint}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot {verb} checkpoint directory {path}: {anchor}: "
+                              f"{e.strerror or e}") from e
+    try:
+        _check(path, anchor, os.fstat(fd), leaf=not parts, strict=strict)
+        where = anchor
+        for i, part in enumerate(parts):
+            where = os.path.join(where, part)
+            leaf = i == len(parts) - 1
+            below, created = _open_below(fd, part, path, where, create=create, verb=verb,
+                                         hint=hint if not leaf else "")
+            if below is None:
+                return False
+            os.close(fd)
+            fd = below
+            if created:
+                os.fchmod(fd, 0o700)
+            _check(path, where, os.fstat(fd), leaf=leaf, strict=strict)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _open_below(fd: int, part: str, path: Path, where: str, *, create: bool, verb: str,
+                hint: str) -> tuple[int | None, bool]:
+    created = False
+    for _ in range(2):
+        try:
+            return os.open(part, _OPEN_BELOW, dir_fd=fd), created
+        except FileNotFoundError:
+            if not create:
+                return None, False
+            try:
+                os.mkdir(part, 0o700, dir_fd=fd)
+                created = True
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise CheckpointError(f"cannot create checkpoint directory {path}: {where}: "
+                                      f"{e.strerror or e}{hint}") from e
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                try:
+                    is_link = stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode)
+                except OSError:
+                    is_link = False
+                if is_link:
+                    raise _refuse(path, where, "is a symlink",
+                                  "a checkpoint directory must be a real directory of yours "
+                                  "(name the target itself)") from None
+                raise CheckpointError(f"cannot {verb} checkpoint directory {path}: {where} is "
+                                      f"not a directory") from None
+            raise CheckpointError(f"cannot {verb} checkpoint directory {path}: {where}: "
+                                  f"{e.strerror or e}") from e
+    raise CheckpointError(f"cannot {verb} checkpoint directory {path}: {where} keeps "
+                          f"disappearing")
+
+
+# -- one job per directory -----------------------------------------------------------------------
+
+
+def _squeue_alive(job_id: str) -> bool:
+    """Whether Slurm still knows ``job_id`` as a job that has not ended (running, pending
+    again after a requeue, suspended, completing). Any error means no."""
+    import subprocess
+
+    from policies.defaults import FINISHED_STATES
+
+    if not job_id.isdigit():
+        return False
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                             text=True, timeout=SQUEUE_TIMEOUT, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if out.returncode != 0:
+        return False
+    return any(s not in FINISHED_STATES for s in out.stdout.upper().split())
+
+
+job_alive: Callable[[str], bool] = _squeue_alive
+"""Whether a job id from an ``.active`` file is still alive (replaceable in tests)."""
+
+
+def _claim(path: Path, anchor: str, parts: Sequence[str], job: str, *, strict: bool) -> Path:
+    """The directory this job works in: ``path``, claimed for ``job``, or ``NAME.JOBID`` beside
+    it while another live job holds ``path``."""
+    sibling = path.with_name(f"{path.name}.{job}")
+    sibling_parts = [*parts[:-1], sibling.name]
+    if os.path.lexists(sibling):  # decided earlier in this job (or a run before its requeue)
+        _walk(sibling, anchor, sibling_parts, create=True, strict=strict)
+        return sibling
+    for _ in range(5):
+        holder = _read_active(path)
+        if holder == job:
+            return path
+        if holder is None:
+            if _create_active(path, job):
+                return path
+            continue
+        if holder and job_alive(holder):
+            _walk(sibling, anchor, sibling_parts, create=True, strict=strict)
+            with contextlib.suppress(OSError):
+                _create_active(sibling, job)
+            _note(f"warning: job {holder} with the same name is still running in {path}; "
+                  f"this job ({job}) uses its own directory {sibling} and does not resume "
+                  f"from {path}")
+            return sibling
+        if _take_over(path, holder, job):
+            return path
+    raise CheckpointError(f"cannot claim checkpoint directory {path} for job {job}: its "
+                          f"{ACTIVE} file keeps changing")
+
+
+def _read_active(path: Path) -> str | None:
+    """The job id in ``path/.active``; None when there is none; "" when it is unreadable."""
+    try:
+        fd = os.open(path / ACTIVE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""  # a symlink or junk: nobody's claim
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+
+
+def _claim_file(path: Path, job: str) -> Path:
+    tmp = path / _tmp_name("tmp", "active")
+    write_new_file(tmp, f"{job}\n".encode(), mode=0o600)
+    return tmp
+
+
+def _create_active(path: Path, job: str) -> bool:
+    """Claim ``path`` if nobody has: a complete file linked into place, never half-written."""
+    tmp = _claim_file(path, job)
+    try:
+        os.link(tmp, path / ACTIVE)
+        fsync_path(path, directory=True)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here: create it in place
+        try:
+            fd = os.open(path / ACTIVE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, f"{job}\n".encode())
+        finally:
+            os.close(fd)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _take_over(path: Path, stale: str, job: str) -> bool:
+    """Replace the claim of ``stale`` (ended) with ours, unless someone changed it first.
+
+    Takers lock the claim file and check that it is still the one at ``.active``, so of two
+    jobs that both found the same stale claim only one takes it; the other looks again."""
+    active = path / ACTIVE
+    try:
+        fd = os.open(active, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:  # a symlink or junk in our own directory: replace it
+        tmp = _claim_file(path, job)
+        try:
+            os.replace(tmp, active)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return True
+    try:
+        _lock(fd)
+        st, now = os.fstat(fd), os.lstat(active)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            return False
+        current = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        if current != stale:
+            return False
+        tmp = _claim_file(path, job)
+        try:
+            os.replace(tmp, active)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_path(path, directory=True)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, timeout: float = 5.0) -> None:
+    """Best effort: a file system without locks (or a lock held too long) goes unlocked."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        except OSError:
+            return
 
 
 def restart_count() -> int:
@@ -595,7 +932,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         root = Path(args.dir) if args.dir else checkpoint_dir(create=args.op in ("dir", "save"))
         if args.op == "dir":
-            root.mkdir(parents=True, exist_ok=True)
+            if args.dir:
+                _root(root, create=True)
             print(root, file=out)
         elif args.op == "restarts":
             print(restart_count(), file=out)

@@ -6,6 +6,7 @@ start fast, so nothing heavy is imported before we know which command runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -323,13 +324,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_text(statement))
     if args.html:
-        target = os.path.abspath(args.html)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target + ".tmp", "w", encoding="utf-8") as fh:
-            fh.write(render_html(statement))
-        os.replace(target + ".tmp", target)
+        _write_replacing(os.path.abspath(args.html), render_html(statement))
         print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _write_replacing(target: str, text: str) -> None:
+    """Write ``target`` through a temp file that ``tempfile.mkstemp`` creates (O_EXCL, a
+    random name) in the target's own directory, then ``os.replace``: never a predictable path
+    a planted link could redirect."""
+    import tempfile
+
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

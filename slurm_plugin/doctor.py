@@ -356,40 +356,59 @@ class Doctor:
 
     # -- spool -------------------------------------------------------------------------------
 
+    def _spool_fix(self, spool: str) -> str:
+        d = self._policy.daemon
+        user = d.slurm_user
+        node_owner = str(d.spool_squash_uid) if d.spool_squash_uid is not None else "root"
+        return (f"install -d -m 0775 -o root -g {user} {spool}; "
+                f"install -d -m 0770 -o {node_owner} -g {user} {spool}/node {spool}/node/tmp; "
+                f"install -d -m 0770 -o {user} -g {user} {spool}/ctld {spool}/ctld/tmp; "
+                f"install -d -m 0750 -o {user} -g {user} {spool}/quarantine "
+                "(INSTALL: Spool layout and permissions)")
+
     def check_spool(self) -> None:
+        from slurm_plugin.node import spool as sp
+
         if not self._needs_policy("spool"):
             return
-        spool = self._policy.daemon.spool_dir
-        fix_mode = (f"install -d -m 1733 -o slurm -g slurm {spool} (or group-writable 2770 "
-                    "for a group holding root, SlurmUser and the daemon)")
-        try:
-            mode = _mode(spool)
-        except FileNotFoundError:
-            self.add("spool", "FAIL", f"{spool} does not exist", fix_mode)
+        d = self._policy.daemon
+        spool = d.spool_dir
+        trust = sp.trust_for(d.slurm_user, d.spool_squash_uid)
+        fix = self._spool_fix(spool)
+        if not os.path.lexists(spool):
+            self.add("spool", "FAIL", f"{spool} does not exist", fix)
             return
-        if not os.path.isdir(spool):
-            self.add("spool", "FAIL", f"{spool} is not a directory", fix_mode)
-            return
-        shared = (mode & 0o003 == 0o003 and mode & stat.S_ISVTX) or mode & 0o070 == 0o070
-        if not shared:
-            self.add("spool", "FAIL", f"{spool} has mode {mode:04o}: the jobcomp hook "
-                     "(SlurmUser) or the prolog/epilog (root) cannot both write there", fix_mode)
+        problems = sp.check_layout(spool, trust)
+        if self.node is not None:
+            problems.pop("ctld", None)  # the controller's side: not this node's business
+            problems.pop("ctld/tmp", None)
+            problems.pop("quarantine", None)
+        if problems:
+            self.add("spool", "FAIL", "; ".join(problems.values()), fix)
             return
         if self.node is not None:
-            self._probe_write(spool)
+            self._probe_write(spool, trust)
             return
         count, oldest = 0, None
-        with os.scandir(spool) as entries:
-            for e in entries:
-                if e.name.endswith(".json") and e.name.split(".", 1)[0] in RECORD_KINDS:
-                    count += 1
-                    with_time = e.stat(follow_symlinks=False).st_mtime
-                    oldest = with_time if oldest is None else min(oldest, with_time)
-        qdir = Path(spool) / "quarantine"
-        quarantined = len(list(qdir.glob("*.json"))) if qdir.is_dir() else 0
+        for sub in sp.SUBDIRS:
+            try:
+                entries = os.scandir(os.path.join(spool, sub))
+            except OSError:
+                continue
+            with entries:
+                for e in entries:
+                    if e.name.endswith(".json") and e.name.split(".", 1)[0] in RECORD_KINDS:
+                        count += 1
+                        with_time = e.stat(follow_symlinks=False).st_mtime
+                        oldest = with_time if oldest is None else min(oldest, with_time)
+        qdir = Path(spool) / sp.QUARANTINE
+        quarantined = sp.quarantine_count(spool)
+        waiting = sum(sp.count_tmp(spool).values())
+        mode = _mode(spool)
         age = time.time() - oldest if oldest is not None else 0.0
         detail = (f"{spool} mode {mode:04o}; backlog {count} records"
-                  + (f", oldest {age:.0f} s" if count else "") + f"; {quarantined} quarantined")
+                  + (f", oldest {age:.0f} s" if count else "") + f"; {quarantined} quarantined"
+                  + f"; {waiting} in tmp/")
         if count >= self.backlog_fail:
             self.add("spool", "FAIL", detail, "the daemon is not keeping up or not running: "
                      "journalctl -u slurmgate-daemon; look for ingest_error lines")
@@ -399,23 +418,45 @@ class Doctor:
         elif quarantined:
             self.add("spool", "WARN", detail, f"read the .reason files in {qdir}; fix the "
                      "cause, then move the records back into the spool or delete them")
+        elif waiting:
+            self.add("spool", "WARN", detail, "records wait in node/tmp or ctld/tmp (a hook "
+                     "died mid-write); the daemon recovers those older than a minute")
         else:
             self.add("spool", "OK", detail)
 
-    def _probe_write(self, spool: str) -> None:
-        from slurm_plugin.node.spool import ensure_dir
+    def _probe_write(self, spool: str, trust: Any) -> None:
+        """Write and remove a probe where the hooks write (node/tmp), the way they do: a
+        checked directory fd and a random name created O_CREAT|O_EXCL|O_NOFOLLOW."""
+        from slurm_plugin.node import spool as sp
 
-        tmp = os.path.join(spool, "tmp")
+        state_dir = self._policy.node.state_dir
+        waiting = len(sp.fallback_records(state_dir))
+        where = os.path.join(spool, "node", "tmp")
         try:
-            ensure_dir(tmp, like=spool)
-            probe = os.path.join(tmp, f".doctor.{os.getpid()}")
-            with open(probe, "w") as fh:
-                fh.write("probe\n")
-            os.unlink(probe)
+            fd = sp.open_subdir(spool, "node/tmp", trust, create=os.geteuid() == 0)
+            try:
+                probe = f".doctor.{os.getpid()}.{os.urandom(8).hex()}"
+                pfd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600, dir_fd=fd)
+                try:
+                    os.write(pfd, b"probe\n")
+                finally:
+                    os.close(pfd)
+                os.unlink(probe, dir_fd=fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
-            self.add("spool", "FAIL", f"cannot write in {tmp}: {exc.strerror}",
+            self.add("spool", "FAIL", f"cannot write in {where}: {exc.strerror or exc}"
+                     + (f"; {waiting} records wait in the fallback spool" if waiting else ""),
                      "the spool must be writable by root on every node (a shared file "
-                     "system mounted read-write, mode 1733)")
+                     "system mounted read-write) with the layout of INSTALL: "
+                     + self._spool_fix(spool))
+            return
+        if waiting:
+            self.add("spool", "WARN", f"{spool} writable by this user; {waiting} records "
+                     f"wait in the fallback spool {sp.state_path(state_dir)}/fallback",
+                     "the next hook run on this node forwards them; or run "
+                     "slurmgate agent --once here")
             return
         self.add("spool", "OK", f"{spool} writable by this user")
 

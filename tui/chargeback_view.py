@@ -6,8 +6,10 @@ Money is settled runs by the time they ended (``db.reports.chargeback``), months
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +19,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Static
 
+from db.chargeback.rows import defuse_formula
 from db.reports import chargeback
 from tui import format as fmt
 from tui.keyed_table import KeyedTable, Row
@@ -95,16 +98,26 @@ def group_cells(g: Group, cur: str) -> tuple[str | Text, ...]:
 
 
 def write_csv(path: str, groups: list[Group], label: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["period", "level", *LEVELS, *MEASURES, "gpu_hours_by_type"])
-        for g in groups:
-            path_cols = list(g.path) + [""] * (len(LEVELS) - len(g.path))
-            types = ";".join(f"{k}={v:.4f}" for k, v in sorted(g.by_type.items()))
-            w.writerow([label, LEVELS[g.level], *path_cols,
-                        *(round(g.totals[m], 6) for m in MEASURES), types])
-    os.replace(tmp, path)
+    """Write the table as CSV: a fresh temporary file beside ``path`` (never a predictable name
+    that a planted symlink could redirect), then one rename. Text cells are defused against
+    spreadsheet formulas: team, project and user names are user text."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["period", "level", *LEVELS, *MEASURES, "gpu_hours_by_type"])
+            for g in groups:
+                path_cols = [defuse_formula(str(p)) for p in g.path]
+                path_cols += [""] * (len(LEVELS) - len(g.path))
+                types = ";".join(f"{k}={v:.4f}" for k, v in sorted(g.by_type.items()))
+                w.writerow([label, LEVELS[g.level], *path_cols,
+                            *(round(g.totals[m], 6) for m in MEASURES), defuse_formula(types)])
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class ChargebackView(View):

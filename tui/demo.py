@@ -207,6 +207,8 @@ def fill(store: Store, policy: Policy, slurm: SlurmClient) -> None:
     result = ingest_records(store, records, policy, now=DEMO_NOW)
     if result.errors:
         raise RuntimeError(f"demo data did not ingest: {result.errors[0][1]}")
+    for key in result.settled:  # the daemon's failure handler confirms node failures
+        store.confirm_failure_credit(*key, now=DEMO_NOW)
     estimator = CostEstimator(policy)
     period = period_bounds(policy.budgets.period, DEMO_NOW)[2]
     for q in annotate(slurm.jobs(), policy, {}, estimator):

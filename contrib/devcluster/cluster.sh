@@ -6,7 +6,10 @@
 #
 # Two slurmd (node1: 4x a100, node2: 4x h100, fake GPU char devices) plus slurmctld on this
 # host, all configured under $DEVCLUSTER_DIR (default <repo>/.devcluster). Needs root and
-# Debian 12 (Slurm 22.05). `stop` cancels running jobs (pending ones survive), then ends
+# Debian 12 (Slurm 22.05). Permissions are production's (contrib/INSTALL.md): slurmctld and
+# jobcomp run as the SlurmUser `slurm`, the slurmgate daemon as its service user (also
+# `slurm`), slurmd with Prolog/Epilog as root, researchers as unprivileged users; the spool and
+# the checkpoint root are writable by none of the researchers. `stop` cancels running jobs (pending ones survive), then ends
 # slurmctld, slurmd, the slurmgate daemon and any leftover job processes of this cluster;
 # munged is left running (other Slurm installs may share it).
 #
@@ -27,6 +30,7 @@ NODE1_PORT="${DEVCLUSTER_NODE1_PORT:-6818}"
 NODE2_PORT="${DEVCLUSTER_NODE2_PORT:-6819}"
 NODES=(node1 node2)
 RESEARCHERS=(alice bob carol mallory)
+SLURM_USER=slurm
 PACKAGES=(slurmctld slurmd slurm-client munge lua-socket lua-cjson lua5.1 python3-venv)
 
 CONF="$DIR/etc/slurm.conf"
@@ -160,14 +164,46 @@ make_fake_gpus() {
     done
 }
 
+ensure_slurm_user() {
+    id -u "$SLURM_USER" >/dev/null 2>&1 && return 0
+    log "creating the SlurmUser $SLURM_USER"
+    useradd --system --user-group --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin "$SLURM_USER"
+}
+
+# Owner, group and mode of everything a daemon or hook writes, as contrib/INSTALL.md says.
 make_state_dirs() {
-    local n
-    install -d -m 0755 "$DIR" "$DIR/etc" "$DIR/bin" "$DIR/dev" "$DIR/var" "$DIR/run" "$DIR/log"
-    install -d -m 0700 "$DIR/var/slurmctld"
+    local n s="$SLURM_USER"
+    install -d -m 0755 "$DIR" "$DIR/etc" "$DIR/bin" "$DIR/dev" "$DIR/log"
+    # run/ holds the daemon's socket, var/ its database and lock: the service user writes both.
+    install -d -m 0775 -o root -g "$s" "$DIR/run" "$DIR/var"
+    install -d -m 0700 -o "$s" -g "$s" "$DIR/var/slurmctld"
+    chown -R "$s:$s" "$DIR/var/slurmctld"
+    # a database left by an older dev cluster (daemon as root) becomes the service user's
+    chown -f "$s:$s" "$DIR"/var/slurmgate.db* 2>/dev/null || true
     for n in "${NODES[@]}"; do install -d -m 0755 "$DIR/var/slurmd/$n"; done
-    install -d -m 1777 "$DIR/spool"
-    # checkpoint_root of the dev policy: every researcher creates team/user dirs below it
-    install -d -m 1777 /var/tmp/slurmgate-ckpt
+    local f
+    for f in slurmctld.log slurmgate.log hooks.log; do
+        [[ -e "$DIR/log/$f" ]] || install -m 0640 /dev/null "$DIR/log/$f"
+        chown "$s:$s" "$DIR/log/$f"
+    done
+    chmod 0660 "$DIR/log/hooks.log"   # jobcomp (slurm) and Prolog/Epilog (root) append here
+    # The spool (INSTALL "Spool layout and permissions"): users can create nothing in it.
+    install -d -m 0775 -o root -g "$s" "$DIR/spool"
+    install -d -m 0770 -o root -g "$s" "$DIR/spool/node" "$DIR/spool/node/tmp"
+    install -d -m 0770 -o "$s" -g "$s" "$DIR/spool/ctld" "$DIR/spool/ctld/tmp"
+    install -d -m 0750 -o "$s" -g "$s" "$DIR/spool/quarantine"
+    # node-local state (baselines, fallback spool): root only
+    install -d -m 0700 -o root -g root "$DIR/var/node"
+    # checkpoint_root of the dev policy: the Prolog creates team/user dirs (owned by the user,
+    # 0700) below it; nobody else can create anything here.
+    local ckpt=/var/tmp/slurmgate-ckpt
+    if [[ -d "$ckpt" && ( -L "$ckpt" || "$(stat -c '%u %a' "$ckpt")" != "0 755" ) ]]; then
+        # an older dev cluster made it 1777: what users made below it is not to be trusted
+        log "recreating $ckpt (was $(stat -c '%U %a' "$ckpt"))"
+        rm -rf "$ckpt"
+    fi
+    install -d -m 0755 -o root -g root "$ckpt"
     make_fake_gpus
 }
 
@@ -266,7 +302,8 @@ render_policy() {
         -e "s|^([[:space:]]*database[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/var/slurmgate.db\"|" \
         -e "s|^([[:space:]]*spool_dir[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/spool\"|" \
         -e "s|^([[:space:]]*log_file[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/log/slurmgate.log\"|" \
-        -e "s|^([[:space:]]*slurm_user[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"root\"|" \
+        -e "s|^([[:space:]]*slurm_user[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$SLURM_USER\"|" \
+        -e "s|^([[:space:]]*state_dir[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/var/node\"|" \
         -e "s|^([[:space:]]*checkpoint_root[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"/var/tmp/slurmgate-ckpt\"|" \
         -e '/^\[nvml\]/,/^\[/ s|^([[:space:]]*backend[[:space:]]*=[[:space:]]*)"real"|\1"fake"|' \
         "$POLICY_EXAMPLE" >"$tmp"
@@ -294,7 +331,9 @@ start_daemon() {
     log "starting slurmgate daemon"
     # Not a process-group leader in a non-interactive shell, so setsid does not fork: $! is
     # the daemon's own pid (the wrapper execs the console script).
-    setsid "$DIR/bin/slurmgate" daemon </dev/null >>"$DIR/log/slurmgate.log" 2>&1 &
+    # As the service user; setpriv execs, so $! stays the daemon's pid.
+    setsid setpriv --reuid "$SLURM_USER" --regid "$SLURM_USER" --init-groups -- \
+        "$DIR/bin/slurmgate" daemon </dev/null >>"$DIR/log/slurmgate.log" 2>&1 &
     echo $! >"$DAEMON_PID"
     if ! wait_until 15 test -S "$SOCK"; then
         tail -n 20 "$DIR/log/slurmgate.log" >&2 || true
@@ -411,6 +450,7 @@ cmd_start() {
     install_missing_packages
     ensure_munged
     ensure_researchers
+    ensure_slurm_user
     make_state_dirs
     render_slurm_conf
     write_wrappers

@@ -46,7 +46,10 @@ def main() -> int:
     save_every = max(1, _env_int("SAVE_EVERY", 1))
 
     ckpt.on_signal()  # SIGUSR1 and SIGTERM only set a flag; the loop saves at a clean point
-    state = ckpt.load_json(default={"step": 0, "sum": 0})
+    try:
+        state = ckpt.load_json(default={"step": 0, "sum": 0})
+    except ckpt.CheckpointError as e:  # e.g. a directory that is not yours: never start over
+        sys.exit(f"cannot resume: {e}")
     try:
         step, total_sum = int(state["step"]), int(state["sum"])
     except (TypeError, KeyError, ValueError):

@@ -31,10 +31,33 @@ INPUT_FIELDS = (
 """The runs-table columns of one input row, in the order RowFormatter unpacks them."""
 
 
-def csv_text(value: str | None) -> str:
-    """A CSV field, quoted as RFC 4180 asks; None is an empty field."""
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""A text cell starting with one of these is read as a formula by spreadsheets."""
+
+
+def defuse_formula(value: str) -> str:
+    """``value`` with a leading ``'`` when a spreadsheet would run it as a formula
+    ("=HYPERLINK(...)", "@SUM(1)", "-2+3"): account names and record fields are user text.
+    For text cells only: numbers are never changed (a negative amount stays "-0.40")."""
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
+def csv_quote(value: str | None) -> str:
+    """A CSV field, quoted as RFC 4180 asks; None is an empty field. No formula guard: for
+    numbers and timestamps (csv_text is the one for text)."""
     if value is None:
         return ""
+    if "," in value or '"' in value or "\n" in value or "\r" in value:
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def csv_text(value: str | None) -> str:
+    """A text CSV field: formula-guarded (``defuse_formula``), quoted as RFC 4180 asks; None
+    is an empty field."""
+    if value is None:
+        return ""
+    value = defuse_formula(value)
     if "," in value or '"' in value or "\n" in value or "\r" in value:
         return '"' + value.replace('"', '""') + '"'
     return value
@@ -69,7 +92,7 @@ def format_cell(col: Column, value: Any, *, as_json: bool) -> str:
         text = str(value)
     if as_json:
         return encode_basestring(text)
-    return csv_text(text)
+    return csv_text(text) if col.kind == "text" else csv_quote(text)
 
 
 def _finite(value: Any) -> float | None:

@@ -1,9 +1,13 @@
 """Prometheus metrics of the daemon: a small thread-safe registry and an HTTP endpoint.
 
 Off unless ``[daemon] metrics_listen`` is set: ``"9466"`` or ``":9466"`` binds 127.0.0.1,
-``"0.0.0.0:9466"`` or ``"[::]:9466"`` every interface (put a firewall or a reverse proxy in
-front: the endpoint has no authentication; it shows team names and spend). ``GET /metrics``
-answers in the Prometheus text format 0.0.4.
+``"0.0.0.0:9466"`` or ``"[::]:9466"`` every interface. ``GET /metrics`` answers in the
+Prometheus text format 0.0.4, and only to a scraper that sends ``Authorization: Bearer
+<token>`` with the token of ``[daemon] metrics_token_file`` (the series show every team's
+name and spend; every local user can reach 127.0.0.1). Without a readable token file, not
+readable by others, the endpoint is not served at all (``MetricsError``; the daemon logs
+``metrics_disabled`` and runs on). Connections idle for ``_Handler.timeout`` seconds are
+closed, and at most ``MAX_CONNECTIONS`` are served at once.
 
 The daemon reports through ``Metrics``' methods (``decision``, ``ingested``, ``ingest_lag``,
 ``set_spool_backlog``, ``set_reservations``, ``set_budget_used`` ...). Values that are cheap
@@ -33,9 +37,11 @@ Series:
 
 from __future__ import annotations
 
+import hmac
 import math
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +58,45 @@ DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 class MetricsError(ValueError):
     """metrics_listen cannot be used; the message says what is wrong."""
+
+
+MAX_TOKEN_BYTES = 4096
+MAX_CONNECTIONS = 16
+"""Scrapes served at once; more connections are closed at once (a scraper retries)."""
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace dropped). Raises MetricsError when
+    no file is configured, it cannot be read, is empty, or others may read it."""
+    if not (path or "").strip():
+        raise MetricsError(
+            "metrics_listen is set but [daemon] metrics_token_file is not: refusing to serve "
+            "metrics without authentication (they show every team's spend); put a random "
+            "token in a file only the daemon's user can read (mode 0600 or 0640) and name it "
+            "there")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MetricsError(f"metrics_token_file {path}: cannot read it "
+                           f"({exc.strerror or exc}); metrics are not served") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MetricsError(f"metrics_token_file {path}: not a regular file; metrics are "
+                               "not served")
+        if st.st_mode & 0o007:
+            raise MetricsError(
+                f"metrics_token_file {path}: others may read it (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); `chmod o-rwx {path}`; metrics are not "
+                "served")
+        data = os.read(fd, MAX_TOKEN_BYTES + 1)
+    finally:
+        os.close(fd)
+    token = data.decode("utf-8", "replace").strip()
+    if not token or len(data) > MAX_TOKEN_BYTES or any(c.isspace() for c in token):
+        raise MetricsError(f"metrics_token_file {path}: must hold one token (no spaces, at "
+                           f"most {MAX_TOKEN_BYTES} bytes); metrics are not served")
+    return token
 
 
 def parse_listen(text: str) -> tuple[str, int] | None:
@@ -254,23 +299,45 @@ class Metrics:
 
 
 def spool_backlog(spool_dir: str) -> int:
-    """Records waiting at the top of the spool (what the daemon has not ingested yet)."""
+    """Records waiting in the spool's writer directories (what the daemon has not ingested)."""
+    from slurm_plugin.node.spool import SUBDIRS
+
     n = 0
-    try:
-        with os.scandir(spool_dir) as entries:
-            for e in entries:
-                if e.name.endswith(".json") and e.name.split(".", 1)[0] in RECORD_KINDS:
-                    n += 1
-    except OSError:
-        return 0
+    for sub in SUBDIRS:
+        try:
+            with os.scandir(os.path.join(spool_dir, sub)) as entries:
+                for e in entries:
+                    if e.name.endswith(".json") and e.name.split(".", 1)[0] in RECORD_KINDS:
+                        n += 1
+        except OSError:
+            continue
     return n
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "slurmgate-metrics"
+    timeout = 10.0  # socket timeout of each connection: idle ones are closed
+
+    def _authorized(self) -> bool:
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode("utf-8", "replace"), self.server.token.encode("utf-8"))
+        if not ok:
+            data = b"unauthorized: send Authorization: Bearer <token>\n"
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="slurmgate"')
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        return ok
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if not self._authorized():
+            return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             self._send(200, self.server.metrics.render(), CONTENT_TYPE)
@@ -280,6 +347,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, "not found: try /metrics\n", "text/plain; charset=utf-8")
 
     def do_HEAD(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return
         self._send(200 if self.path.split("?", 1)[0] == "/metrics" else 404, "", CONTENT_TYPE)
 
     def _send(self, code: int, body: str, ctype: str) -> None:
@@ -298,6 +367,27 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     metrics: Metrics
+    token: str
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: closed, the scraper retries
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Server6(_Server):
@@ -307,20 +397,27 @@ class _Server6(_Server):
 class MetricsServer:
     """``/metrics`` over HTTP in a daemon thread; ``start()`` binds, ``stop()`` closes."""
 
-    def __init__(self, metrics: Metrics, listen: str) -> None:
+    def __init__(self, metrics: Metrics, listen: str, token: str) -> None:
         where = parse_listen(listen)
         if where is None:
             raise MetricsError("metrics_listen is empty: metrics are off")
+        if not token:
+            raise MetricsError("metrics need a bearer token: refusing to serve them "
+                               "without authentication")
         self.metrics = metrics
+        self.token = token
         self.host, self.port = where
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @classmethod
     def from_policy(cls, policy: Any, metrics: Metrics) -> MetricsServer | None:
-        """The server ``[daemon] metrics_listen`` asks for, or None when it is empty."""
+        """The server ``[daemon] metrics_listen`` asks for, or None when it is empty. Raises
+        MetricsError when no usable ``metrics_token_file`` goes with it."""
         listen = policy.daemon.metrics_listen
-        return cls(metrics, listen) if listen.strip() else None
+        if not listen.strip():
+            return None
+        return cls(metrics, listen, read_token(policy.daemon.metrics_token_file))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -342,6 +439,7 @@ class MetricsServer:
             raise MetricsError(f"cannot listen on {self.host}:{self.port} for metrics: "
                                f"{exc.strerror or exc}") from exc
         server.metrics = self.metrics
+        server.token = self.token
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={
             "poll_interval": 0.5}, name="metrics", daemon=True)

@@ -68,7 +68,7 @@ def completion_record(job: Any, cluster: str) -> dict[str, Any]:
 
 def run(policy: Policy, *, repair: bool = False, as_json: bool = False) -> int:
     from db.store import StoreError, open_store
-    from slurm_plugin.node.spool import nudge_daemon, write_record
+    from slurm_plugin.node.spool import nudge_daemon, trust_for, write_record
     from slurm_plugin.protocol import DaemonUnavailable, call
     from slurm_plugin.slurm.factory import open_client
 
@@ -83,9 +83,10 @@ def run(policy: Policy, *, repair: bool = False, as_json: bool = False) -> int:
     repaired: dict[str, Any] = {}
     if repair:
         by_id = {j.job_id: j for j in jobs}
+        trust = trust_for(policy.daemon.slurm_user, policy.daemon.spool_squash_uid)
         for gap in gaps["jobs_not_recorded"]:
-            write_record(policy.daemon.spool_dir, completion_record(by_id[gap["job_id"]],
-                                                                    cluster))
+            write_record(policy.daemon.spool_dir,
+                         completion_record(by_id[gap["job_id"]], cluster), trust=trust)
         nudge_daemon(policy.daemon.socket)
         repaired["completion_records_written"] = len(gaps["jobs_not_recorded"])
         try:

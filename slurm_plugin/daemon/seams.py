@@ -27,6 +27,9 @@ class FailureStore(Protocol):
 
     def failed_runs_on_node(self, cluster: str, node: str, since_ts: float) -> int: ...
 
+    def confirm_failure_credit(self, cluster: str, job_id: int, restart_count: int, *,
+                               now: float | None = None) -> float | None: ...
+
 
 class ReconcileStore(Protocol):
     """What ``slurmgate reconcile`` (reconcile.py) reads."""
@@ -69,3 +72,8 @@ class LockedStore:
     def failed_runs_on_node(self, cluster: str, node: str, since_ts: float) -> int:
         with self._lock:
             return self._store.failed_runs_on_node(cluster, node, since_ts)
+
+    def confirm_failure_credit(self, cluster: str, job_id: int, restart_count: int, *,
+                               now: float | None = None) -> float | None:
+        with self._lock:
+            return self._store.confirm_failure_credit(cluster, job_id, restart_count, now=now)

@@ -7,6 +7,7 @@ is decided per request from SO_PEERCRED (service.py); this module only frames li
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -72,10 +73,18 @@ def serve(config_path: str) -> int:
     except PolicyError as exc:
         print(f"slurmgate daemon: {exc}", file=sys.stderr)
         return 2
-    from db.store import StoreError, open_store
+    from db.store import PRIVATE_UMASK, StoreError, open_store
 
+    # Everything the daemon creates (database, -wal/-shm, log, lock) is at most 0640,
+    # whatever umask it was started with (systemd's UMask=0027 or a shell's 022).
+    os.umask(PRIVATE_UMASK)
     try:
         os.makedirs(os.path.dirname(policy.daemon.database) or ".", exist_ok=True)
+        lock_fd = lock_database(policy.daemon.database)
+    except (DaemonRunning, OSError) as exc:
+        print(f"slurmgate daemon: {exc}", file=sys.stderr)
+        return 1
+    try:
         store = open_store(policy.daemon.database)
     except (StoreError, OSError) as exc:
         print(f"slurmgate daemon: {exc}", file=sys.stderr)
@@ -94,15 +103,12 @@ def serve(config_path: str) -> int:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if os.path.exists(path):
         # A live daemon answers; a stale socket from a crash is removed.
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            print(f"slurmgate daemon: another daemon is listening on {path}", file=sys.stderr)
+        busy = probe_socket(path)
+        if busy:
+            print(f"slurmgate daemon: {busy}", file=sys.stderr)
             return 1
-        except OSError:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        finally:
-            probe.close()
     old_umask = os.umask(0o111)
     try:
         server = _Server(path, _Handler)
@@ -126,8 +132,9 @@ def serve(config_path: str) -> int:
         metrics_server = MetricsServer.from_policy(policy, daemon.metrics)
         if metrics_server:
             metrics_server.start()
-    except MetricsError as exc:
+    except MetricsError as exc:  # never served unauthenticated: off, said loudly
         daemon.log.write("metrics_disabled", error=str(exc))
+        print(f"slurmgate daemon: metrics disabled: {exc}", file=sys.stderr)
     daemon.log.write("daemon_started", pid=os.getpid(), socket=path, config=config_path)
     for target in (daemon.ingest_loop, daemon.reconcile_loop):
         threading.Thread(target=target, daemon=True, name=target.__name__).start()
@@ -142,4 +149,62 @@ def serve(config_path: str) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         daemon.log.write("daemon_stopped", pid=os.getpid())
+        if lock_fd is not None:
+            os.close(lock_fd)  # the lock goes with it
     return 0
+
+
+class DaemonRunning(RuntimeError):
+    """Another daemon holds the database's lock; the message names its pid."""
+
+
+def lock_path(database: str) -> str:
+    return database + ".lock"
+
+
+def lock_database(database: str) -> int | None:
+    """Take ``<database>.lock`` (flock LOCK_EX|LOCK_NB) for the daemon's life and write our
+    pid into it: the daemon is the database's only writer, and a second one refuses to start.
+    Returns the descriptor to keep open (None for an in-memory database)."""
+    if database in ("", ":memory:"):
+        return None
+    path = lock_path(database)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            who = f"pid {holder}" if holder.isdigit() else "another process"
+            raise DaemonRunning(
+                f"another slurmgate daemon ({who}) is running on {database} (it holds "
+                f"{path}); the database has one writer: stop that daemon first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+PROBE_TIMEOUT_S = 1.0
+
+
+def probe_socket(path: str) -> str | None:
+    """Why ``path`` must not be replaced (a daemon listens there), or None when it is a stale
+    socket left by a crash (nothing listens). The connect has a timeout: a daemon with a full
+    backlog does not hang the probe."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT_S)
+    try:
+        probe.connect(path)
+        return f"another daemon is listening on {path}"
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+    except TimeoutError:
+        return f"another daemon is listening on {path} (it did not accept within " \
+               f"{PROBE_TIMEOUT_S:g} s)"
+    except OSError as exc:
+        return f"cannot probe the socket {path} ({exc}); remove it if no daemon runs"
+    finally:
+        probe.close()

@@ -63,7 +63,8 @@ class Daemon(AdminOps, Workers):
             from slurm_plugin.daemon.requeue import FailureHandler
 
             self.failures = FailureHandler(LockedStore(store, self.lock), slurm,
-                                           lambda: self.policy, self.log.write)
+                                           lambda: self.policy, self.log.write,
+                                           credited=self.refresh_ledger)
         self.handlers: dict[str, Callable[[dict[str, Any], Peer], dict[str, Any]]] = {
             "ping": self.op_ping,
             "submit": self.op_submit,

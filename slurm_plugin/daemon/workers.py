@@ -16,17 +16,120 @@ from slurm_plugin.daemon.state import DaemonState
 
 
 class Workers(DaemonState):
-    def ingest_once(self, limit: int = 1000) -> int:
-        """Move one batch from the spool into SQLite; returns how many records were handled."""
-        from db.ingest import ingest_records
+    # Spool state, reassigned (never mutated) by the ingest thread.
+    spool_problems: dict[str, str] | None = None
+    """The last layout check: problem per spool directory ('' is the spool itself)."""
+    last_spool_maintenance: float = 0.0
+    SPOOL_MAINTENANCE_S = 60.0
+    """How often the ingest loop re-checks the layout, recovers tmp/ and prunes quarantine."""
+
+    def spool_trust(self) -> Any:
+        from slurm_plugin.node import spool
+
+        d = self.policy.daemon
+        return spool.trust_for(d.slurm_user, d.spool_squash_uid)
+
+    def readable_subdirs(self) -> tuple[str, ...]:
+        """node/ and ctld/, less those the layout check refused."""
+        from slurm_plugin.node import spool
+
+        problems = self.spool_problems or {}
+        if "" in problems:
+            return ()
+        return tuple(s for s in spool.SUBDIRS
+                     if not any(k.split("/", 1)[0] == s for k in problems))
+
+    def check_spool_layout(self, create: bool = False, always_log: bool = False) -> dict[str, str]:
+        """Check (and with ``create``, make ctld/, ctld/tmp/, quarantine/) the spool layout;
+        a refused directory is logged and kept as an event, and not ingested from."""
         from slurm_plugin.node import spool
 
         spool_dir = self.policy.daemon.spool_dir
-        items = spool.claim_batch(spool_dir, limit)
+        problems = spool.check_layout(spool_dir, self.spool_trust(), create=create)
+        if always_log or problems != self.spool_problems:
+            for sub, why in problems.items():
+                where = f"{spool_dir}/{sub}" if sub else spool_dir
+                self.log.write("spool_layout_refused", dir=where, reason=why)
+                if self.store is not None:
+                    with self.lock:
+                        self.store.add_event(
+                            "spool_layout", message=f"{where} refused: {why}"[:2000])
+            if not problems and self.spool_problems:
+                self.log.write("spool_layout_ok", dir=spool_dir)
+        self.spool_problems = problems
+        return problems
+
+    def spool_startup(self) -> None:
+        """At daemon start: the layout (ctld/, ctld/tmp/, quarantine/ made if missing), temp
+        files of writers that died, and, once, records of the old single-directory layout."""
+        self.check_spool_layout(create=True, always_log=True)
+        self.spool_maintenance(force=True)
+        self.ingest_legacy()
+
+    def spool_maintenance(self, now: float | None = None, force: bool = False) -> None:
+        """On a timer: re-check the layout, recover node/tmp and ctld/tmp, prune quarantine."""
+        from slurm_plugin.node import spool
+
+        now = time.time() if now is None else now
+        if not force and now - self.last_spool_maintenance < self.SPOOL_MAINTENANCE_S:
+            return
+        self.last_spool_maintenance = now
+        if not force:
+            self.check_spool_layout(create=True)
+        spool_dir = self.policy.daemon.spool_dir
+        trust = self.spool_trust()
+        recovered, quarantined = spool.recover_tmp(spool_dir, spool.TMP_GRACE_S, now,
+                                                   trust=trust)
+        if recovered or quarantined:
+            self.log.write("spool_tmp_recovered", recovered=recovered, quarantined=quarantined)
+            if quarantined:
+                self.metrics.quarantined()
+        pruned = spool.prune_quarantine(spool_dir, self.policy.daemon.quarantine_days,
+                                        trust=trust, now=now)
+        if pruned:
+            self.log.write("quarantine_pruned", removed=pruned,
+                           days=self.policy.daemon.quarantine_days)
+
+    def ingest_legacy(self, limit: int = 1000) -> int:
+        """Records left directly in the spool by the old layout: ingested once (root's or the
+        SlurmUser's), anything else quarantined. Returns how many were handled."""
+        from slurm_plugin.node import spool
+
+        if "" in (self.spool_problems or {}):
+            return 0
+        total = 0
+        for _ in range(10_000):
+            items = spool.claim_legacy(self.policy.daemon.spool_dir, limit,
+                                       trust=self.spool_trust())
+            if not items:
+                break
+            self.ingest_items(items)
+            total += len(items)
+        if total:
+            self.log.write("spool_legacy_ingested", records=total)
+        return total
+
+    def ingest_once(self, limit: int = 1000) -> int:
+        """Move one batch from the spool into SQLite; returns how many records were handled."""
+        from slurm_plugin.node import spool
+
+        subdirs = self.readable_subdirs() if self.spool_problems is not None else spool.SUBDIRS
+        items = spool.claim_batch(self.policy.daemon.spool_dir, limit,
+                                  trust=self.spool_trust(), subdirs=subdirs)
         if not items:
             return 0
+        self.ingest_items(items)
+        return len(items)
+
+    def ingest_items(self, items: list[Any]) -> None:
+        """Quarantine the bad items, ingest the good ones with their writers, remove what
+        was committed."""
+        from db.ingest import ingest_records
+        from slurm_plugin.node import spool
+
         good = [i for i in items if i.error is None and i.record is not None]
         records: list[dict[str, Any]] = [i.record for i in good if i.record is not None]
+        writers = [i.writer for i in good if i.record is not None]
         for item in items:
             if item.error is not None or item.record is None:
                 self.quarantine(item, item.error or "unreadable")
@@ -36,7 +139,7 @@ class Workers(DaemonState):
         if written:
             self.metrics.ingest_lag(time.time() - min(written))
         with self.lock:
-            result = ingest_records(self.need_store(), records, self.policy)
+            result = ingest_records(self.need_store(), records, self.policy, writers=writers)
             failed = {id(rec) for rec, _ in result.errors}
             for rec, reason in result.errors:
                 item = next(i for i in good if i.record is rec)
@@ -52,7 +155,6 @@ class Workers(DaemonState):
                 self.failures.handle([rec for rec in records if id(rec) not in failed])
             except Exception as exc:  # the records are committed; log and carry on
                 self.log.write("failure_handling_error", error=repr(exc))
-        return len(items)
 
     def bind_before_settling(self, records: list[dict[str, Any]]) -> None:
         """A job that ends before the reconcile loop bound its reservation would be settled
@@ -74,9 +176,18 @@ class Workers(DaemonState):
                 self.log.write("reconcile_error", error=repr(exc))
 
     def quarantine(self, item: Any, reason: str) -> None:
+        """Move one item to quarantine/ with its reason; a failure to do so is logged and the
+        item stays where it is (it is judged again next round), never stopping the batch."""
         from slurm_plugin.node import spool
 
-        spool.quarantine(self.policy.daemon.spool_dir, item, reason)
+        try:
+            spool.quarantine(self.policy.daemon.spool_dir, item, reason,
+                             trust=self.spool_trust())
+        except Exception as exc:
+            self.metrics.error("quarantine")
+            self.log.write("quarantine_failed", file=str(item.path), reason=reason,
+                           error=repr(exc))
+            return
         self.metrics.quarantined()
         self.log.write("quarantined", file=str(item.path), reason=reason)
         if self.store is not None:
@@ -84,12 +195,19 @@ class Workers(DaemonState):
                 self.store.add_event("quarantine", message=f"{item.path.name}: {reason}"[:2000])
 
     def ingest_loop(self) -> None:
+        try:
+            self.spool_startup()
+        except Exception as exc:
+            self.metrics.error("ingest")
+            self.log.write("ingest_error", error=repr(exc))
         while not self.stopping.is_set():
             self.ingest_wakeup.wait(2.0)
             self.ingest_wakeup.clear()
             try:
-                while self.ingest_once() >= 1000:
-                    pass
+                self.spool_maintenance()
+                rounds = 0  # batches are capped in records and bytes: go on while there is more
+                while rounds < 100 and self.ingest_once() > 0:
+                    rounds += 1
             except Exception as exc:  # keep the records; try again on the next round
                 self.metrics.error("ingest")
                 self.log.write("ingest_error", error=repr(exc))

@@ -1,8 +1,9 @@
 """`slurmgate agent`: optional per-node sampler of GPU utilisation and memory.
 
 Every ``nvml.sample_seconds`` it reads each GPU once and drops one ``gpu_sample`` record into
-the spool (then nudges the daemon), so the TUI can show live utilisation and the daemon can
-keep raw samples for ``nvml.raw_retention_days`` and hourly rollups beyond.
+the spool's node/ (then nudges the daemon; a sample the shared spool cannot take waits in the
+node's fallback spool, which each round forwards first), so the TUI can show live utilisation
+and the daemon can keep raw samples for ``nvml.raw_retention_days`` and hourly rollups beyond.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import time
 from typing import Any
 
 from policies.records import gpu_sample_record, sample_gpu
-from slurm_plugin.node.hooks import HookConfigError, load_settings
+from slurm_plugin.node.hooks import HookConfigError, emit, load_settings
 from slurm_plugin.node.nvml import open_backend
-from slurm_plugin.node.spool import write_record
 from slurm_plugin.protocol import nudge
 
 
@@ -55,7 +55,10 @@ def run(config_path: str, node: str | None = None, interval: float | None = None
     try:
         while True:
             try:
-                path = write_record(settings.spool_dir, sample_once(settings, node, backend))
+                notes: list[str] = []
+                path = emit(settings, sample_once(settings, node, backend), notes)
+                for note in notes:
+                    print(f"slurmgate agent: {note}", file=sys.stderr)
                 nudge(settings.socket)
                 if once:
                     print(path)

@@ -1,11 +1,17 @@
 """`slurmgate hook prolog|epilog|jobcomp`: what Slurm runs on every node and at every job end.
 
 prolog (slurmd, as root): snapshot each allocated GPU's energy counter into
-    ``<spool>/baseline/<node>.<job_id>.<restart>.json``.
+    ``<state_dir>/baseline/<node>.<job_id>.json`` (policy ``[node] state_dir``: node-local,
+    root-only 0700; never the shared spool).
 epilog (slurmd): read the baseline, take the deltas (energy) and the run's utilisation and
     memory, write one ``node_run`` record, delete the baseline, nudge the daemon.
 jobcomp (slurmctld's jobcomp/script, as SlurmUser): one ``jobcomp`` record from the
     environment slurmctld sets (JOBID, JOBSTATE, START, END, ...), then nudge.
+
+Records go to the writer's subdirectory of the shared spool (``node/`` or ``ctld/``, see
+slurm_plugin.node.spool); when that write fails for any reason the record is kept in
+``<state_dir>/fallback/`` and every later hook run on that node (and the agent) forwards such
+records, oldest first.
 
 Rules: a hook never fails a job or drains a node because of slurmgate's own errors: any
 exception becomes one line on stderr (the wrapper appends it to a log) and exit status 0.
@@ -19,13 +25,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from policies import defaults, records
-from slurm_plugin.fsutil import atomic_write
 from slurm_plugin.node import spool
 from slurm_plugin.node.nvml import (
     Allocated,
@@ -54,6 +60,16 @@ class HookSettings(NamedTuple):
     gpu_numbering: str
     """How SLURM_JOB_GPUS maps to devices: "minor" (gres.conf File=/dev/nvidiaN) or "pci"
     (AutoDetect=nvml). Read from nvml.gpu_numbering when present; default minor."""
+    state_dir: str = defaults.NODE_STATE_DIR
+    """``[node] state_dir``: node-local, root-only; baselines and the fallback spool."""
+    slurm_user: str = "slurm"
+    """``daemon.slurm_user``: owner of ctld/ and the group of the spool."""
+    squash_uid: int | None = None
+    """``daemon.spool_squash_uid``: root on a root_squash NFS spool."""
+
+    @property
+    def trust(self) -> spool.Trust:
+        return spool.trust_for(self.slurm_user, self.squash_uid)
 
 
 def _table(data: dict[str, Any], key: str, path: str) -> dict[str, Any]:
@@ -83,6 +99,11 @@ def load_settings(path: str) -> HookSettings:
         raise HookConfigError(f"{path}: not valid TOML: {exc}") from exc
     daemon = _table(data, "daemon", path)
     nvml = _table(data, "nvml", path)
+    node = _table(data, "node", path)
+    squash = daemon.get("spool_squash_uid")
+    if squash is not None and (not isinstance(squash, int) or isinstance(squash, bool)
+                               or squash < 0):
+        raise HookConfigError(f"{path}: daemon.spool_squash_uid must be a uid, not {squash!r}")
     where = f"{path}: daemon"
     backend = nvml.get("backend", defaults.NVML_BACKEND)
     if backend not in ("real", "fake"):
@@ -100,6 +121,9 @@ def load_settings(path: str) -> HookSettings:
         cluster=_setting(daemon, "cluster", defaults.CLUSTER, where),
         nvml=nvml,
         gpu_numbering=numbering,
+        state_dir=_setting(node, "state_dir", defaults.NODE_STATE_DIR, f"{path}: node"),
+        slurm_user=_setting(daemon, "slurm_user", "slurm", where),
+        squash_uid=squash,
     )
 
 
@@ -194,33 +218,61 @@ def _who(env: Env) -> str:
 # -- baseline --------------------------------------------------------------------------------
 
 
-def baseline_path(spool_dir: str, node: str, job_id: int) -> str:
-    """One baseline per job and node. Not per restart: on Slurm 22.05 a requeued run's Prolog
-    still sees SLURM_JOB_RESTART_COUNT=0 while its Epilog sees the real count, and runs of one
+def baseline_path(state_dir: str, node: str, job_id: int) -> str:
+    """``<state_dir>/baseline/<node>.<job_id>.json``. One baseline per job and node. Not per
+    restart: on Slurm 22.05 a requeued run's Prolog still sees SLURM_JOB_RESTART_COUNT=0
+    while its Epilog sees the real count, and runs of one
     job on one node never overlap (an Epilog that never ran leaves a baseline the next Prolog
     there overwrites)."""
     name = f"{spool.name_part(node)}.{job_id}.json"
-    return os.path.join(spool_dir, "baseline", name)
+    return os.path.join(spool.state_path(state_dir), "baseline", name)
 
 
-def _write_baseline(path: str, spool_dir: str, baseline: dict[str, Any]) -> None:
-    directory = os.path.dirname(path)
-    spool.ensure_dir(spool_dir)
-    spool.ensure_dir(directory, like=spool_dir)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    atomic_write(tmp, path, spool.encode_record(baseline))
+_BASELINE_MAX = 4 * 2**20
+
+
+def _write_baseline(path: str, state_dir: str, baseline: dict[str, Any]) -> None:
+    fd = spool.open_state_subdir(state_dir, "baseline")
+    try:
+        spool.atomic_write_at(fd, fd, os.path.basename(path), spool.encode_record(baseline),
+                              0o600)
+    finally:
+        os.close(fd)
+
+
+def _load_baseline(path: str) -> bytes | None:
+    """The baseline's bytes, opened O_NOFOLLOW|O_NONBLOCK in the private directory; None when
+    there is none. Raises ValueError for anything that is not our own regular file."""
+    try:
+        dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fd = os.open(os.path.basename(path),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                    or st.st_size > _BASELINE_MAX):
+                raise ValueError("not this node's baseline file")
+            return os.read(fd, _BASELINE_MAX)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
 
 
 def _read_baseline(path: str) -> tuple[dict[str, Any] | None, str | None]:
     """(baseline, None) or (None, flag) where flag says why there is none."""
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(4 * 2**20))
-    except FileNotFoundError:
-        return None, "no_baseline"
-    except (OSError, ValueError):
+        raw = _load_baseline(path)
+        if raw is None:
+            return None, "no_baseline"
+        data = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
         return None, "baseline_unreadable"
     if not isinstance(data, dict) or not isinstance(data.get("gpus", []), list):
         return None, "baseline_unreadable"
@@ -254,6 +306,12 @@ def _open(settings: HookSettings, node: str, now: float, notes: list[str]) -> Gp
 def prolog(env: Env, settings: HookSettings, now: float) -> list[str]:
     """Write the baseline. Returns notes worth one log line (degraded readings)."""
     notes: list[str] = []
+    try:  # ROOT/TEAM/USER for the job's checkpoints, made by root (never fails the prolog)
+        from slurm_plugin.node import ckptdir
+
+        notes.extend(ckptdir.prepare_job(env))
+    except Exception as exc:
+        notes.append(f"checkpoint directory: {type(exc).__name__}: {exc}")
     job_id = _job_id(env)
     restart = _int(env.get("SLURM_JOB_RESTART_COUNT")) or 0
     node = _node(env)
@@ -276,8 +334,8 @@ def prolog(env: Env, settings: HookSettings, now: float) -> list[str]:
         "account": _str(env.get("SLURM_JOB_ACCOUNT")), "start_ts": now,
         "job_gpus": job_gpus, "gpus": gpus, "flags": flags,
     }
-    path = baseline_path(settings.spool_dir, node, job_id)
-    _write_baseline(path, settings.spool_dir, baseline)
+    path = baseline_path(settings.state_dir, node, job_id)
+    _write_baseline(path, settings.state_dir, baseline)
     return notes
 
 
@@ -302,7 +360,7 @@ def epilog(env: Env, settings: HookSettings, now: float) -> list[str]:
     notes: list[str] = []
     job_id = _job_id(env)
     node = _node(env)
-    path = baseline_path(settings.spool_dir, node, job_id)
+    path = baseline_path(settings.state_dir, node, job_id)
     base, why = _read_baseline(path)
     restart, guessed = _epilog_restart(env, base)
     flags: list[str] = ["restart_count_missing"] if guessed else []
@@ -337,7 +395,7 @@ def epilog(env: Env, settings: HookSettings, now: float) -> list[str]:
         account=_str(env.get("SLURM_JOB_ACCOUNT")) or (base or {}).get("account"),
         start_ts=start_ts, end_ts=now, gpus=gpus, flags=list(dict.fromkeys(flags)),
     )
-    spool.write_record_file(settings.spool_dir, record)
+    emit(settings, record, notes)
     if base is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -418,9 +476,48 @@ def jobcomp(env: Env, settings: HookSettings, now: float) -> list[str]:
         array_task_id=_int(env.get("ARRAYTASKID")) if array_job else None,
         work_dir=_str(env.get("WORK_DIR")),
     )
-    spool.write_record_file(settings.spool_dir, record)
+    notes: list[str] = []
+    emit(settings, record, notes)
     _nudge(settings)
-    return []
+    return notes
+
+
+class RecordNotWritten(RuntimeError):
+    """Neither the shared spool nor the node's fallback spool took the record: its text is
+    in the message, so the hook's log line still holds it."""
+
+
+def emit(settings: HookSettings, record: dict[str, Any], notes: list[str]) -> str:
+    """Forward older fallback records first (oldest first), then deliver this one: to the
+    shared spool, else to ``<state_dir>/fallback/`` (with a note). Returns its path."""
+    trust = settings.trust
+    forward(settings, notes, trust)
+    rec = spool.prepare_record(record)
+    try:
+        done = spool.deliver(settings.spool_dir, rec, trust=trust, state_dir=settings.state_dir)
+    except spool.RefusedRecord:
+        raise
+    except Exception as exc:
+        text = spool.encode_record(rec).decode("ascii").strip()
+        raise RecordNotWritten(f"record not written ({type(exc).__name__}: {exc}): {text}") \
+            from exc
+    if done.fallback_reason is not None:
+        notes.append(f"shared spool not writable ({done.fallback_reason}); record kept in "
+                     f"{done.path} until a later hook run forwards it")
+    return done.path
+
+
+def forward(settings: HookSettings, notes: list[str], trust: spool.Trust | None = None) -> int:
+    """Move this node's fallback records to the shared spool; a failure is a note."""
+    if not spool.fallback_records(settings.state_dir):
+        return 0
+    moved, error = spool.forward_fallback(settings.spool_dir, trust=trust or settings.trust,
+                                          state_dir=settings.state_dir)
+    if moved:
+        notes.append(f"forwarded {moved} fallback record(s) to the shared spool")
+    if error:
+        notes.append(f"fallback records wait: {error}")
+    return moved
 
 
 def _nudge(settings: HookSettings) -> None:
@@ -460,6 +557,8 @@ def main(
     try:
         settings = load_settings(defaults.policy_path(env=env))
         notes = HOOKS[name](env, settings, time.time() if now is None else now)
+        if name == "prolog":  # epilog and jobcomp forward before writing their own record
+            forward(settings, notes)
         if notes:
             _say(f"slurmgate hook {name} {_who(env)}: note: " + "; ".join(dict.fromkeys(notes)))
     except Exception as exc:

@@ -80,7 +80,11 @@ def submit_training(cluster: Cluster, name: str, *extra: str, steps: int = 40,
 
 
 def ckpt_step(user_dir: Path) -> int:
-    latest = subprocess.run([SLURMGATE, "ckpt", "--dir", str(user_dir), "latest", "--step"],
+    """The job's last complete step, read as the job's owner (ROOT/team/USER/name): the
+    checkpoint library opens only directories that are the caller's own."""
+    owner = user_dir.parent.name
+    latest = subprocess.run(["runuser", "-u", owner, "--", SLURMGATE, "ckpt", "--dir",
+                             str(user_dir), "latest", "--step"], cwd="/tmp",
                             capture_output=True, text=True, timeout=30)
     return int(latest.stdout.strip()) if latest.returncode == 0 else -1
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pwd
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -471,3 +474,260 @@ def test_example_saves_and_stops_on_warning(job: str, sig: signal.Signals, code:
     assert rc == 0, err
     assert resumed_from(out) == reached
     assert f"DONE steps={reached + 2} restarts=0\n" in out
+
+
+# -- whose directory (H10) -----------------------------------------------------------------------
+
+
+def _uid(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
+RUNUSER = next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)), "")
+def uid(user: str) -> int:
+    return pwd.getpwnam(user).pw_uid
+
+
+as_root = pytest.mark.skipif(
+    os.geteuid() != 0 or None in (_uid("alice"), _uid("mallory")) or not RUNUSER,
+    reason="needs root, runuser and the users alice and mallory",
+)
+
+
+@pytest.fixture
+def shared(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """ROOT with vision/alice prepared as the Prolog does; traversable by the test users."""
+    import tempfile
+
+    from slurm_plugin.node import ckptdir
+
+    base = Path(tempfile.mkdtemp(prefix="sg-ckpt-", dir="/tmp"))
+    base.chmod(0o755)
+    root = base / "ckpt"
+    notes = ckptdir.prepare_dirs(str(root), ["vision"], "alice", uid("alice"), uid("alice"))
+    assert notes == [f"made the checkpoint root {root} (root:root 0755)"]
+    yield root
+    shutil.rmtree(base, ignore_errors=True)
+
+
+LIB = ("import json, sys\n"
+       "from slurm_plugin import checkpoint as ckpt\n"
+       "try:\n"
+       "    state = ckpt.load_json(default={'step': 0})\n"
+       "    ck = ckpt.save_json(state['step'] + 1, {'step': state['step'] + 1})\n"
+       "    print(json.dumps({'path': str(ck.path), 'step': ck.step}))\n"
+       "except ckpt.CheckpointError as e:\n"
+       "    print(e, file=sys.stderr); sys.exit(2)\n")
+
+
+def as_user(user: str, code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1",
+             **env}
+    return subprocess.run([RUNUSER, "-u", user, "--", sys.executable, "-c", code], env=clean,
+                          cwd="/", capture_output=True, text=True, timeout=60)
+
+
+@as_root
+def test_the_library_works_in_the_prolog_made_directory(shared: Path) -> None:
+    job = shared / "vision" / "alice" / "train"
+    p = as_user("alice", LIB, SLURMGATE_CKPT_DIR=str(job), SLURM_JOB_ID="101")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f'{{"path": "{job}/step-00000001", "step": 1}}'
+    st = os.lstat(job)
+    assert (st.st_uid, stat_mode(job)) == (uid("alice"), 0o700)
+    assert (job / ".active").read_text() == "101\n"
+    # the same job again (a requeue, or another `slurmgate ckpt` call): resumes
+    p = as_user("alice", LIB, SLURMGATE_CKPT_DIR=str(job), SLURM_JOB_ID="101")
+    assert p.returncode == 0 and '"step": 2' in p.stdout, p.stderr
+
+
+def stat_mode(p: Path) -> int:
+    return stat.S_IMODE(os.lstat(p).st_mode)
+
+
+@as_root
+def test_the_library_refuses_a_planted_directory(shared: Path) -> None:
+    mine = shared / "vision" / "alice"
+    mine.rmdir()
+    mine.mkdir(mode=0o755)
+    os.chown(mine, uid("mallory"), uid("mallory"))
+    planted = mine / "train"
+    planted.mkdir()
+    os.chown(planted, uid("mallory"), uid("mallory"))
+    env = {"SLURMGATE_CKPT_DIR": str(planted), "SLURM_JOB_ID": "101"}
+    p = as_user("alice", LIB, **env)
+    assert p.returncode == 2 and p.stdout == ""
+    assert (f"refusing checkpoint directory {planted}: {mine} is owned by uid "
+            f"{uid('mallory')}, not you (uid {uid('alice')})") in p.stderr
+    # the CLI says the same and exits 2
+    cli = "import sys; from slurm_plugin.checkpoint import main; sys.exit(main(['load']))"
+    p = as_user("alice", cli, **env)
+    assert p.returncode == 2 and f"is owned by uid {uid('mallory')}, not you" in p.stderr
+    # the job directory itself planted inside alice's own directory is refused too
+    os.chown(mine, uid("alice"), uid("alice"))
+    p = as_user("alice", LIB, **env)
+    assert p.returncode == 2
+    assert f"{planted} is owned by uid {uid('mallory')}, not you (uid {uid('alice')})" \
+        in p.stderr
+
+
+@as_root
+def test_the_library_refuses_a_symlink(shared: Path) -> None:
+    mine = shared / "vision" / "alice"
+    mine.rmdir()
+    loot = shared.parent / "loot"
+    loot.mkdir(mode=0o777)
+    loot.chmod(0o777)
+    os.chown(loot, uid("mallory"), -1)
+    mine.symlink_to(loot)
+    p = as_user("alice", LIB, SLURMGATE_CKPT_DIR=str(mine / "train"), SLURM_JOB_ID="101")
+    assert p.returncode == 2
+    assert f"refusing checkpoint directory {mine / 'train'}: {mine} is a symlink" in p.stderr
+    assert os.listdir(loot) == []
+
+
+@as_root
+def test_the_library_refuses_a_world_writable_root(shared: Path) -> None:
+    shared.chmod(0o1777)
+    p = as_user("alice", LIB, SLURMGATE_CKPT_DIR=str(shared / "vision" / "alice" / "t"))
+    assert p.returncode == 2
+    assert f"{shared} is writable by others (mode 1777)" in p.stderr
+
+
+def test_chosen_and_fallback_directories_are_checked(cdir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(ckpt.CheckpointError, match=f"{link} is a symlink"):
+        ckpt.save_bytes(1, b"x", directory=link)
+    with pytest.raises(ckpt.CheckpointError, match=f"{link} is a symlink"):
+        ckpt.latest(link)
+    real.chmod(0o777)
+    with pytest.raises(ckpt.CheckpointError, match=r"is writable by others \(mode 0777\)"):
+        ckpt.save_bytes(1, b"x", directory=real)
+    assert os.listdir(real) == []
+    monkeypatch.setenv("SLURMGATE_CKPT_DIR", str(link))
+    with pytest.raises(ckpt.CheckpointError, match=f"{link} is a symlink"):
+        ckpt.checkpoint_dir()
+    # a symlink above the directory (yours, or the admin's) is followed; what it leads to is
+    # checked like any other directory
+    monkeypatch.setenv("SLURMGATE_CKPT_DIR", str(link / "sub"))
+    with pytest.raises(ckpt.CheckpointError, match=f"{link} is writable by others"):
+        ckpt.checkpoint_dir()
+    real.chmod(0o700)
+    assert ckpt.checkpoint_dir() == link / "sub" and (real / "sub").is_dir()
+    # the fallback: $SLURM_SUBMIT_DIR/.ckpt/$SLURM_JOB_ID, walked the same way
+    monkeypatch.delenv("SLURMGATE_CKPT_DIR")
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    monkeypatch.setenv("SLURM_SUBMIT_DIR", str(submit))
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    (submit / ".ckpt").symlink_to(real)
+    with pytest.raises(ckpt.CheckpointError, match=r"\.ckpt is a symlink"):
+        ckpt.checkpoint_dir()
+    (submit / ".ckpt").unlink()
+    assert ckpt.checkpoint_dir() == submit / ".ckpt" / "4243"
+    assert stat_mode(submit / ".ckpt" / "4243") == 0o700
+
+
+@as_root
+def test_root_refuses_a_directory_of_another_user(cdir: Path, tmp_path: Path) -> None:
+    """Even root (the caller here) does not resume from a directory someone else owns."""
+    other = tmp_path / "theirs"
+    other.mkdir(mode=0o700)
+    os.chown(other, uid("mallory"), -1)
+    with pytest.raises(ckpt.CheckpointError,
+                       match=f"{other} is owned by uid {uid('mallory')}, not you \\(uid 0\\)"):
+        ckpt.load_json(directory=other)
+
+
+# -- one job per directory -------------------------------------------------------------------------
+
+
+def test_two_running_jobs_with_one_name_get_two_directories(
+        cdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    running = {"101"}
+    asked: list[str] = []
+
+    def alive(job: str) -> bool:
+        asked.append(job)
+        return job in running
+
+    monkeypatch.setattr(ckpt, "job_alive", alive)
+    monkeypatch.setattr(ckpt, "_noted", set())
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    assert ckpt.checkpoint_dir() == cdir
+    ckpt.save_json(1, {"job": 101})
+    assert (cdir / ".active").read_text() == "101\n" and asked == []
+    # a second job with the same name starts while 101 runs
+    monkeypatch.setenv("SLURM_JOB_ID", "102")
+    own = cdir.with_name("ckpt.102")
+    assert ckpt.checkpoint_dir() == own
+    err = capsys.readouterr().err
+    assert "warning: job 101 with the same name is still running" in err and str(own) in err
+    assert ckpt.load_json() is None  # does not resume from the running job's checkpoints
+    ckpt.save_json(1, {"job": 102})
+    assert ckpt.load_json() == {"job": 102} and ckpt.load_json(directory=cdir) == {"job": 101}
+    assert (own / ".active").read_text() == "102\n" and stat_mode(own) == 0o700
+    # each `slurmgate ckpt` call is a new process: the same answer, even once 101 ended
+    running.clear()
+    assert ckpt.checkpoint_dir() == own
+    assert (cdir / ".active").read_text() == "101\n"
+
+
+def test_a_resubmitted_job_resumes_after_the_first_ended(
+        cdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(ckpt, "job_alive", lambda job: False)
+    monkeypatch.setenv("SLURM_JOB_ID", "201")
+    ckpt.save_json(5, {"step": 5})
+    monkeypatch.setenv("SLURM_JOB_ID", "202")  # resubmitted by name: 201 is over
+    assert ckpt.checkpoint_dir() == cdir and ckpt.load_json() == {"step": 5}
+    assert (cdir / ".active").read_text() == "202\n"
+    assert "warning" not in capsys.readouterr().err
+    # a requeue of 202 (same job id): its own claim, no question to Slurm
+    monkeypatch.setattr(ckpt, "job_alive", lambda job: pytest.fail(f"asked about {job}"))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert ckpt.checkpoint_dir() == cdir
+
+
+def test_a_claim_changed_meanwhile_is_not_taken_over(cdir: Path) -> None:
+    cdir.mkdir()
+    (cdir / ".active").write_text("301\n")
+    assert not ckpt._take_over(cdir, "300", "302")  # someone took 300's claim first
+    assert (cdir / ".active").read_text() == "301\n"
+    assert ckpt._take_over(cdir, "301", "302")
+    assert (cdir / ".active").read_text() == "302\n"
+    assert [n for n in os.listdir(cdir) if n != ".active"] == []  # no temp file left
+
+
+def test_slurm_is_asked_whether_the_holder_still_runs(cdir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real check (`squeue -h -j ID -o %T`), from separate `slurmgate ckpt` processes."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "squeue").write_text('#!/bin/sh\n[ "$3" = 401 ] && echo RUNNING\n'
+                                 '[ "$3" = 402 ] && echo COMPLETED\n'
+                                 '[ "$3" = 403 ] && { echo "slurm_load_jobs error" >&2; exit 1; }'
+                                 "\nexit 0\n")
+    (fake / "squeue").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "PYTHONPATH": str(REPO),
+           "SLURMGATE_CKPT_DIR": str(cdir)}
+
+    def cli(job: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "slurm_plugin.checkpoint", *argv],
+                              env={**env, "SLURM_JOB_ID": job}, capture_output=True, text=True,
+                              timeout=60)
+
+    for holder, expect in (("401", cdir.with_name("ckpt.500")), ("402", cdir),
+                           ("403", cdir)):
+        cdir.mkdir(exist_ok=True)
+        (cdir / ".active").write_text(f"{holder}\n")
+        p = cli("500", "dir")
+        assert p.returncode == 0 and p.stdout == f"{expect}\n", (holder, p.stderr)
+        assert ("still running" in p.stderr) == (holder == "401")
+        shutil.rmtree(cdir.with_name("ckpt.500"), ignore_errors=True)

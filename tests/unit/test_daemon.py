@@ -224,14 +224,19 @@ def test_daemon_serves_prometheus_metrics_on_localhost_when_asked():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     d = RunningDaemon(state)
+    token = state / "metrics.token"
+    token.write_text("t0ken-for-the-scraper\n")
+    token.chmod(0o600)
     d.config.write_text(render_policy(state).replace(
-        "[daemon]\n", f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n', 1))
+        "[daemon]\n", f'[daemon]\nmetrics_listen = "127.0.0.1:{port}"\n'
+                      f'metrics_token_file = "{token}"\n', 1))
     d.start()
     try:
         submit(d, comment="project=vit-scaling,cost_center=CC42", time_limit=60)
         submit(d, comment="nope")
-        body = wait_for(lambda: _get(f"http://127.0.0.1:{port}/metrics"), 10,
-                        what="metrics endpoint")
+        body = wait_for(lambda: _get(f"http://127.0.0.1:{port}/metrics",
+                                     "t0ken-for-the-scraper"), 10, what="metrics endpoint")
+        assert _get(f"http://127.0.0.1:{port}/metrics") is None  # no token: 401
         assert 'slurmgate_decisions_total{verdict="accept"} 1' in body
         assert 'slurmgate_decisions_total{verdict="reject"} 1' in body
         assert "slurmgate_decision_latency_seconds_count 2" in body
@@ -241,11 +246,14 @@ def test_daemon_serves_prometheus_metrics_on_localhost_when_asked():
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _get(url: str) -> str | None:
+def _get(url: str, token: str | None = None) -> str | None:
     import urllib.request
 
+    req = urllib.request.Request(url)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(req, timeout=2) as resp:
             return resp.read().decode()
     except OSError:
         return None
@@ -316,8 +324,8 @@ def test_failure_handler_reads_through_the_locked_store(tmp_path):
     from tests.unit.test_db_ingest import make_policy
 
     class Slurm(_Queue):
-        def __init__(self) -> None:
-            super().__init__([])
+        def __init__(self) -> None:  # Slurm confirms: both jobs ended NODE_FAIL, node1 down
+            super().__init__([Job(job_id=j, state="NODE_FAIL", nodes="node1") for j in (1, 2)])
             self.drained: list[tuple[str, str]] = []
 
         def nodes(self) -> list:
@@ -348,3 +356,163 @@ def test_failure_handler_reads_through_the_locked_store(tmp_path):
     assert handler.note_recoveries(running) == 0  # recorded once
     assert store.unrecovered_interruptions(0.0)[0]["job_id"] == 2
     store.close()
+
+
+# -- the daemon's spool: layout at start, hostile entries, migration, maintenance -----------
+
+
+def _spool_daemon(tmp_path, **daemon_settings):  # noqa: ANN001, ANN202
+    from db.store import open_store
+    from slurm_plugin.daemon.service import Daemon
+    from tests.unit.test_db_ingest import make_policy
+
+    spool_dir = tmp_path / "spool"
+    if not spool_dir.exists():
+        spool_dir.mkdir()
+        os.chmod(spool_dir, 0o755)
+    policy = make_policy(daemon={"cluster": "c1", "log_file": str(tmp_path / "log"),
+                                 "spool_dir": str(spool_dir), **daemon_settings})
+    store = open_store(tmp_path / "sg.db")
+    return Daemon(str(tmp_path / "policy.toml"), policy, store, None), store, spool_dir
+
+
+def _events(store, kind):  # noqa: ANN001, ANN202
+    return [e["message"] for e in store._query("SELECT message FROM events WHERE kind = ?",
+                                                 (kind,))]
+
+
+def test_one_bad_record_never_stalls_ingest_and_good_ones_ingest_once(tmp_path):
+    import time
+
+    from slurm_plugin.node import spool
+    from tests.unit.test_db_ingest import make_jobcomp, make_node_run
+
+    d, store, root = _spool_daemon(tmp_path)
+    d.spool_startup()
+    assert (root / "ctld" / "tmp").is_dir() and (root / "quarantine").is_dir()
+    before = spool.write_record(root, make_node_run(980))
+    time.sleep(0.01)
+    hostile = {
+        "node_run.c1.1.0.n.deep.json": b"[" * 30_000 + b"]" * 30_000,
+        "node_run.c1.2.0.n.digits.json": b'{"v":1,"kind":"node_run","job_id":' + b"9" * 5000
+        + b"}",
+        "node_run.c1.3.0.n.utf8.json": b'{"v":1,"kind":"node_run","node":"\xff\xfe"}',
+        "jobcomp.c1.4.-.ctl.misplaced.json": spool.encode_record(spool.prepare_record(
+            make_jobcomp(4))),
+    }
+    for name, data in hostile.items():
+        (root / "node" / name).write_bytes(data)
+    os.mkfifo(root / "node" / "node_run.c1.5.0.n.fifo.json")
+    os.symlink("/etc/shadow", root / "node" / "node_run.c1.6.0.n.link.json")
+    theirs = spool.write_record(root, make_node_run(7))
+    os.chown(theirs, 1001, -1)
+    time.sleep(0.01)
+    after = spool.write_record(root, make_jobcomp(980))
+    for _ in range(3):
+        d.ingest_once()
+    assert [r["state"] for r in store.runs_of_job("c1", 980)] == ["COMPLETED"]
+    assert len(store.run_nodes("c1", 980, 0)) == 1
+    assert not before.exists() and not after.exists()
+    assert sorted(os.listdir(root / "node")) == ["tmp"]
+    q = root / "quarantine"
+    names = sorted(p.name for p in q.iterdir() if not p.name.endswith(".reason"))
+    assert len(names) == 7 and all((q / (n + ".reason")).exists() for n in names)
+    reasons = " | ".join((q / (n + ".reason")).read_text() for n in names)
+    for expected in ("nested too deeply", "digits", "not UTF-8", "a jobcomp record in node/",
+                     "a FIFO", "a symbolic link", "owned by uid 1001 (alice)"):
+        assert expected in reasons, expected
+    assert len(_events(store, "quarantine")) == 7
+    log = (tmp_path / "log").read_text()
+    assert log.count('"quarantined"') == 7 and "node_run.c1.6.0.n.link.json" in log
+    assert d.ingest_once() == 0  # nothing left, nothing read twice
+
+
+def test_startup_refuses_a_bad_layout_and_does_not_ingest_from_it(tmp_path):
+    from slurm_plugin.node import spool
+    from tests.unit.test_db_ingest import make_jobcomp, make_node_run
+
+    d, store, root = _spool_daemon(tmp_path)
+    spool.write_record(root, make_node_run(990))
+    spool.write_record(root, make_jobcomp(991))
+    os.chown(root / "node", 1001, -1)  # someone else's node/
+    d.spool_startup()
+    assert "node" in d.spool_problems and "owned by uid 1001" in d.spool_problems["node"]
+    assert any("refused" in m for m in _events(store, "spool_layout"))
+    assert "spool_layout_refused" in (tmp_path / "log").read_text()
+    d.ingest_once()
+    assert store.runs_of_job("c1", 990) == [] and len(store.runs_of_job("c1", 991)) == 1
+    assert len(list((root / "node").glob("*.json"))) == 1  # left alone, not chmod-ed
+    assert os.stat(root / "node").st_uid == 1001
+    os.chown(root / "node", 0, -1)  # the admin fixes it: the next check takes it back
+    d.spool_maintenance(force=False, now=d.last_spool_maintenance + 61)
+    assert d.spool_problems == {}
+    d.ingest_once()
+    assert len(store.runs_of_job("c1", 990)) == 1
+
+
+def test_old_layout_records_are_ingested_once_at_start(tmp_path):
+    from slurm_plugin.node import spool
+    from tests.unit.test_db_ingest import make_jobcomp, make_node_run
+
+    d, store, root = _spool_daemon(tmp_path)
+    old_jc = root / "jobcomp.c1.995.-.ctl.aa.json"
+    old_jc.write_bytes(spool.encode_record(spool.prepare_record(make_jobcomp(995))))
+    old_node = root / "node_run.c1.995.0.node1.bb.json"
+    old_node.write_bytes(spool.encode_record(spool.prepare_record(make_node_run(995))))
+    os.chown(old_node, 64030, -1)  # the SlurmUser's: accepted once
+    forged = root / "jobcomp.c1.996.-.ctl.cc.json"
+    forged.write_bytes(spool.encode_record(spool.prepare_record(make_jobcomp(996))))
+    os.chown(forged, 1001, -1)
+    d.spool_startup()
+    [run] = store.runs_of_job("c1", 995)
+    assert run["state"] == "COMPLETED" and len(store.run_nodes("c1", 995, 0)) == 1
+    assert store.runs_of_job("c1", 996) == []
+    assert not old_jc.exists() and not old_node.exists() and not forged.exists()
+    assert "owned by uid 1001" in (root / "quarantine" / (forged.name + ".reason")).read_text()
+    again = root / "jobcomp.c1.997.-.ctl.dd.json"  # after start: never read from the top
+    again.write_bytes(spool.encode_record(spool.prepare_record(make_jobcomp(997))))
+    d.ingest_once()
+    assert store.runs_of_job("c1", 997) == [] and again.exists()
+
+
+def test_maintenance_recovers_tmp_and_prunes_the_quarantine(tmp_path):
+    import time
+
+    from slurm_plugin.node import spool
+    from tests.unit.test_db_ingest import make_jobcomp
+
+    d, store, root = _spool_daemon(tmp_path, quarantine_days=1.0)
+    d.spool_startup()
+    rec = spool.prepare_record(make_jobcomp(998))
+    stranded = root / "ctld" / "tmp" / (spool.record_filename(rec) + ".tmp")
+    stranded.write_bytes(spool.encode_record(rec))
+    os.utime(stranded, (time.time() - 120, time.time() - 120))
+    old = root / "quarantine" / "old.json"
+    old.write_text("x")
+    (root / "quarantine" / "old.json.reason").write_text("x")
+    for p in (old, root / "quarantine" / "old.json.reason"):
+        os.utime(p, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    d.spool_maintenance(force=True)
+    assert not stranded.exists() and list((root / "quarantine").iterdir()) == []
+    d.ingest_once()
+    assert len(store.runs_of_job("c1", 998)) == 1
+    log = (tmp_path / "log").read_text()
+    assert "spool_tmp_recovered" in log and "quarantine_pruned" in log
+
+
+def test_a_second_settlement_from_another_writer_is_quarantined(tmp_path):
+    from slurm_plugin.node import spool
+    from tests.unit.test_db_ingest import make_jobcomp
+
+    d, store, root = _spool_daemon(tmp_path)
+    d.spool_startup()
+    spool.write_record(root, make_jobcomp(999))
+    d.ingest_once()
+    repair = dict(make_jobcomp(999, state="FAILED", end=make_jobcomp(999)["end_ts"] + 600),
+                  source="reconcile")
+    path = spool.write_record(root, repair)
+    d.ingest_once()
+    [run] = store.runs_of_job("c1", 999)
+    assert (run["state"], run["settled_by"]) == ("COMPLETED", "ctld")
+    reason = (root / "quarantine" / (path.name + ".reason")).read_text()
+    assert "settled by ctld; a jobcomp from repair may not settle it again" in reason

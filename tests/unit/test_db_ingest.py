@@ -245,6 +245,12 @@ def test_requeue_after_node_failure(store: Store, policy: Policy) -> None:
     r0, r1 = store.runs_of_job("c1", 301)
     assert (r0["restart_count"], r0["state"]) == (0, "NODE_FAIL")
     assert (r1["restart_count"], r1["state"]) == (1, "COMPLETED")
+    # credited only once the failure handler confirmed the failure with Slurm
+    assert r0["credit"] == 0 and r0["credit_reason"] == "node_failure_pending"
+    assert store._query("SELECT kind FROM events") == []
+    assert store.confirm_failure_credit("c1", 301, 0) == pytest.approx(r0["cost"])
+    assert store.confirm_failure_credit("c1", 301, 0) is None  # once
+    r0 = store.run("c1", 301, 0)
     assert r0["credit"] == pytest.approx(r0["cost"]) and r0["credit_reason"] == "node_failure"
     assert r1["credit"] == 0
     assert {r0["rid"], r1["rid"]} == {rid}
@@ -253,6 +259,12 @@ def test_requeue_after_node_failure(store: Store, policy: Policy) -> None:
     assert spend == {"vision": pytest.approx(r1["cost"])}
     kinds = [e["kind"] for e in store._query("SELECT kind FROM events")]
     assert kinds == ["credit"]
+    check_rollups(store)
+    # a late node record re-settles the run: the confirmed credit follows its cost
+    ingest_records(store, [make_node_run(301, node="node1", restart=0, start=T0, end=t1)],
+                   policy)
+    again = store.run("c1", 301, 0)
+    assert again["cost"] > r0["cost"] and again["credit"] == pytest.approx(again["cost"])
     check_rollups(store)
 
 
@@ -523,3 +535,31 @@ def test_records_already_in_spools_still_ingest(store: Store, policy: Policy) ->
     assert res.errors == [] and res.counts == {"node_run": 1, "jobcomp": 2}
     assert store.run("c1", 992, 0)["cost"] == pytest.approx(4.0 + 0.1 * 1.0)
     assert store.run("c1", 993, 0)["state"] == "FAILED"
+
+
+def test_a_settled_run_cannot_be_settled_again_by_another_writer(store: Store,
+                                                                  policy: Policy) -> None:
+    reserve(store, 970)
+    real = make_jobcomp(970, state="COMPLETED")
+    res = ingest_records(store, [make_node_run(970), real], policy, writers=["node:node1", "ctld"])
+    assert res.errors == [] and res.counts == {"node_run": 1, "jobcomp": 1}
+    [run] = store.runs_of_job("c1", 970)
+    assert run["settled_by"] == "ctld" and run["cost"] > 0
+    cost = run["cost"]
+    # reconcile --repair (or anyone but slurmctld) re-stating the same run's end: refused
+    forged = make_jobcomp(970, state="NODE_FAIL", end=T0 + HOUR)
+    late = make_jobcomp(970, state="COMPLETED", end=T0 + 3 * HOUR)
+    res = ingest_records(store, [forged, late], policy, writers=["repair", "node:gpu01"])
+    assert [r for r, _ in res.errors] == [forged, late]
+    assert all("was settled by ctld" in why for _, why in res.errors)
+    assert res.counts == {}
+    [run] = store.runs_of_job("c1", 970)
+    assert (run["state"], run["cost"], run["settled_by"]) == ("COMPLETED", cost, "ctld")
+    # the same writer again is a duplicate, as before; without writers nothing is checked
+    again = ingest_records(store, [dict(real)], policy, writers=["ctld"])
+    assert again.errors == [] and again.duplicates == 1
+    # a repair for a run nobody settled settles it, as 'repair'
+    res = ingest_records(store, [make_jobcomp(971)], policy, writers=["repair"])
+    assert res.errors == [] and store.runs_of_job("c1", 971)[0]["settled_by"] == "repair"
+    with pytest.raises(ValueError, match="one writer per record"):
+        ingest_records(store, [make_jobcomp(972)], policy, writers=[])

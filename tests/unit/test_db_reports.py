@@ -52,6 +52,7 @@ def _month(store: Store, policy: Policy) -> None:
         make_node_run(5, start=T0 + 40 * DAY, end=T0 + 40 * DAY + HOUR),
         make_jobcomp(5, start=T0 + 40 * DAY, end=T0 + 40 * DAY + HOUR),
     ], policy)
+    assert store.confirm_failure_credit("c1", 3, 0)  # the failure handler confirmed it
 
 
 def test_chargeback_by_team_and_project(store: Store, policy: Policy) -> None:

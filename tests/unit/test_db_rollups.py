@@ -35,6 +35,7 @@ def settled_store(path: str | Path, policy: Policy) -> Store:
             make_node_run(3, gpu_type="v100")]  # no jobcomp, no price: never in a rollup
     res = ingest_records(store, recs, policy)
     assert res.errors == []
+    assert store.confirm_failure_credit("c1", 2, 0)  # the failure handler confirmed it
     return store
 
 

@@ -116,9 +116,11 @@ def test_spend_by_team_counts_runs_by_end_time(store: Store, policy: Policy) -> 
         make_jobcomp(1, start=start - HOUR, end=start + HOUR),
         # ends exactly at the period's end: next period
         make_jobcomp(2, start=end - HOUR, end=end),
-        # node failure: credited
+        # node failure: credited (once the failure handler confirmed it with Slurm)
         make_jobcomp(3, state="NODE_FAIL", start=start + HOUR, end=start + 2 * HOUR),
     ], policy)
+    assert store.spend_by_team(start, end) == {"vision": pytest.approx(4 * 3 * 2.0)}
+    assert store.confirm_failure_credit("c1", 3, 0) == pytest.approx(4 * 1 * 2.0)
     assert store.spend_by_team(start, end) == {"vision": pytest.approx(4 * 2 * 2.0)}
     assert store.spend_by_team(end, end + 86400) == {"nlp": pytest.approx(4 * 1 * 2.0)}
 
@@ -128,6 +130,7 @@ def test_team_usage_gpu_hours_ignores_credited_time(store: Store, policy: Policy
         make_node_run(1), make_jobcomp(1),
         make_node_run(2, account="nlp"), make_jobcomp(2, state="NODE_FAIL", account="nlp"),
     ], policy)
+    store.confirm_failure_credit("c1", 2, 0)  # the failure handler confirmed it
     usage = store.team_usage_gpu_hours(T0 - 86400, now=T0 + 3 * HOUR)
     assert usage == [("vision", T0 + 3 * HOUR, pytest.approx(8.0))]  # capped at now
     assert store.team_usage_gpu_hours(T0, now=T0 + 2 * 86400) == [
@@ -252,3 +255,35 @@ def test_the_reservation_rules_home_agrees_with_the_ingest() -> None:
     assert not run_settles_reservation(dict(settled, cost=None))
     assert not run_settles_reservation(dict(settled, array_job_id=3))
     assert not run_settles_reservation(dict(settled, state="NODE_FAIL"))
+
+
+def test_the_database_and_its_wal_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from db.store import make_private
+
+    old = os.umask(0)
+    try:
+        path = tmp_path / "sg.db"
+        s = open_store(path)
+        s.add_event("probe", message="x")  # the WAL and its index exist now
+        for name in ("sg.db", "sg.db-wal", "sg.db-shm"):
+            f = tmp_path / name
+            if f.exists():
+                mode = stat.S_IMODE(f.stat().st_mode)
+                assert mode & ~0o640 == 0, (name, oct(mode))
+        assert (tmp_path / "sg.db").exists()
+        s.close()
+        # a database left world-readable (started by hand) is made private when opened
+        os.chmod(path, 0o666)
+        open_store(path).close()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        # a stricter mode an admin chose stays
+        os.chmod(path, 0o600)
+        open_store(path).close()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        make_private(":memory:")  # nothing to do
+    finally:
+        os.umask(old)
+    assert os.umask(old) == old  # open_store gives the process its umask back

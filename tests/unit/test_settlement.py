@@ -93,13 +93,22 @@ def test_default_gpu_type() -> None:
 
 
 @pytest.mark.parametrize(("state", "reason", "want"), [
-    ("NODE_FAIL", None, (12.5, "node_failure")),
-    ("PREEMPTED", None, (12.5, "preemption")),
+    # credited only once the failure handler confirmed the failure with Slurm
+    ("NODE_FAIL", None, (0.0, "node_failure_pending")),
+    ("PREEMPTED", None, (0.0, "preemption_pending")),
+    ("NODE_FAIL", "node_failure_pending", (0.0, "node_failure_pending")),
+    ("NODE_FAIL", "node_failure", (12.5, "node_failure")),  # confirmed
+    ("PREEMPTED", "preemption", (12.5, "preemption")),
     ("COMPLETED", None, (0.0, None)),
     ("COMPLETED", "node_failure", (0.0, None)),  # re-settled: the automatic credit goes
+    ("COMPLETED", "node_failure_pending", (0.0, None)),
     ("NODE_FAIL", "admin: bad node", None),      # an admin's credit stands
 ])
 def test_auto_credit(state: str, reason: str | None, want: Any) -> None:
     assert settlement.auto_credit(state, 12.5, reason, policy().requeue) == want
     no_preempt = Policy.model_validate({}).requeue
     assert settlement.auto_credit("PREEMPTED", 12.5, None, no_preempt) == (0.0, None)
+    assert settlement.auto_credit("PREEMPTED", 12.5, "preemption", no_preempt) == (0.0, None)
+    assert settlement.confirm_credit_reason("node_failure_pending") == "node_failure"
+    assert settlement.confirm_credit_reason("node_failure") is None
+    assert settlement.confirm_credit_reason("admin: bad node") is None
