@@ -384,7 +384,13 @@ class Doctor:
             problems.pop("ctld/tmp", None)
             problems.pop("quarantine", None)
         if problems:
-            self.add("spool", "FAIL", "; ".join(problems.values()), fix)
+            detail = "; ".join(problems.values())
+            if self.node is not None and self._policy is not None:
+                waiting = len(sp.fallback_records(self._policy.node.state_dir))
+                if waiting:
+                    detail += (f"; {waiting} records wait in the fallback spool "
+                               f"{sp.state_path(self._policy.node.state_dir)}/fallback")
+            self.add("spool", "FAIL", detail, fix)
             return
         if self.node is not None:
             self._probe_write(spool, trust)

@@ -204,6 +204,8 @@ make_state_dirs() {
         rm -rf "$ckpt"
     fi
     install -d -m 0755 -o root -g root "$ckpt"
+    # team directories are root's; anything else at that level is a leftover nobody vouches for
+    find "$ckpt" -mindepth 1 -maxdepth 1 ! -user root -exec rm -rf {} +
     make_fake_gpus
 }
 

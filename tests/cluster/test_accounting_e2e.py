@@ -92,6 +92,13 @@ def test_requeued_job_is_a_second_run_with_the_same_job_id(cluster: Cluster):
                    timeout=30)
     wait_for(lambda: (j := cluster.job(job_id)) and j["restart_cnt"] == 1
              and j["job_state"] == "PENDING", 30, 0.5, what="requeued and pending")
+    # the first run's Epilog and completion are through before the job may start again
+    # (started at once on the same node, slurmd may still refuse the job's credential)
+    (first,) = settled_runs(cluster, job_id, n=1, timeout=60)
+    wait_for(lambda: subprocess.run(
+        ["sinfo", "-h", "-n", first["nodes"], "-o", "%T"], env=cluster.env,
+        capture_output=True, text=True, timeout=30).stdout.strip() == "idle", 30, 0.3,
+        what="the first run's node idle again")
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=cluster.env,
                    check=True, timeout=30)
     cluster.wait_state(job_id, FINAL_STATES, 120)
@@ -117,14 +124,16 @@ def test_daemon_killed_while_jobs_finish_loses_nothing_and_counts_nothing_twice(
         for job_id in jobs:
             cluster.wait_state(job_id, FINAL_STATES, 90)
         spool = cluster.dir / "spool"
-        wait_for(lambda: len([p for p in spool.glob("*.json")]) >= 6, 30, 0.5,
+        wait_for(lambda: len([p for sub in ("node", "ctld")
+                              for p in (spool / sub).glob("*.json")]) >= 6, 30, 0.5,
                  what="records waiting in the spool")
     finally:
         cluster.ctl("daemon", "start")
     for job_id in jobs:
         (run,) = settled_runs(cluster, job_id)
         assert len(run["node_rows"]) == 1 and run["state"] == "COMPLETED"
-    wait_for(lambda: not list((cluster.dir / "spool").glob("*.json")), 30, 0.5,
+    wait_for(lambda: not [p for sub in ("node", "ctld")
+                          for p in (cluster.dir / "spool" / sub).glob("*.json")], 30, 0.5,
              what="spool drained")
     # ingesting the same records again changes nothing
     store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
@@ -139,7 +148,7 @@ def test_daemon_killed_while_jobs_finish_loses_nothing_and_counts_nothing_twice(
 
 def test_a_corrupted_spool_record_is_quarantined_and_the_rest_ingest(cluster: Cluster):
     spool = cluster.dir / "spool"
-    bad = spool / "jobcomp.slurmgate-dev.999999.0.ctl.deadbeef.json"
+    bad = spool / "ctld" / "jobcomp.slurmgate-dev.999999.0.ctl.deadbeef.json"
     bad.write_text('{"v": 1, "kind": "jobcomp", "job_id": "not-a-number",')
     good = write_record(spool, {"kind": "gpu_sample", "cluster": "slurmgate-dev",
                                 "node": "node1", "ts": 1_700_000_000.0,
@@ -189,7 +198,7 @@ def test_reconcile_finds_a_lost_completion_record_and_repairs_it(cluster: Cluste
     try:
         cluster.wait_state(job_id, FINAL_STATES, 90)
         spool = cluster.dir / "spool"
-        lost = wait_for(lambda: list(spool.glob(f"jobcomp.*.{job_id}.*.json")), 30, 0.3,
+        lost = wait_for(lambda: list(spool.glob(f"ctld/jobcomp.*.{job_id}.*.json")), 30, 0.3,
                         what="jobcomp record in the spool")
         for path in lost:
             path.unlink()  # the completion record is lost; the node record is not

@@ -251,7 +251,9 @@ def test_a_node_failing_k_times_is_drained_and_resume_works(cluster: Cluster, no
             drained = [e for e in events(cluster, "drain") if e["ts"] >= started]
             if i == 0:
                 assert not drained, "drained after one failure"
-                # slurmd is alive, so ReturnToService=2 brings the node straight back
+                # an admin brings the node back (ReturnToService=1 keeps it down until then)
+                subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"],
+                               env=cluster.env, check=True, timeout=30)
                 wait_for(lambda: node_state(cluster, node) == "idle", 30, 0.3,
                          what=f"{node} back in service")
         drain = wait_for(lambda: [e for e in events(cluster, "drain") if e["ts"] >= started],

@@ -131,7 +131,7 @@ def test_cli_drains_and_resumes_a_node(cluster: Cluster):
             log = cluster.dir / "log/slurmctld.log"
             before = log.stat().st_size
             client.set_down(name, "slurmgate test: down")
-            # with a live slurmd and ReturnToService=2 the node may be back before we look:
+            # the node may be back before we look (resumed below, or ReturnToService=2 at a site):
             # slurmctld's log is the witness that it went down
             wait_for(lambda: f"node {name} state set to DOWN" in
                      log.read_bytes()[before:].decode(errors="replace"), 10, 0.2,

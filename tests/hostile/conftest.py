@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def as_user(user: str, code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run Python ``code`` as ``user`` (a real, unprivileged uid) with this checkout on the path."""
     return subprocess.run(["runuser", "-u", user, "--", PYTHON, "-c", code], cwd="/tmp",
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
                                "HOME": "/tmp", "SLURM_CONF": os.environ.get("SLURM_CONF", "")},
                           capture_output=True, text=True, timeout=timeout)
 

@@ -8,6 +8,7 @@ directory, read it, or plant a checkpoint the victim would resume from.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import stat
 import uuid
@@ -27,16 +28,20 @@ def ckpt_job(cluster: Cluster, user: str, out: Path) -> int:
             "    print('dir', c.checkpoint_dir())\n"
             "except c.CheckpointError as e:\n"
             "    print('refused', e)\n")
-    script = f"{PY} -c {code!r}"
+    script = f"{PY} -c {shlex.quote(code)}"
     return cluster.submit_ok(user, "-o", str(out), "-J", "squat-" + uuid.uuid4().hex[:6],
                              tags=TAGS[user] + ",ckpt=yes", wrap=script)
 
 
 def test_users_cannot_create_in_the_checkpoint_root(cluster: Cluster) -> None:
+    (CKPT_ROOT / "vision").mkdir(mode=0o755, exist_ok=True)   # as the Prolog makes it
     mode = CKPT_ROOT.stat()
     assert mode.st_uid == 0 and not mode.st_mode & stat.S_IWOTH
-    out = as_user("mallory", f"import os; os.makedirs({str(CKPT_ROOT / 'vision/alice')!r})")
-    assert out.returncode != 0 and "PermissionError" in out.stderr
+    squat = uuid.uuid4().hex[:8]
+    for target in (CKPT_ROOT / f"team-{squat}", CKPT_ROOT / "vision" / f"user-{squat}"):
+        out = as_user("mallory", f"import os; os.mkdir({str(target)!r})")
+        assert out.returncode != 0 and "PermissionError" in out.stderr, (target, out.stderr)
+        assert not target.exists()
 
 
 def test_a_job_gets_a_private_directory_others_cannot_read(cluster: Cluster) -> None:
