@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -99,6 +100,10 @@ def test_requeued_job_is_a_second_run_with_the_same_job_id(cluster: Cluster):
         ["sinfo", "-h", "-n", first["nodes"], "-o", "%T"], env=cluster.env,
         capture_output=True, text=True, timeout=30).stdout.strip() == "idle", 30, 0.3,
         what="the first run's node idle again")
+    # slurmd refuses a credential made in the same whole second as the revocation of the
+    # job's previous one ("Job credential revoked"): start in the next second at the earliest
+    next_second = int(time.time()) + 1.05
+    wait_for(lambda: time.time() >= next_second, 5, 0.05, what="the next wall-clock second")
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=cluster.env,
                    check=True, timeout=30)
     cluster.wait_state(job_id, FINAL_STATES, 120)

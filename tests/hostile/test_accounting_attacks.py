@@ -254,3 +254,66 @@ def test_daemon_killed_mid_batch_loses_and_doubles_nothing(cluster: Cluster) -> 
         runs = settled(cluster, j)
         assert len(runs) == 1, (j, runs)
         assert runs[0]["state"] == "COMPLETED"
+
+
+def test_a_read_only_spool_keeps_the_record_until_it_is_writable(cluster: Cluster) -> None:
+    """The shared spool goes read-only under the nodes (a remount, a full or failing NFS
+    server): hooks exit 0, keep the record node-locally, doctor shows it pending, and it is
+    forwarded and ingested once when the spool is writable again."""
+    node_dir = cluster.dir / "spool/node"
+    subprocess.run(["mount", "--bind", str(node_dir), str(node_dir)], check=True, timeout=30)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(node_dir)], check=True,
+                       timeout=30)
+        job_id = genuine_job(cluster)
+        fallback = cluster.dir / "var/node/fallback"
+        wait_for(lambda: fallback.is_dir() and any(
+            p.name.startswith(f"node_run.{cluster_name(cluster)}.{job_id}.")
+            for p in fallback.iterdir()), 60, 0.5, what="the record kept node-locally")
+        doctor = subprocess.run([str(cluster.dir / "bin/slurmgate"), "doctor", "--node",
+                                 "node1", "--json"], env=cluster.env, capture_output=True,
+                                text=True, timeout=120)
+        spool_check = next(c for c in json.loads(doctor.stdout)["checks"]
+                           if c["check"] == "spool")
+        assert spool_check["status"] == "FAIL", spool_check
+        assert "fallback" in spool_check["detail"], spool_check
+    finally:
+        subprocess.run(["umount", str(node_dir)], check=True, timeout=30)
+    later = genuine_job(cluster)
+    assert len(settled(cluster, job_id)) == 1
+    assert len(settled(cluster, later)) == 1
+
+
+def test_a_symlinked_spool_directory_is_refused_and_nothing_is_lost(cluster: Cluster) -> None:
+    """ctld/ replaced by a symlink to a directory the attacker owns: the daemon refuses it
+    (log line naming it), the jobcomp hook does not write through it, and once the directory
+    is back the kept completion record is ingested once."""
+    ctld = cluster.dir / "spool/ctld"
+    aside = cluster.dir / "spool/.ctld-aside"
+    trap = Path(f"/tmp/sg-trap-{os.getpid()}")
+    trap.mkdir(mode=0o777)
+    shutil.chown(trap, ATTACKER)
+    cluster.ctl("daemon", "stop")
+    os.rename(ctld, aside)
+    os.symlink(trap, ctld)
+    try:
+        cluster.ctl("daemon", "start")
+        wait_for(lambda: any("ctld" in e.get("dir", "")
+                             for e in cluster.log_events("spool_layout_refused")), 30, 0.3,
+                 what="the daemon refusing the symlinked ctld/")
+        job_id = genuine_job(cluster)
+        wait_for(lambda: subprocess.run(["grep", "-q", f"jobcomp.{cluster_name(cluster)}."
+                                         f"{job_id}.", str(cluster.dir / "log/hooks.log")],
+                                        timeout=10).returncode == 0, 60, 0.5,
+                 what="the jobcomp hook logging the record it kept")
+        assert list(trap.iterdir()) == [], "a record was written through the symlink"
+        assert daemon_alive(cluster)
+    finally:
+        cluster.ctl("daemon", "stop")
+        ctld.unlink()
+        os.rename(aside, ctld)
+        shutil.rmtree(trap)
+        cluster.ctl("daemon", "start")
+    later = genuine_job(cluster)        # its jobcomp hook forwards the kept record first
+    assert len(settled(cluster, job_id)) == 1
+    assert len(settled(cluster, later)) == 1
