@@ -50,9 +50,12 @@ def fsync_tree(top: str | os.PathLike[str]) -> None:
         fsync_path(dirpath, directory=True)
 
 
-def write_new_file(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Create ``path`` (it must not exist), write all of ``data`` and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+def write_new_file(path: str | os.PathLike[str], data: bytes, mode: int = 0o644,
+                   dir_fd: int | None = None) -> None:
+    """Create ``path`` (it must not exist, not even as a symlink; relative to ``dir_fd`` when
+    given), write all of ``data`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:

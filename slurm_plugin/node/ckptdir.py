@@ -100,16 +100,12 @@ def settings_from(data: Mapping[str, Any], path: str = "policy") -> CkptSettings
 
 
 def load_settings(path: str) -> CkptSettings:
-    import tomllib
+    from slurm_plugin.node.policy_file import PolicyFileError, read_policy_file
 
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise CkptDirError(f"{path}: cannot read policy file: {exc.strerror or exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise CkptDirError(f"{path}: not valid TOML: {exc}") from exc
-    return settings_from(data, path)
+        return settings_from(read_policy_file(path), path)
+    except PolicyFileError as exc:
+        raise CkptDirError(str(exc)) from exc
 
 
 def team_for(settings: CkptSettings, account: str | None, user: str | None) -> str | None:

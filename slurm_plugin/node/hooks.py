@@ -88,15 +88,12 @@ def _setting(table: dict[str, Any], key: str, default: str, where: str) -> str:
 
 def load_settings(path: str) -> HookSettings:
     """The hooks' few settings, straight from the TOML (defaults as in policies.config)."""
-    import tomllib
+    from slurm_plugin.node.policy_file import PolicyFileError, read_policy_file
 
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise HookConfigError(f"{path}: cannot read policy file: {exc.strerror or exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise HookConfigError(f"{path}: not valid TOML: {exc}") from exc
+        data = read_policy_file(path)
+    except PolicyFileError as exc:
+        raise HookConfigError(str(exc)) from exc
     daemon = _table(data, "daemon", path)
     nvml = _table(data, "nvml", path)
     node = _table(data, "node", path)

@@ -43,6 +43,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from policies.records import MAX_RECORD_BYTES, RECORD_VERSION, validate
+from slurm_plugin.fsutil import write_new_file
 
 if TYPE_CHECKING:  # pathlib costs the hooks ~8 ms of start-up: imported where it is used
     from pathlib import Path
@@ -325,14 +326,7 @@ def open_state_subdir(state_dir: str, name: str) -> int:
 
 
 def _write_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(name, _CREATE, mode, dir_fd=dir_fd)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_new_file(name, data, mode, dir_fd=dir_fd)
 
 
 def _fsync_fd(fd: int) -> None:
