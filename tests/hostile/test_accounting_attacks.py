@@ -236,14 +236,24 @@ def gone(pid: int) -> bool:
 
 def test_daemon_killed_mid_batch_loses_and_doubles_nothing(cluster: Cluster) -> None:
     pid = int((cluster.dir / "run/slurmgate.pid").read_text())
-    jobs = [cluster.submit_ok(u, wrap="true") for u in ("alice", "bob", "carol") * 8]
-    os.kill(pid, signal.SIGSTOP)          # records pile up in the spool meanwhile
+    # held at submit (decided and reserved as usual), released once the daemon is stopped, so
+    # every one of their records piles up in the spool for one big batch
+    jobs = [cluster.submit_ok(u, "--hold", wrap="true") for u in ("alice", "bob", "carol") * 8]
+    os.kill(pid, signal.SIGSTOP)
     try:
+        subprocess.run(["scontrol", "release", ",".join(map(str, jobs))], env=cluster.env,
+                       check=True, timeout=30)
         for j in jobs:
             cluster.wait_state(j, FINAL_STATES, 120)
         ctld = cluster.dir / "spool/ctld"
-        wait_for(lambda: len([p for p in ctld.iterdir() if p.suffix == ".json"]) >= len(jobs),
-                 60, 0.3, what="every completion record in the spool")
+        prefix = f"jobcomp.{cluster_name(cluster)}."
+
+        def waiting() -> int:
+            names = [p.name for p in ctld.iterdir() if p.suffix == ".json"]
+            return sum(any(n.startswith(f"{prefix}{j}.") for n in names) for j in jobs)
+
+        wait_for(lambda: waiting() == len(jobs), 60, 0.3,
+                 what="every completion record in the spool")
     finally:
         os.kill(pid, signal.SIGCONT)
     time.sleep(0.05)  # the kill point: 50 ms into the first batch (not a wait for a condition)
