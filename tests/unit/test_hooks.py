@@ -275,10 +275,12 @@ def test_fallback_spool_keeps_the_record_and_the_next_hook_forwards_it(
         if how == "wrong owner":
             os.chown(root / "node", __import__("pwd").getpwnam("alice").pw_uid, SLURM_GID)
         else:
-            subprocess.run(["mount", "--bind", "-o", "ro", str(root), str(root)],
-                           capture_output=True, check=False)
-            if _writable(root / "node"):
-                pytest.skip("no read-only bind mount here")
+            # a read-only bind mount of the spool on itself (make test runs as root)
+            for argv in (["mount", "--bind", str(root), str(root)],
+                         ["mount", "-o", "remount,ro,bind", str(root)]):
+                done = subprocess.run(argv, capture_output=True, text=True, check=False)
+                assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr}"
+            assert not _writable(root / "node"), "the spool is still writable"
     hooks.main(["prolog"], env=node_env(cfg), now=T0)
     assert hooks.main(["epilog"], env=node_env(cfg), now=T0 + 60) == 0
     assert "fallback" in capsys.readouterr().err
