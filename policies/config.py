@@ -56,6 +56,25 @@ class DaemonSettings(_Model):
     65534): node records owned by it are accepted as written by a node's root."""
     quarantine_days: float = 30.0
     """How long quarantined spool records (and their .reason files) are kept."""
+    max_user_connections: int = 256
+    """Open connections from non-controller peers (researchers, admins' CLI) at once; root
+    and the SlurmUser are never counted against it and always get a slot."""
+    max_connections_per_user: int = 16
+    """Open connections from one uid at once (root and the SlurmUser: no cap)."""
+    user_requests_per_second: float = 20.0
+    """Sustained requests per second from one uid (bursts of twice that); over it, a request
+    is answered with a refusal that says when to retry. Root and the SlurmUser: no limit."""
+    user_idle_timeout_s: float = 30.0
+    """A non-controller connection with no complete request for this long is closed."""
+    user_read_timeout_s: float = 5.0
+    """A non-controller request line must arrive whole within this many seconds."""
+    account_membership: Literal["daemon", "slurm"] = "daemon"
+    """Who makes sure a user may charge an --account: "daemon" (the account maps to a team
+    only when the user is a member or lead of it) or "slurm" (slurmdbd with
+    AccountingStorageEnforce=associations already refuses foreign accounts)."""
+    unchecked_running: Literal["finish", "requeue"] = "finish"
+    """A job accepted unchecked (fail-open) that is already running when the daemon is back
+    and fails the policy: left to finish and charged ("finish"), or requeued and held."""
 
 
 class AllowedValues(_Model):

@@ -5,8 +5,10 @@ applies the policy (required keys, allowed values, the team's projects, unknown 
 returns every problem at once, plus an example line the user can paste.
 
 slurmgate records what it decided in the job's admin_comment (users cannot edit it):
-``slurmgate:team=vision;rid=r5f2c...;project=llm-pretrain;cost_center=CC42``.
-``format_admin_comment`` / ``parse_admin_comment`` are the only writer and reader of it.
+``slurmgate:v2;team=vision;rid=r5f2c...;tags=project=llm-pretrain,cost_center=CC42``, merged
+with whatever other tools keep there. ``format_admin_comment``, ``merge_admin_comment`` and
+``parse_admin_comment`` are the only writers and reader of it; the keys it uses
+(``RESERVED_KEYS``) are refused as user tags.
 """
 
 from __future__ import annotations
@@ -133,6 +135,11 @@ def check_tags(comment: str | None, policy: Policy, team: str | None) -> TagChec
             result.errors.append(f"missing required tag '{key}'{hint}{choices}")
             example[key] = _placeholder(policy, values, key)
 
+    for key in [k for k in tags if k in RESERVED_KEYS]:
+        result.errors.append(
+            f"tag '{key}' is written by slurmgate itself and cannot be given in --comment: "
+            "remove it (your team comes from --account and your team membership)")
+        tags.pop(key)
     for key, value in tags.items():
         values, regex, desc = _allowed_for(policy, team, key)
         known = key in policy.tags.required or key in policy.tags.allowed or key == "project"
@@ -172,18 +179,71 @@ def check_tags(comment: str | None, policy: Policy, team: str | None) -> TagChec
     return result
 
 
+ADMIN_COMMENT_VERSION = "v2"
+RESERVED_KEYS = frozenset({"team", "rid", "tags", "held", "unchecked", "v", "slurmgate"})
+"""Keys slurmgate writes into the admin comment itself: never accepted as user tags."""
+
+
+def _ours(token: str) -> bool:
+    return token.startswith(ADMIN_COMMENT_PREFIX)
+
+
 def format_admin_comment(team: str, rid: str, tags: dict[str, str]) -> str:
-    parts = [f"team={team}", f"rid={rid}"] + [f"{k}={v}" for k, v in tags.items()]
-    return ADMIN_COMMENT_PREFIX + ";".join(parts)
+    """slurmgate's own segment: ``slurmgate:v2;team=T;rid=R;tags=k=v,k=v``.
+
+    It holds no whitespace and its fields are separated by ';', which no tag key or value can
+    contain (KEY_RE, VALUE_RE), so user text cannot add a field to it; every tag lives inside
+    ``tags=``, so no tag can stand for ``team`` or ``rid`` either."""
+    parts = [ADMIN_COMMENT_PREFIX + ADMIN_COMMENT_VERSION, f"team={team}", f"rid={rid}"]
+    safe = {k: v for k, v in tags.items()
+            if KEY_RE.fullmatch(k) and VALUE_RE.fullmatch(v) and k not in RESERVED_KEYS}
+    if safe:
+        parts.append("tags=" + format_tags(safe))
+    return ";".join(parts)
+
+
+def format_held_comment(code: str) -> str:
+    """The segment of a job held by the re-check of an unchecked job: ``slurmgate:v2;held=C``,
+    C a short reason code (the full message is an event and in ``slurmgate job``)."""
+    code = re.sub(r"[^a-z0-9-]+", "-", code.lower()).strip("-") or "policy"
+    return f"{ADMIN_COMMENT_PREFIX}{ADMIN_COMMENT_VERSION};held={code[:40]}"
+
+
+def merge_admin_comment(existing: str | None, ours: str) -> str:
+    """``ours`` first, then whatever other tools keep in the admin comment (Princeton
+    jobstats' ``JS1:...``, slurm-quota's UUID), less any older slurmgate segment."""
+    others = [t for t in (existing or "").split() if not _ours(t)]
+    return " ".join([ours, *others])
+
+
+def is_unchecked(text: str | None) -> bool:
+    """Accepted by job_submit.lua while the daemon was unreachable (fail-open), not yet
+    decided: the first slurmgate segment is ``slurmgate:unchecked``."""
+    first = next((t for t in (text or "").split() if _ours(t)), None)
+    return first == UNCHECKED
 
 
 def parse_admin_comment(text: str | None) -> dict[str, str]:
-    """Read back what slurmgate wrote; anything else (or 'unchecked') gives {}."""
-    if not text or not text.startswith(ADMIN_COMMENT_PREFIX) or text == UNCHECKED:
+    """Read back what slurmgate wrote: ``team``, ``rid`` and the tags (``held`` for a job the
+    re-check held). Only the FIRST slurmgate segment counts, and in it the first occurrence of
+    each field; other tools' text, 'unchecked' or nothing at all give {}. The v1 form
+    (``slurmgate:team=...;rid=...;k=v``) of jobs queued before an upgrade is still read."""
+    first = next((t for t in (text or "").split() if _ours(t)), None)
+    if first is None or first == UNCHECKED:
         return {}
-    out: dict[str, str] = {}
-    for part in text[len(ADMIN_COMMENT_PREFIX):].split(";"):
-        if "=" in part:
-            k, v = part.split("=", 1)
-            out[k] = v
+    body = first[len(ADMIN_COMMENT_PREFIX):]
+    fields: dict[str, str] = {}
+    parts = body.split(";")
+    v2 = parts[0] == ADMIN_COMMENT_VERSION
+    for part in parts[1:] if v2 else parts:
+        k, sep, v = part.partition("=")
+        if sep and k not in fields:
+            fields[k] = v
+    if not v2:
+        return fields
+    out = {k: fields[k] for k in ("team", "rid", "held") if k in fields}
+    tags, _ = parse_tags(fields.get("tags"))
+    for k, v in tags.items():
+        if k not in RESERVED_KEYS:
+            out.setdefault(k, v)
     return out

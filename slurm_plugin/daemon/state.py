@@ -10,7 +10,9 @@ import threading
 from typing import TYPE_CHECKING
 
 from policies.config import Policy
+from policies.decision import SubmitDecision
 from policies.ledger import Ledger
+from policies.request import JobRequest
 from slurm_plugin.daemon.prometheus import Metrics
 from slurm_plugin.protocol import Peer
 
@@ -55,4 +57,13 @@ class DaemonState:
         raise NotImplementedError
 
     def reconcile_once(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def is_controller(self, peer: Peer) -> bool:
+        raise NotImplementedError
+
+    def decide_and_record(self, job: JobRequest, *, origin: str) -> SubmitDecision:
+        """Decide ``job`` like a new submission under the decision lock and record it (a
+        reservation for an accept, an event for a reject). ``origin`` is "submit" or
+        "recheck" (a job accepted unchecked while the daemon was away)."""
         raise NotImplementedError
