@@ -25,7 +25,7 @@ _INT_FIELDS = (
 _STR_FIELDS = (
     "user", "account", "partition", "comment", "wckey", "name", "work_dir", "array_inx",
     "tres_per_job", "tres_per_node", "tres_per_socket", "tres_per_task", "gres", "script_head",
-    "qos", "exc_nodes",
+    "qos", "exc_nodes", "admin_comment", "features",
 )
 
 
@@ -58,6 +58,10 @@ class JobRequest(BaseModel):
     tres_per_task: str | None = None
     qos: str | None = None
     exc_nodes: str | None = None
+    admin_comment: str | None = None
+    """The job's admin comment as it stands (other tools' text is kept when slurmgate writes)."""
+    features: str | None = None
+    """--constraint, e.g. "h100|a100"."""
     job_id: int | None = None
     batch: bool = True
     requeue: bool | None = None
