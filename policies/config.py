@@ -160,6 +160,10 @@ class Partition(_Model):
     """Multiplier on the rate card (e.g. 0.3 for a preemptible partition)."""
     shards_per_gpu: int = 8
     """gres/shard requests are priced as shards / shards_per_gpu GPUs."""
+    gpu_types: list[str] = []
+    """GPU types this partition's nodes have. An untyped request (--gres=gpu:2) may get any of
+    them, so it is reserved at the dearest; empty: default_gpu_type, else the dearest type on
+    the rate card."""
 
 
 class Budgets(_Model):
@@ -295,6 +299,14 @@ class Policy(_Model):
                 if user in team.members:
                     return name
         return None
+
+    def member_teams(self, user: str) -> list[str]:
+        """Teams a user may charge: member, lead, or mapped to in [users] (admins included
+        only where they are members)."""
+        mine = {n for n, t in self.teams.items() if user in t.members or user in t.leads}
+        if user in self.users:
+            mine.add(self.users[user])
+        return sorted(mine)
 
     def teams_of_user(self, user: str) -> list[str]:
         """Teams whose data this user may see."""

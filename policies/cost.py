@@ -8,6 +8,7 @@ multiplies every one of them. Money is rounded to 1e-6 internally; messages show
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from policies.config import Partition, Policy, Rates
@@ -139,6 +140,23 @@ def gpu_rate(gpu_type: str | None, partition_name: str, partition: Partition,
     )
 
 
+_FEATURE_SPLIT = re.compile(r"(?:\*\d+)?[&|,\[\]() ]+|\*\d+$")
+
+
+def untyped_gpu_type(features: str | None, partition: Partition, rates: Rates) -> str | None:
+    """The type to reserve an untyped GPU request at: the worst case of what may run.
+
+    The dearest of the GPU types --constraint names (features on the rate card), else of the
+    partition's gpu_types, else the partition's default_gpu_type, else None (gpu_rate then
+    applies the partition's default_gpu_type, else the dearest type on the rate card)."""
+    card = {t.lower(): t for t in rates.gpu_hour}
+    named = [card[f.lower()] for f in _FEATURE_SPLIT.split(features or "") if f.lower() in card]
+    candidates = named or [card.get(t.lower(), t) for t in partition.gpu_types]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda t: (rates.gpu_hour.get(t, 0.0), t))
+
+
 def _job_cpus(req: JobRequest, nodes: int, tasks: int) -> int:
     """The largest of: tasks x --cpus-per-task (1 per task without -c), min_cpus, 1 per node."""
     per_task = req.cpus_per_task if req.cpus_per_task and req.cpus_per_task > 0 else 1
@@ -168,6 +186,8 @@ def _estimate_in(req: JobRequest, policy: Policy, partition_name: str | None) ->
     priced: dict[str, float] = {}
     gpu_per_hour = 0.0
     for gpu_type, gpus in gpu_req.parts:
+        if gpu_type is None:
+            gpu_type = untyped_gpu_type(req.features, part, rates)
         priced_type, rate = gpu_rate(gpu_type, name, part, rates)
         label = priced_type or "gpu"
         priced[label] = priced.get(label, 0.0) + gpus
@@ -178,10 +198,12 @@ def _estimate_in(req: JobRequest, policy: Policy, partition_name: str | None) ->
         hours, time_source = req.time_limit / 60.0, "job"
     elif part.max_time_minutes > 0:
         hours, time_source = part.max_time_minutes / 60.0, "partition"
-    elif gpu_req.total > 0:
+    elif gpu_req.total > 0 or rates.cpu_core_hour > 0 or (mem_mb and rates.mem_gb_hour > 0):
+        what = "GPU jobs" if gpu_req.total > 0 else "Jobs"
         raise CostError(
-            f"GPU jobs in partition {name} need a time limit so their cost can be reserved; "
-            "add a time limit, e.g. `sbatch -t 04:00:00 ...` (or #SBATCH --time=04:00:00)"
+            f"{what} in partition {name} need a time limit so their cost can be reserved "
+            "(the partition sets none); add a time limit, e.g. `sbatch -t 04:00:00 ...` "
+            "(or #SBATCH --time=04:00:00)"
         )
     else:
         hours, time_source = 0.0, "none"

@@ -16,7 +16,7 @@ from policies.fairshare import nice_for
 from policies.gpu import GpuRequestError, parse_array
 from policies.ledger import Ledger, TeamBudget, team_budget
 from policies.request import JobRequest
-from policies.tags import check_tags, format_admin_comment
+from policies.tags import check_tags, format_admin_comment, merge_admin_comment
 
 Verdict = Literal["accept", "reject"]
 
@@ -48,11 +48,26 @@ def _no_team_message(req: JobRequest, policy: Policy) -> str:
     return f"slurmgate: job rejected: {who} with {acct} belongs to no team; {hint}"
 
 
+def _not_a_member_message(req: JobRequest, policy: Policy, team: str) -> str:
+    mine = policy.member_teams(req.user)
+    accounts = sorted({a for t in mine for a in policy.teams[t].accounts})
+    yours = (f"your teams: {', '.join(mine)}" + (f" (--account={' or --account='.join(accounts)})"
+                                                  if accounts else "")) if mine else \
+        "you belong to no team; ask your admin to add you to one in the slurmgate policy"
+    return (f"slurmgate: job rejected: --account={req.account} bills team {team}, and you "
+            f"({req.user}) are not a member or lead of {team}; {yours}")
+
+
 def decide_tags(req: JobRequest, policy: Policy, rid: str) -> Decision:
-    """Team and tags: the first gate every job passes."""
+    """Team and tags: the first gate every job passes. An --account names a team only for
+    its members and leads (unless Slurm enforces associations: daemon.account_membership)."""
     team = policy.team_for(req.account, req.user)
     if team is None:
         return Decision("reject", None, "no team", [_no_team_message(req, policy)])
+    if (policy.daemon.account_membership == "daemon" and req.account
+            and team not in policy.member_teams(req.user)):
+        return Decision("reject", team, f"account: {req.user} is not a member of {team}",
+                        [_not_a_member_message(req, policy, team)])
     check = check_tags(req.comment, policy, team)
     if not check.ok:
         n = len(check.errors)
@@ -63,7 +78,8 @@ def decide_tags(req: JobRequest, policy: Policy, rid: str) -> Decision:
         return Decision("reject", team, "tags: " + "; ".join(check.errors), lines, check.tags)
     lines = [f"slurmgate: warning: {w}" for w in check.warnings]
     decision = Decision("accept", team, "ok", lines, check.tags)
-    decision.set_fields["admin_comment"] = format_admin_comment(team, rid, check.tags)
+    decision.set_fields["admin_comment"] = merge_admin_comment(
+        req.admin_comment, format_admin_comment(team, rid, check.tags))
     return decision
 
 
@@ -152,8 +168,13 @@ def decide(req: JobRequest, policy: Policy, *, rid: str, ledger: Ledger,
     enforce = policy.budgets.mode == "chargeback" and policy.teams[team].budget > 0
     b = team_budget(policy, ledger, team)
     after = b.spent + b.reserved + est.amount
-    picture = _budget_line(policy, b)
+    # budget figures only for those who may see the team's data (members, leads, admins)
+    shown = team in policy.teams_of_user(req.user)
+    picture = _budget_line(policy, b) if shown else f"team {team}"
     head = f"slurmgate: {est.describe(cur)}; {picture}"
+    if est.time_source == "partition":
+        # priced at the partition's limit: the job gets that limit, so no run outlasts it
+        d.set_fields["time_limit"] = int(round(est.hours * 60))
 
     if enforce and after > b.hard + 1e-9:
         ref = d.tags.get("approval")
@@ -161,9 +182,10 @@ def decide(req: JobRequest, policy: Policy, *, rid: str, ledger: Ledger,
             approval, ref, team, est.amount, d.gpu_hours, now)
         if problem:
             over = after - b.hard
+            by = (f" of {format_money(b.hard, cur)} by {format_money(over, cur)}"
+                  if shown else "")
             lines = [
-                f"slurmgate: job rejected: team {team} would exceed its hard limit of "
-                f"{format_money(b.hard, cur)} by {format_money(over, cur)}",
+                f"slurmgate: job rejected: team {team} would exceed its hard limit{by}",
                 f"  {picture}; this job: {est.describe(cur)}",
                 "  fix: shorten -t or use fewer GPUs, wait for running jobs to finish, or ask an "
                 "admin for an approval and add approval=<id> to --comment"
@@ -179,8 +201,9 @@ def decide(req: JobRequest, policy: Policy, *, rid: str, ledger: Ledger,
         if req.partition != target:
             d.set_fields["partition"] = target
             d.reason = f"soft limit: moved to {target}"
+            soft = f" of {format_money(b.soft, cur)}" if shown else ""
             d.lines.append(
-                f"{head}; over the soft limit of {format_money(b.soft, cur)}: job moved to the "
+                f"{head}; over the soft limit{soft}: job moved to the "
                 f"low-priority, preemptible partition '{target}'"
             )
         else:

@@ -32,6 +32,10 @@ from policies.request import JobRequest
 MAX_GPUS_PER_ENTRY = 100_000
 """Larger counts are a typo (or a k/m/g suffix), not a request any cluster can meet."""
 MAX_ARRAY_INDEX = 4_000_000
+MAX_ARRAY_ITEMS = 64
+"""Elements of one --array spec (a,b,c-d,...)."""
+_EXACT_TABLE = 1 << 20
+_ARRAY_ITEM = re.compile(r"(\d{1,8})(?:\s*-\s*(\d{1,8})(?:\s*:\s*(\d{1,8}))?)?", re.ASCII)
 """Slurm's MaxArraySize cannot exceed 4000001, so no array index is larger than this."""
 
 _TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -247,12 +251,15 @@ def parse_array(array_inx: str | None) -> tuple[int, int | None]:
         if not (throttle_text.isdigit() and throttle_text.isascii()):
             raise fail(f"the throttle after '%' must be a whole number, not '{throttle_text}'")
         throttle = int(throttle_text) or None
+    items = spec.split(",")
+    if len(items) > MAX_ARRAY_ITEMS:
+        raise fail(f"it has {len(items)} elements; at most {MAX_ARRAY_ITEMS} are accepted")
     ranges: list[range] = []
-    for raw in spec.split(","):
+    for raw in items:
         item = raw.strip()
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+)(?:\s*:\s*(\d+))?)?", item, flags=re.ASCII)
+        m = _ARRAY_ITEM.fullmatch(item)
         if not m:
-            raise fail(f"'{item}' is not an index, a range a-b or a stepped range a-b:step"
+            raise fail(f"'{item[:40]}' is not an index, a range a-b or a stepped range a-b:step"
                        if item else "an empty element between commas")
         start = int(m.group(1))
         end = int(m.group(2)) if m.group(2) is not None else start
@@ -264,7 +271,31 @@ def parse_array(array_inx: str | None) -> tuple[int, int | None]:
         if end > MAX_ARRAY_INDEX:
             raise fail(f"index {end} is above Slurm's largest possible index {MAX_ARRAY_INDEX}")
         ranges.append(range(start, end + 1, step))
-    seen = bytearray(max(r.stop for r in ranges))
-    for r in ranges:
-        seen[r.start:r.stop:r.step] = b"\x01" * len(r)
-    return seen.count(1), throttle
+    return count_indices(ranges), throttle
+
+
+def count_indices(ranges: list[range]) -> int:
+    """How many distinct indices the ranges hold, without listing them: plain ranges are
+    merged as intervals; stepped ones are counted exactly against the rest when their indices
+    fit a small table, else added up (an upper bound: an overlapping stepped spec reserves a
+    little more, never less)."""
+    plain = sorted((r.start, r.stop) for r in ranges if r.step == 1)
+    stepped = [r for r in ranges if r.step != 1]
+    merged: list[tuple[int, int]] = []
+    for lo, hi in plain:
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    count = sum(hi - lo for lo, hi in merged)
+    if not stepped:
+        return count
+    top = max(r.stop for r in ranges)
+    if top <= _EXACT_TABLE:
+        seen = bytearray(top)
+        for lo, hi in merged:
+            seen[lo:hi] = b"\x01" * (hi - lo)
+        for r in stepped:
+            seen[r.start:r.stop:r.step] = b"\x01" * len(r)
+        return seen.count(1)
+    return count + sum(len(r) for r in stepped)

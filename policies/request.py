@@ -29,6 +29,76 @@ _STR_FIELDS = (
 )
 
 
+MAX_TEXT = 4096
+"""Longest text field a submission may carry (job names, paths, GRES specs)."""
+MAX_COMMENT = 65536
+"""--comment is checked against tags.max_length; this only bounds the work before that."""
+MAX_PARTITIONS = 8
+"""Partitions one job may list (-p a,b,...): each is priced."""
+MAX_ARRAY_SPEC = 1024
+"""Longest --array text; its tasks are counted arithmetically (policies.gpu.parse_array)."""
+_LIMITS = {"comment": MAX_COMMENT, "array_inx": MAX_ARRAY_SPEC}
+_FIELD_NAMES = {
+    "account": "--account", "partition": "--partition", "comment": "--comment",
+    "wckey": "--wckey", "name": "the job name (-J)", "work_dir": "the working directory",
+    "array_inx": "--array", "tres_per_job": "--gpus", "tres_per_node": "--gres",
+    "tres_per_socket": "--gpus-per-socket", "tres_per_task": "--gpus-per-task",
+    "qos": "--qos", "exc_nodes": "--exclude", "features": "--constraint",
+    "user": "the user name",
+}
+
+
+def field_label(key: str) -> str:
+    """How a user knows a job_desc field: the sbatch option where there is one."""
+    return _FIELD_NAMES.get(key, key)
+
+
+def wire_problems(raw: dict[str, Any]) -> list[str]:
+    """What is wrong with a submission's fields, as sentences naming the option to fix.
+
+    Checked before any other work: text must be valid UTF-8 (the wire keeps invalid bytes as
+    surrogates, see protocol.decode) without control characters, and bounded in length;
+    numbers must be whole and within 64 bits; at most MAX_PARTITIONS partitions. Sentinels
+    (Slurm's NO_VAL, INFINITE) are fine: from_wire drops them."""
+    problems: list[str] = []
+    for key in _STR_FIELDS:
+        v = raw.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            if not isinstance(v, int | float | bool):
+                problems.append(f"{field_label(key)} is not text")
+            continue
+        limit = _LIMITS.get(key, MAX_TEXT)
+        if len(v) > limit:
+            problems.append(f"{field_label(key)} is {len(v)} characters long; the limit is "
+                            f"{limit}")
+            continue
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append(f"{field_label(key)} contains bytes that are not valid UTF-8; "
+                            "use plain text")
+            continue
+        if any(ord(c) < 32 and c not in "\t\n" or ord(c) == 127 for c in v):
+            problems.append(f"{field_label(key)} contains control characters; use plain text")
+    for key in _INT_FIELDS:
+        v = raw.get(key)
+        if v is None or isinstance(v, bool):
+            continue
+        if not isinstance(v, int | float):
+            problems.append(f"{field_label(key)} is not a number")
+        elif v != v or v in (float("inf"), float("-inf")) or abs(v) >= 2.0 ** 64:
+            problems.append(f"{field_label(key)} is out of range")
+        elif isinstance(v, float) and not v.is_integer():
+            problems.append(f"{field_label(key)} is not a whole number")
+    part = raw.get("partition")
+    if isinstance(part, str) and len([p for p in part.split(",") if p.strip()]) > MAX_PARTITIONS:
+        problems.append(f"--partition lists more than {MAX_PARTITIONS} partitions; "
+                        "name at most that many")
+    return problems
+
+
 class JobRequest(BaseModel):
     """What the policy needs to know about a submission. Times are in minutes, memory in MB."""
 

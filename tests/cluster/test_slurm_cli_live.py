@@ -41,7 +41,7 @@ def test_cli_drives_a_gpu_job_through_its_life(cluster: Cluster):
                                                       "gpu")
         assert (job.gpus, job.gpu_type, job.nodes, job.node_count) == (2.0, "h100", "node2", 1)
         assert job.comment == TAGS["alice"]
-        assert job.admin_comment.startswith("slurmgate:team=vision;rid=r")
+        assert job.admin_comment.startswith("slurmgate:v2;team=vision;rid=r")
         assert job.time_limit_min == 5 and job.restart_count == 0 and job.requeue
         assert job.start_ts and job.end_ts is None and job.cluster == "slurmgate-dev"
         node2 = next(n for n in client.nodes() if n.name == "node2")

@@ -46,7 +46,7 @@ def test_valid_job_runs_on_a_gpu_node_and_completes(cluster: Cluster):
     job = cluster.wait_state(job_id, FINAL_STATES, timeout=90)
     assert job["job_state"] == "COMPLETED"
     assert job["nodes"] == "node1"
-    assert job["admin_comment"].startswith("slurmgate:team=vision;rid=r")
+    assert job["admin_comment"].startswith("slurmgate:v2;team=vision;rid=r")
     assert "project=vit-scaling;cost_center=CC1001" in job["admin_comment"]
     decisions = [e for e in cluster.log_events("decision") if e["user"] == "alice"]
     assert decisions and decisions[-1]["verdict"] == "accept"
@@ -147,7 +147,7 @@ def test_hostile_comments_never_crash_and_never_sneak_in(cluster: Cluster, comme
         job_id = int(out.stdout.decode().strip())
         job = cluster.job(job_id)
         cluster.scancel(job_id)
-        assert job["admin_comment"].startswith("slurmgate:team=vision;rid=")
+        assert job["admin_comment"].startswith("slurmgate:v2;team=vision;rid=")
         assert "evil" not in job["admin_comment"] and "pwned" not in job["admin_comment"]
     else:
         assert "slurmgate: job rejected" in err or "comment" in err.lower(), err

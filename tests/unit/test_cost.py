@@ -33,8 +33,11 @@ max_time_minutes = 60
 """
 
 
-def _policy(extra: str = "") -> Policy:
-    return parse_policy(POLICY_TOML + extra)
+def _policy(extra: str = "", cpu_core_hour: float | None = None) -> Policy:
+    text = POLICY_TOML
+    if cpu_core_hour is not None:
+        text = text.replace("cpu_core_hour = 0.05", f"cpu_core_hour = {cpu_core_hour}")
+    return parse_policy(text + extra)
 
 
 @pytest.fixture
@@ -125,10 +128,35 @@ def test_gpu_job_without_time_limit_rejected_where_partition_has_none(policy: Po
     assert "scavenger" in str(caught.value)
 
 
-def test_cpu_job_without_time_limit_reserves_nothing(policy: Policy) -> None:
-    est = estimate_job(JobRequest(partition="scavenger", num_tasks=4), policy)
+def test_priced_cpu_job_without_time_limit_anywhere_is_refused(policy: Policy) -> None:
+    # CPUs cost money here, and neither the job nor the partition has a limit: a run could
+    # outlast any reservation, so the job must say how long it runs
+    assert policy.rates.cpu_core_hour > 0
+    with pytest.raises(CostError) as caught:
+        estimate_job(JobRequest(partition="scavenger", num_tasks=4), policy)
+    assert "add a time limit" in str(caught.value)
+
+
+def test_free_cpu_job_without_time_limit_reserves_nothing() -> None:
+    policy = _policy('[partitions.cpu]\nmax_time_minutes = 0\n', cpu_core_hour=0.0)
+    est = estimate_job(JobRequest(partition="cpu", num_tasks=4), policy)
     assert (est.amount, est.hours, est.time_source) == (0.0, 0.0, "none")
     assert "nothing reserved" in est.describe("$")
+
+
+def test_untyped_gpus_are_reserved_at_the_dearest_type_the_partition_has() -> None:
+    policy = _policy('[partitions.mixed]\ngpu_types = ["a100", "h100"]\n'
+                     'default_gpu_type = "a100"\nmax_time_minutes = 60\n')
+    est = estimate_job(JobRequest(partition="mixed", tres_per_node="gres:gpu:1"), policy)
+    assert est.gpu_type == "h100"
+
+
+def test_untyped_gpus_follow_the_constraint() -> None:
+    policy = _policy('[partitions.gpu2]\ndefault_gpu_type = "a100"\nmax_time_minutes = 60\n')
+    plain = estimate_job(JobRequest(partition="gpu2", tres_per_node="gres:gpu:1"), policy)
+    assert plain.gpu_type == "a100"
+    req = JobRequest(partition="gpu2", tres_per_node="gres:gpu:1", features="h100|a100")
+    assert estimate_job(req, policy).gpu_type == "h100"
 
 
 def test_unknown_gpu_type_names_the_known_ones(policy: Policy) -> None:

@@ -107,7 +107,7 @@ def test_ping_and_decisions(daemon):
     assert daemon.ask(op="ping")["ok"] is True
     ok = submit(daemon, comment="project=vit-scaling,cost_center=CC42", time_limit=60)
     assert ok["verdict"] == "accept" and ok["id"] == 7
-    assert ok["set"]["admin_comment"].startswith("slurmgate:team=vision;rid=r")
+    assert ok["set"]["admin_comment"].startswith("slurmgate:v2;team=vision;rid=r")
     bad = submit(daemon, comment="project=vit-scaling")
     assert bad["verdict"] == "reject"
     assert "missing required tag 'cost_center'" in bad["msg"]

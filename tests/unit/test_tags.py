@@ -88,7 +88,7 @@ def test_unknown_keys_warn_when_policy_says_warn():
 
 def test_admin_comment_round_trip():
     text = format_admin_comment("vision", "rabc", {"project": "p", "cost_center": "CC1"})
-    assert text == "slurmgate:team=vision;rid=rabc;project=p;cost_center=CC1"
+    assert text == "slurmgate:v2;team=vision;rid=rabc;tags=project=p,cost_center=CC1"
     assert parse_admin_comment(text) == {
         "team": "vision", "rid": "rabc", "project": "p", "cost_center": "CC1"
     }
