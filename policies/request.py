@@ -31,7 +31,7 @@ _STR_FIELDS = (
 
 MAX_TEXT = 4096
 """Longest text field a submission may carry (job names, paths, GRES specs)."""
-MAX_COMMENT = 65536
+MAX_COMMENT = 1 << 20
 """--comment is checked against tags.max_length; this only bounds the work before that."""
 MAX_PARTITIONS = 8
 """Partitions one job may list (-p a,b,...): each is priced."""

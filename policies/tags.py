@@ -241,7 +241,7 @@ def parse_admin_comment(text: str | None) -> dict[str, str]:
             fields[k] = v
     if not v2:
         return fields
-    out = {k: fields[k] for k in ("team", "rid", "held") if k in fields}
+    out: dict[str, str] = {k: fields[k] for k in ("team", "rid", "held") if k in fields}
     tags, _ = parse_tags(fields.get("tags"))
     for k, v in tags.items():
         if k not in RESERVED_KEYS:

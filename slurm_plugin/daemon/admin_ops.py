@@ -43,8 +43,12 @@ class AdminOps(DaemonState):
 
     def op_approvals(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         visible = set(self.visible_teams(peer))
-        with self.lock:
-            rows = self.need_store().approvals(active_only=not req.get("all"))
+        reader = self.reader()
+        if reader is not None:  # beside the decisions, not under their lock
+            rows = reader.approvals(active_only=not req.get("all"))
+        else:
+            with self.lock:
+                rows = self.need_store().approvals(active_only=not req.get("all"))
         return {"ok": True, "approvals": [r for r in rows if r["team"] in visible]}
 
     JOB_ACTIONS = ("hold", "release", "requeue", "cancel")

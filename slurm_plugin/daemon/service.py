@@ -11,6 +11,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from policies.config import Policy, PolicyError, load_policy
 from policies.decision import ApprovalGrant, Decision, SubmitDecision, decide
 from policies.fairshare import decayed_usage, factors
 from policies.ledger import Ledger, period_bounds, team_budget
-from policies.request import JobRequest
+from policies.request import JobRequest, wire_problems
 from slurm_plugin.daemon.admin_ops import AdminOps
 from slurm_plugin.daemon.eventlog import EventLog
 from slurm_plugin.daemon.peers import Forbidden, uid_of, user_name
@@ -58,6 +59,12 @@ class Daemon(AdminOps, Workers):
         self.ingest_wakeup = threading.Event()
         self.missing_since: dict[str, float] = {}
         self.last_bind_read = 0.0
+        self.slurm_uid = uid_of(policy.daemon.slurm_user)
+        """The SlurmUser's uid, looked up once per policy (not per request: NSS may be LDAP)."""
+        self.answered: OrderedDict[tuple[int, str, str], dict[str, Any]] = OrderedDict()
+        """Recent submit replies by (peer uid, request id): a resent request gets the same
+        decision and no second reservation."""
+        self.readers = threading.local()
         self.failures = None
         if store is not None and slurm is not None:
             from slurm_plugin.daemon.requeue import FailureHandler
@@ -81,7 +88,7 @@ class Daemon(AdminOps, Workers):
 
     def is_controller(self, peer: Peer) -> bool:
         """SlurmUser or root: the only peers allowed to ask for decisions and send events."""
-        return peer.uid == 0 or peer.uid == uid_of(self.policy.daemon.slurm_user)
+        return peer.uid == 0 or (self.slurm_uid is not None and peer.uid == self.slurm_uid)
 
     def is_admin(self, peer: Peer) -> bool:
         return peer.uid == 0 or user_name(peer.uid) in self.policy.daemon.admins
@@ -106,6 +113,7 @@ class Daemon(AdminOps, Workers):
             return False
         with self.lock:
             self.policy = new
+            self.slurm_uid = uid_of(new.daemon.slurm_user)
         self.metrics.policy_reload(True)
         self.log.write("policy_reloaded", path=self.config_path, teams=len(new.teams))
         return True
@@ -144,29 +152,80 @@ class Daemon(AdminOps, Workers):
 
     def op_ping(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         return {"ok": True, "pid": os.getpid(), "uptime": time.time() - self.started,
-                "decisions": self.decisions, "you": user_name(peer.uid)}
+                "decisions": self.decisions, "you": user_name(peer.uid),
+                "unchecked_waiting": getattr(self, "unchecked_waiting", 0)}
+
+    ANSWERED_MAX = 4096
+    """Submit replies kept for resends (a few seconds of submissions at any rate)."""
 
     def op_submit(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """One decision per submission: the user is the authenticated submit uid, bad fields
+        are a reject that names them, a resend (same id) gets the first reply, and a request
+        past its deadline (the shim stopped waiting) is dropped without reserving."""
         self.require_controller(peer, "submit")
         t0 = time.perf_counter()
         raw = req.get("job")
         if not isinstance(raw, dict):
             raise ProtocolError("submit needs a 'job' object")
-        job = JobRequest.from_wire(raw)
+        # job_submit.lua's ids are unique strings, resent with the same deadline
+        deadline = req.get("deadline")
+        rid_key = req.get("id")
+        key = (peer.uid, rid_key, repr(deadline)) if isinstance(rid_key, str) else None
         with self.lock:
-            policy = self.policy
-            decision = self.decide(job, policy)
-            self.record(job, decision, policy)
+            if key is not None and key in self.answered:
+                self.log.write("submit_resent", id=key[1])
+                return dict(self.answered[key])
+            if isinstance(deadline, int | float) and not isinstance(deadline, bool) \
+                    and time.time() > deadline:
+                self.metrics.error("late_submit")
+                self.log.write("submit_late", id=key[1] if key else None,
+                               late_s=round(time.time() - deadline, 3))
+                return {"ok": False, "late": True,
+                        "error": "request arrived after its deadline; not decided"}
+            job, decision = self.submission(raw)
+            if job is not None:
+                decision = self.decide_and_record(job, origin="submit")
+            else:
+                self.record_safely(None, decision, self.policy)
+            resp = self.submit_response(decision)
+            if key is not None:
+                self.answered[key] = resp
+                while len(self.answered) > self.ANSWERED_MAX:
+                    self.answered.popitem(last=False)
         self.decisions += 1
         latency_ms = (time.perf_counter() - t0) * 1000
         self.metrics.decision(decision.verdict, latency_ms / 1000)
         self.log.write(
-            "decision", job_name=job.name, user=job.user, uid=job.uid, account=job.account,
-            team=decision.team, verdict=decision.verdict, reason=decision.reason,
-            tags=decision.tags, est_cost=decision.estimate.amount if decision.estimate else None,
+            "decision", job_name=job.name if job else None, user=job.user if job else None,
+            uid=raw.get("uid") if isinstance(raw.get("uid"), int) else None,
+            account=job.account if job else None, team=decision.team,
+            verdict=decision.verdict, reason=decision.reason, tags=decision.tags,
+            est_cost=decision.estimate.amount if decision.estimate else None,
             set=decision.set_fields, latency_ms=round(latency_ms, 3),
         )
-        return self.submit_response(decision)
+        return dict(resp)
+
+    def submission(self, raw: dict[str, Any]) -> tuple[JobRequest | None, SubmitDecision]:
+        """The request to decide, with its user taken from the authenticated uid; or None and
+        a reject naming every field that cannot be read."""
+        problems = wire_problems(raw)
+        uid = raw.get("uid")
+        if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 2 ** 32:
+            problems.append("the submission carries no valid submit uid")
+        if problems:
+            lines = ["slurmgate: job rejected: " + p for p in problems]
+            return None, SubmitDecision("reject", None, "bad input: " + "; ".join(problems),
+                                        lines)
+        assert isinstance(uid, int)
+        return JobRequest.from_wire({**raw, "user": user_name(uid)}), \
+            SubmitDecision("accept", None, "")
+
+    def decide_and_record(self, job: JobRequest, *, origin: str) -> SubmitDecision:
+        with self.lock:
+            policy = self.policy
+            decision = self.decide(job, policy)
+            self.record_safely(job, decision, policy, origin=origin)
+        return decision
 
     def decide(self, job: JobRequest, policy: Policy) -> SubmitDecision:
         """Decide under self.lock, against the current ledger (nothing is written here)."""
@@ -178,33 +237,54 @@ class Daemon(AdminOps, Workers):
                       fairshare=self.fairshare.get(team or "", 1.0),
                       approval=self.approval_grant(job), now=now)
 
-    def approval_grant(self, job: JobRequest) -> ApprovalGrant | None:
+    def record_safely(self, job: JobRequest | None, d: SubmitDecision, policy: Policy,
+                      origin: str = "submit") -> None:
+        """Record a decision; a failure to record never changes the verdict (it is logged,
+        and an accepted job's reservation is still held in the ledger)."""
+        try:
+            self.record(job, d, policy, origin=origin)
+        except Exception as exc:
+            self.metrics.error("record")
+            self.log.write("record_failed", verdict=d.verdict, team=d.team, rid=d.rid,
+                           origin=origin, error=repr(exc))
+
+    def approval_grant(self, job: JobRequest, store: Store | None = None) -> ApprovalGrant | None:
+        """The approval the job's tags name, read from ``store`` (default: the daemon's own,
+        under the decision lock)."""
         from policies.tags import parse_tags
 
         ref = parse_tags(job.comment)[0].get("approval") if job.comment else None
-        if not ref or self.store is None:
+        store = store or self.store
+        if not ref or store is None:
             return None
-        a = self.store.approval(ref)
+        a = store.approval(ref)
         if a is None:
             return None
         left = (a["amount"] - a["used"]) if a["amount"] is not None else None
         left_h = (a["gpu_hours"] - a["used"]) if a["amount"] is None else None
         return ApprovalGrant(a["id"], a["team"], left, left_h, a["expires_at"], bool(a["revoked"]))
 
-    def record(self, job: JobRequest, d: SubmitDecision, policy: Policy) -> None:
+    def record(self, job: JobRequest | None, d: SubmitDecision, policy: Policy,
+               origin: str = "submit") -> None:
         """Persist an accepted job's reservation (and approval use) or a rejection event."""
-        if self.store is None:
-            return
         if d.verdict == "reject":
+            if self.store is None:
+                return
             self.store.add_event("reject", cluster=policy.daemon.cluster, team=d.team,
-                                 user=job.user, message="\n".join(d.lines)[:2000],
-                                 detail={"reason": d.reason[:500], "job_name": job.name,
-                                         "account": job.account})
+                                 user=job.user if job else None,
+                                 message="\n".join(d.lines)[:2000],
+                                 detail={"reason": d.reason[:500], "origin": origin,
+                                         "job_name": job.name if job else None,
+                                         "account": job.account if job else None})
             return
         est = d.estimate
-        if est is None:
+        if est is None or job is None:
             return
         rid = d.rid
+        # the ledger first: a reservation the database failed to keep still counts now
+        self.ledger.reserve(rid, d.team or "", d.reserve)
+        if self.store is None:
+            return
         _, _, period = period_bounds(policy.budgets.period, time.time())
         team = d.team or ""
         self.store.add_reservation({
@@ -218,7 +298,6 @@ class Daemon(AdminOps, Workers):
             "tasks": est.tasks_reserved, "est_cost": d.reserve, "approval_id": d.approval_id,
             "period": period,
         })
-        self.ledger.reserve(rid, team, d.reserve)
         if d.approval_id and d.approval:
             grant = d.approval
             amount = d.reserve if grant.remaining_amount is not None else d.gpu_hours
@@ -232,17 +311,52 @@ class Daemon(AdminOps, Workers):
 
     # -- researcher and admin requests ------------------------------------------------------
 
+    def reader(self) -> Store | None:
+        """This thread's read-only connection to the database, for user requests: they read
+        beside the decisions (SQLite WAL) instead of waiting for the decision lock. None for
+        an in-memory store (tests); callers then read under the lock."""
+        if self.store is None or self.policy.daemon.database in ("", ":memory:"):
+            return None
+        store = getattr(self.readers, "store", None)
+        if store is None:
+            from db.store import StoreError, open_store
+
+            try:
+                store = open_store(self.policy.daemon.database, readonly=True)
+            except (StoreError, OSError):
+                return None
+            self.readers.store = store
+        return store
+
     def op_estimate(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        """Dry run of a submission; the user is who is asking, not who the request names."""
+        """Dry run of a submission; the user is who is asking, not who the request names.
+        Decided outside the decision lock, on the ledger as it stands (a user's estimate never
+        delays a submission), with every field checked before any work."""
         raw = req.get("job")
         if not isinstance(raw, dict):
             raise ProtocolError("estimate needs a 'job' object")
         raw = dict(raw)
         if not self.is_controller(peer) or not raw.get("user"):
             raw["user"] = user_name(peer.uid)
+        raw.pop("uid", None)
+        problems = wire_problems(raw)
+        if problems:
+            return {"ok": True, "verdict": "reject", "team": None,
+                    "msg": "\n".join("slurmgate: job rejected: " + p for p in problems),
+                    "reason": "bad input: " + "; ".join(problems), "set": {},
+                    "est_cost": None, "gpu_type": None, "gpus": None, "hours": None}
         job = JobRequest.from_wire(raw)
-        with self.lock:
-            d = self.decide(job, self.policy)
+        policy = self.policy
+        team = policy.team_for(job.account, job.user)
+        reader = self.reader()
+        if reader is not None:
+            grant = self.approval_grant(job, reader)
+        else:
+            with self.lock:
+                grant = self.approval_grant(job)
+        d = decide(job, policy, rid="r-estimate", ledger=self.ledger,
+                   fairshare=self.fairshare.get(team or "", 1.0), approval=grant,
+                   now=time.time())
         est = d.estimate
         return {"ok": True, "verdict": d.verdict, "team": d.team, "msg": d.message,
                 "reason": d.reason, "set": {k: v for k, v in d.set_fields.items()
@@ -267,20 +381,22 @@ class Daemon(AdminOps, Workers):
                 raise Forbidden(f"you ({user_name(peer.uid)}) are not a member or lead of team "
                                 f"{wanted}; teams you can see: {', '.join(visible) or 'none'}")
             visible = [wanted]
-        with self.lock:
-            policy = self.policy
-            self.roll_period(policy, time.time())
-            rows = []
-            for team in visible:
-                b = team_budget(policy, self.ledger, team)
-                rows.append({
-                    "team": team, "budget": b.budget, "spent": round(b.spent, 6),
-                    "reserved": round(b.reserved, 6), "remaining": round(b.remaining, 6),
-                    "soft_limit": b.soft, "hard_limit": b.hard,
-                    "fairshare": round(self.fairshare.get(team, 1.0), 6),
-                    "share": policy.teams[team].share,
-                })
-        return {"ok": True, "period": self.ledger.period, "currency": policy.rates.currency,
+        policy = self.policy
+        if self.ledger.period != period_bounds(policy.budgets.period, time.time())[2]:
+            with self.lock:
+                self.roll_period(policy, time.time())
+        ledger = self.ledger  # read beside the decisions: two dict entries per team
+        rows = []
+        for team in visible:
+            b = team_budget(policy, ledger, team)
+            rows.append({
+                "team": team, "budget": b.budget, "spent": round(b.spent, 6),
+                "reserved": round(b.reserved, 6), "remaining": round(b.remaining, 6),
+                "soft_limit": b.soft, "hard_limit": b.hard,
+                "fairshare": round(self.fairshare.get(team, 1.0), 6),
+                "share": policy.teams[team].share,
+            })
+        return {"ok": True, "period": ledger.period, "currency": policy.rates.currency,
                 "mode": policy.budgets.mode, "teams": rows}
 
     def op_nudge(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:

@@ -39,6 +39,9 @@ class DaemonState:
     ingest_wakeup: threading.Event
     missing_since: dict[str, float]
     last_bind_read: float
+    unchecked_waiting: int = 0
+    """Jobs accepted unchecked (fail-open) still waiting for their decision after the last
+    reconcile pass (an array counts once); kept by workers.py for ping and metrics."""
 
     def need_store(self) -> Store:
         """The store, for work that cannot go without one. A daemon made without a store
@@ -60,6 +63,9 @@ class DaemonState:
         raise NotImplementedError
 
     def is_controller(self, peer: Peer) -> bool:
+        raise NotImplementedError
+
+    def reader(self) -> Store | None:
         raise NotImplementedError
 
     def decide_and_record(self, job: JobRequest, *, origin: str) -> SubmitDecision:

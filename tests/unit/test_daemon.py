@@ -36,7 +36,12 @@ def render_policy(state: Path, text: str = EXAMPLE) -> str:
         elif key == "backend" and '"real"' in line:
             line = 'backend = "fake"'
         lines.append(line)
-    return "\n".join(lines) + "\n"
+    # submissions are decided for the authenticated submit uid: uid 1 ("daemon", on every
+    # Debian system) stands for a member of team vision
+    return "\n".join(lines) + '\n[users]\ndaemon = "vision"\n'
+
+
+MEMBER_UID = 1
 
 
 class RunningDaemon:
@@ -99,7 +104,7 @@ def daemon():
 
 
 def submit(d: RunningDaemon, **job) -> dict:
-    job.setdefault("user", "alice")
+    job.setdefault("uid", MEMBER_UID)
     return d.ask(op="submit", id=7, job=job)
 
 
@@ -113,7 +118,7 @@ def test_ping_and_decisions(daemon):
     assert "missing required tag 'cost_center'" in bad["msg"]
     decisions = [e for e in daemon.log_events() if e["event"] == "decision"]
     assert [e["verdict"] for e in decisions] == ["accept", "reject"]
-    assert decisions[0]["team"] == "vision" and decisions[0]["user"] == "alice"
+    assert decisions[0]["team"] == "vision" and decisions[0]["user"] == "daemon"
     assert "cost_center" in decisions[1]["reason"]
 
 
@@ -142,7 +147,7 @@ def _as_nobody(sock_path: str, payload: bytes) -> bytes:
 
 
 def test_only_slurmuser_or_root_may_ask_for_decisions(daemon):
-    req = (b'{"v":1,"op":"submit","id":1,"job":{"user":"alice",'
+    req = (b'{"v":1,"op":"submit","id":1,"job":{"uid":1,'
            b'"comment":"project=vit-scaling,cost_center=CC1"}}\n')
     resp = json.loads(_as_nobody(daemon.socket, req))
     assert resp["ok"] is False
@@ -161,10 +166,10 @@ def test_only_slurmuser_or_root_may_ask_for_decisions(daemon):
         b'{"v":99,"op":"submit"}\n',
         b'{"v":1}\n',
         b'{"v":1,"op":"submit","job":"a string"}\n',
-        b'{"v":1,"op":"submit","job":{"user":"alice","comment":"project=\xff\xfe,cost_center=CC1"}}\n',
-        b'{"v":1,"op":"submit","job":{"user":"alice","comment":"project=\\"; os.exit(1) --"}}\n',
-        b'{"v":1,"op":"submit","job":{"user":"alice","comment":"project=a\\nb,cost_center=CC12"}}\n',
-        b'{"v":1,"op":"submit","job":{"user":"alice","time_limit":"60","min_nodes":1e308}}\n',
+        b'{"v":1,"op":"submit","job":{"uid":1,"comment":"project=\xff\xfe,cost_center=CC1"}}\n',
+        b'{"v":1,"op":"submit","job":{"uid":1,"comment":"project=\\"; os.exit(1) --"}}\n',
+        b'{"v":1,"op":"submit","job":{"uid":1,"comment":"project=a\\nb,cost_center=CC12"}}\n',
+        b'{"v":1,"op":"submit","job":{"uid":1,"time_limit":"60","min_nodes":1e308}}\n',
         b'{"v":1,"op":"nonsense"}\n',
         b"\n",
     ],
