@@ -23,6 +23,9 @@ def render_lua(socket_path: str, timeout_ms: int = 200, fail_mode: str = "open",
         raise ValueError("fail mode must be 'open' or 'closed'")
     if not 1 <= timeout_ms <= 10_000:
         raise ValueError("timeout must be between 1 and 10000 ms")
+    if isinstance(slurm_uid, bool) or not isinstance(slurm_uid, int) \
+            or not 0 <= slurm_uid < 0xFFFFFFFE:
+        raise ValueError("the SlurmUser uid must be a whole number from 0 to 4294967293")
     template = resources.files("slurm_plugin.daemon").joinpath("lua/job_submit.lua").read_text()
     return (
         template.replace("@SOCKET@", lua_string(socket_path))
