@@ -1,7 +1,9 @@
-"""The daemon's socket: JSON lines over a Unix socket, one thread per connection, and ``serve``.
+"""``serve``: the daemon's startup, signals, database lock and metrics, around its socket.
 
-slurmctld keeps one connection open; CLI calls and hook nudges come and go. What a peer may ask
-is decided per request from SO_PEERCRED (service.py); this module only frames lines.
+slurmctld keeps one connection open; CLI calls and hook nudges come and go. The connections
+(a thread per controller, one shared selector thread and a small worker pool for everyone else,
+with the users' limits) live in connections.py; what a peer may ask is decided per request
+from SO_PEERCRED (service.py).
 """
 
 from __future__ import annotations
@@ -11,60 +13,14 @@ import fcntl
 import os
 import signal
 import socket
-import socketserver
 import sys
 import threading
 from typing import Any
 
 from policies.config import PolicyError, load_policy
+from slurm_plugin.daemon.connections import ConnectionServer, raise_fd_limit
 from slurm_plugin.daemon.prometheus import MetricsError, MetricsServer, spool_backlog
 from slurm_plugin.daemon.service import Daemon
-from slurm_plugin.protocol import MAX_LINE, PROTOCOL_VERSION, encode, peer_of
-
-
-class _Handler(socketserver.BaseRequestHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        peer = peer_of(sock)
-        reader = sock.makefile("rb")
-        daemon = self.server.daemon
-        while True:
-            try:
-                line = reader.readline(MAX_LINE + 1)
-            except OSError:
-                return
-            if not line:
-                return
-            if len(line) > MAX_LINE and not line.endswith(b"\n"):
-                # Skip the rest of the line (bounded), answer, and carry on with the next one.
-                skipped = len(line)
-                while skipped < 64 * MAX_LINE:
-                    rest = reader.readline(MAX_LINE)
-                    skipped += len(rest)
-                    if not rest or rest.endswith(b"\n"):
-                        break
-                resp = {"ok": False, "error": f"request longer than {MAX_LINE} bytes"}
-                if not self._send(sock, resp) or skipped >= 64 * MAX_LINE:
-                    return
-                continue
-            resp = daemon.handle(line, peer)
-            if not self._send(sock, resp):
-                return
-
-    @staticmethod
-    def _send(sock: socket.socket, resp: dict[str, Any]) -> bool:
-        try:
-            sock.sendall(encode({"v": PROTOCOL_VERSION, **resp}))
-            return True
-        except OSError:
-            return False
-
-
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    daemon: Daemon
 
 
 def serve(config_path: str) -> int:
@@ -109,14 +65,16 @@ def serve(config_path: str) -> int:
             return 1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    # Users' connections are capped well below the descriptor limit (connections.py); a
+    # higher limit leaves room for max_user_connections with systemd's default of 1024.
+    raise_fd_limit()
     old_umask = os.umask(0o111)
     try:
-        server = _Server(path, _Handler)
+        server = ConnectionServer(path, daemon)
     finally:
         os.umask(old_umask)
     # Anyone may connect; what a peer may ask is decided per request from SO_PEERCRED.
     os.chmod(path, 0o666)
-    server.daemon = daemon
 
     signal.signal(signal.SIGHUP, lambda *_: daemon.reload())
 
