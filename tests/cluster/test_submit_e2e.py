@@ -52,11 +52,16 @@ def test_valid_job_runs_on_a_gpu_node_and_completes(cluster: Cluster):
     assert decisions and decisions[-1]["verdict"] == "accept"
 
 
-def test_account_decides_the_team(cluster: Cluster):
-    job_id = cluster.submit_ok("alice", "--account=nlp", "--gres=gpu:1",
+def test_account_decides_the_team_for_its_members_only(cluster: Cluster):
+    job_id = cluster.submit_ok("bob", "--account=nlp", "--gres=gpu:1",
                                tags="project=llm-eval,cost_center=CC2002")
     job = cluster.wait_state(job_id, FINAL_STATES, timeout=90)
-    assert job["admin_comment"].startswith("slurmgate:team=nlp;")
+    assert job["admin_comment"].startswith("slurmgate:v2;team=nlp;")
+    out = cluster.sbatch("alice", "--account=nlp", "--gres=gpu:1",
+                         tags="project=llm-eval,cost_center=CC2002")
+    assert out.returncode != 0
+    err = out.stderr.decode()
+    assert "--account=nlp bills team nlp" in err and "your teams: vision" in err
 
 
 def _render_lua(cluster: Cluster, fail_mode: str) -> None:
@@ -168,7 +173,7 @@ def test_users_cannot_change_cost_deciding_fields_after_submission(cluster: Clus
             assert out.returncode != 0, change
             assert "Access/permission denied" in out.stderr, out.stderr
         log = (cluster.dir / "log/slurmctld.log").read_text(errors="replace")
-        assert "cannot be changed after submission" in log
+        assert "slurmgate: this change is refused" in log
         assert cluster.job(job_id)["partition"] == "gpu"
         # what does not touch cost stays the user's to change
         ok = subprocess.run(["runuser", "-u", "bob", "--", "scontrol", "update",
