@@ -205,6 +205,25 @@ class Store:
             )
         return cur.rowcount == 1
 
+    def reprice_reservation(self, rid: str, tasks: int, est_cost: float, *,
+                            now: float | None = None) -> bool:
+        """A live reservation now covers ``tasks`` (array tasks at once) at ``est_cost``;
+        False when it is not live. Raises ValueError for fewer than one task or a cost that
+        is negative or not a number."""
+        if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+            raise ValueError(f"a reservation covers at least one task, not {tasks!r}")
+        if not isinstance(est_cost, int | float) or not 0 <= est_cost < float("inf"):
+            raise ValueError(f"a reservation's cost must be a non-negative amount, "
+                             f"not {est_cost!r}")
+        ts = time.time() if now is None else now
+        with self.transaction():
+            cur = self.conn.execute(
+                "UPDATE reservations SET tasks = ?, est_cost = ?, updated_at = ? "
+                "WHERE rid = ? AND state IN ('reserved', 'bound')",
+                (tasks, float(est_cost), ts, rid),
+            )
+        return cur.rowcount == 1
+
     def live_reservations(self) -> list[dict[str, Any]]:
         """Reserved and bound reservations, tags decoded, with ``charged``: the net cost of
         runs already settled against them (a requeued job keeps its reservation)."""

@@ -6,6 +6,7 @@ The Lua shim sends raw values; Slurm marks unset numbers with NO_VAL sentinels, 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -48,6 +49,9 @@ _FIELD_NAMES = {
 }
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def field_label(key: str) -> str:
     """How a user knows a job_desc field: the sbatch option where there is one."""
     return _FIELD_NAMES.get(key, key)
@@ -80,7 +84,7 @@ def wire_problems(raw: dict[str, Any]) -> list[str]:
             problems.append(f"{field_label(key)} contains bytes that are not valid UTF-8; "
                             "use plain text")
             continue
-        if any(ord(c) < 32 and c not in "\t\n" or ord(c) == 127 for c in v):
+        if _CONTROL.search(v):
             problems.append(f"{field_label(key)} contains control characters; use plain text")
     for key in _INT_FIELDS:
         v = raw.get(key)

@@ -10,8 +10,10 @@ that the daemon answers a ping; the database (readable, schema current, not worl
 the spool (permissions that let root's prolog, SlurmUser's jobcomp and the daemon share it,
 its backlog and quarantine); Slurm's configuration as ``scontrol show config`` reports it
 (JobSubmitPlugins has lua, the job_submit.lua beside slurm.conf is slurmgate's and talks to
-this socket, Prolog/Epilog/JobCompLoc run slurmgate's hook wrappers, PrologFlags=Alloc); and
-the export directory. ``--rollups`` adds a recomputation of the daily rollups from the runs
+this socket, Prolog/Epilog/JobCompLoc run slurmgate's hook wrappers, PrologFlags=Alloc); the
+jobs in Slurm's queue accepted unchecked (fail-open) that still wait for their decision (a
+WARN while there are any: the daemon decides them on each reconcile pass); and the export
+directory. ``--rollups`` adds a recomputation of the daily rollups from the runs
 table (db.rollups.verify; it reads every settled run).
 
 With ``--node [NAME]`` it checks a compute node instead: the policy, the spool (a file is
@@ -20,8 +22,8 @@ backend the policy selects (real NVML or the fake) and whether its GPU types are
 rate card, and the daemon (a WARN only: hooks fall back to the spool).
 
 Everything that touches the system goes through ``Doctor``'s attributes (the Slurm config
-reader, the daemon call, the GPU backend opener), so tests pass text and fakes instead of
-editing a live cluster.
+reader, the queue reader, the daemon call, the GPU backend opener), so tests pass text and
+fakes instead of editing a live cluster.
 """
 
 from __future__ import annotations
@@ -158,6 +160,9 @@ class Doctor:
     """Returns ``scontrol show config`` text; default: run scontrol."""
     call: Callable[..., dict[str, Any]] | None = None
     open_backend: Callable[..., Any] | None = None
+    slurm_jobs: Callable[[], list[Any]] | None = None
+    """Returns Slurm's queue (slurm_plugin.slurm.client.Job records); default: the policy's
+    Slurm client."""
     backlog_warn: int = 1000
     backlog_fail: int = 20000
     stale_seconds: float = 600.0
@@ -182,7 +187,7 @@ class Doctor:
         if self.node is None:
             steps = (self.check_socket, self.check_daemon, self.check_database,
                      self.check_spool, self.check_slurm, self.check_lua, self.check_hooks,
-                     self.check_exports)
+                     self.check_unchecked, self.check_exports)
             if self.rollups:
                 steps = (*steps, self.check_rollups)
         else:
@@ -623,6 +628,37 @@ class Doctor:
         self.add("hooks", "OK", "; ".join(f"{label} {p}" for label, p in found) +
                  f"; PrologFlags {conf.get('prologflags')}{config_note}")
 
+    def check_unchecked(self) -> None:
+        """Jobs job_submit.lua accepted unchecked (fail-open) that have not had their decision
+        yet, read from Slurm's queue (an array counts once)."""
+        if not self._needs_policy("unchecked"):
+            return
+        from slurm_plugin.daemon.recheck import unchecked_jobs
+
+        try:
+            if self.slurm_jobs is not None:
+                jobs = self.slurm_jobs()
+            else:
+                from slurm_plugin.slurm.factory import open_client
+
+                jobs = open_client(self._policy).jobs()
+        except Exception as exc:
+            self.add("unchecked", "WARN", f"cannot read Slurm's queue: {exc}",
+                     "is slurmctld up? squeue --json must work for the daemon's user")
+            return
+        waiting = unchecked_jobs(jobs)
+        detail = f"jobs accepted unchecked, waiting for a decision: {len(waiting)}"
+        if not waiting:
+            self.add("unchecked", "OK", detail)
+            return
+        shown = ", ".join(str(q.job_id) for q in waiting[:10])
+        more = f" (+{len(waiting) - 10} more)" if len(waiting) > 10 else ""
+        self.add("unchecked", "WARN", f"{detail} (jobs {shown}{more}): they run or wait "
+                 "without their team's budget reserved",
+                 "the daemon decides them on each reconcile pass: is it running (see the "
+                 "daemon check)? journalctl -u slurmgate-daemon | grep unchecked_ says why "
+                 "one is not")
+
     # -- node --------------------------------------------------------------------------------
 
     def check_gpus(self) -> None:
@@ -679,12 +715,13 @@ class Doctor:
 
 def run_doctor(config_path: str, *, node: str | None = None, socket_path: str | None = None,
                as_json: bool = False, print_fn: Callable[[str], None] = print,
-               slurm_config: Callable[[], str] | None = None, rollups: bool = False) -> int:
+               slurm_config: Callable[[], str] | None = None, rollups: bool = False,
+               slurm_jobs: Callable[[], list[Any]] | None = None) -> int:
     """The CLI entry point: print one line per check; 1 when any check FAILed."""
     if node == "":
         node = _node_name()
     doc = Doctor(config_path, socket_path=socket_path, node=node, slurm_config=slurm_config,
-                 rollups=rollups)
+                 rollups=rollups, slurm_jobs=slurm_jobs)
     checks = doc.run()
     if as_json:
         print_fn(json.dumps({"ok": not doc.failed, "checks": [c.as_dict() for c in checks]},

@@ -2,17 +2,26 @@
 
 Ingest moves spool records into SQLite in batches (the daemon is the only writer), quarantines
 what cannot be read, and hands node failures to the requeue handler. Reconcile binds
-reservations to Slurm job ids and releases those whose jobs vanished.
+reservations to Slurm job ids and releases those whose jobs vanished, re-prices array
+reservations to what Slurm may run at once, and decides the jobs accepted unchecked while the
+daemon was away (recheck.py); its first pass runs at daemon start.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policies.reservations import job_vanished, release_reason, vanished_grace
 from policies.tags import parse_admin_comment
+from slurm_plugin.daemon.recheck import Recheck
 from slurm_plugin.daemon.state import DaemonState
+
+if TYPE_CHECKING:
+    from db.store import Store
+
+_RECHECK_MADE = threading.Lock()
 
 
 class Workers(DaemonState):
@@ -22,6 +31,8 @@ class Workers(DaemonState):
     last_spool_maintenance: float = 0.0
     SPOOL_MAINTENANCE_S = 60.0
     """How often the ingest loop re-checks the layout, recovers tmp/ and prunes quarantine."""
+    recheck: Recheck | None = None
+    """Unchecked jobs and array reservations (made at the first reconcile pass)."""
 
     def spool_trust(self) -> Any:
         from slurm_plugin.node import spool
@@ -213,10 +224,25 @@ class Workers(DaemonState):
                 self.log.write("ingest_error", error=repr(exc))
                 self.stopping.wait(5.0)
 
-    def reconcile_once(self) -> dict[str, int]:
-        """Bind reservations to job ids and release those whose jobs vanished."""
+    def rechecker(self) -> Recheck | None:
+        """The one Recheck of this daemon (its memory of decided jobs must not be split)."""
         if self.slurm is None or self.store is None:
+            return None
+        with _RECHECK_MADE:
+            if self.recheck is None:
+                self.recheck = Recheck(self, self.slurm, self.store, self.log.write)
+        return self.recheck
+
+    def reconcile_once(self) -> dict[str, int]:
+        """Bind reservations to job ids and release those whose jobs vanished; re-price
+        array reservations up to what Slurm may run at once; decide unchecked jobs.
+
+        Returns counts: bound and released always, repriced, decided, accepted, rejected and
+        unchecked_waiting when not 0."""
+        recheck, store = self.rechecker(), self.store
+        if self.slurm is None or store is None or recheck is None:
             return {}
+        read_at = time.monotonic()
         jobs = self.slurm.jobs()
         now = time.time()
         if self.failures is not None:
@@ -226,10 +252,31 @@ class Workers(DaemonState):
             rid = parse_admin_comment(j.admin_comment).get("rid")
             if rid:
                 seen.setdefault(rid, j.array_job_id or j.job_id)
+        # decided on an earlier pass, admin comment not set yet: listed all the same
+        for rid, job_id in recheck.awaiting_marks(j.array_job_id or j.job_id
+                                                  for j in jobs).items():
+            seen.setdefault(rid, job_id)
+        bound, released = self.bind_and_release(store, seen, now)
+        if bound or released:
+            self.log.write("reconciled", bound=bound, released=released, jobs=len(jobs))
+        with self.lock:
+            live = store.live_reservations()
+        extra = {"repriced": recheck.follow_array_throttles(live, seen, jobs)}
+        checked = recheck.check_unchecked_jobs(jobs, read_at)
+        self.unchecked_waiting = checked.pop("waiting")
+        extra.update(checked, unchecked_waiting=self.unchecked_waiting)
+        if checked["decided"] or self.unchecked_waiting:
+            self.log.write("unchecked_pass", waiting=self.unchecked_waiting, **checked)
+        return {"bound": bound, "released": released, **{k: v for k, v in extra.items() if v}}
+
+    def bind_and_release(self, store: Store, seen: dict[str, int], now: float
+                         ) -> tuple[int, int]:
+        """Bind live reservations listed in ``seen`` (rid -> job id) and release those whose
+        job vanished; returns (bound, released)."""
         grace = vanished_grace(self.policy.daemon.reconcile_seconds)
         bound = released = 0
         with self.lock:
-            live = self.store.live_reservations()
+            live = store.live_reservations()
         policy = self.policy
         # one short lock per change, so submissions are decided in between
         for r in live:
@@ -238,27 +285,29 @@ class Workers(DaemonState):
                 self.missing_since.pop(rid, None)
                 if r["job_id"] is None:
                     with self.lock:
-                        self.store.bind_reservation(rid, seen[rid], policy.daemon.cluster,
-                                                    policy=policy)
+                        store.bind_reservation(rid, seen[rid], policy.daemon.cluster,
+                                               policy=policy)
                     bound += 1
                 continue
             first = self.missing_since.setdefault(rid, now)
             if not job_vanished(max(first, r["created_at"]), now, grace):
                 continue
             with self.lock:
-                self.store.finish_reservation(rid, "released", release_reason(r["job_id"]))
+                store.finish_reservation(rid, "released", release_reason(r["job_id"]))
             self.missing_since.pop(rid, None)
             released += 1
         if bound or released:
             self.refresh_ledger()
-        if bound or released:
-            self.log.write("reconciled", bound=bound, released=released, jobs=len(jobs))
-        return {"bound": bound, "released": released}
+        return bound, released
 
     def reconcile_loop(self) -> None:
-        while not self.stopping.wait(self.policy.daemon.reconcile_seconds):
+        """A pass at start (jobs accepted unchecked while the daemon was away are decided at
+        once), then one every ``daemon.reconcile_seconds``."""
+        while not self.stopping.is_set():
             try:
                 self.reconcile_once()
             except Exception as exc:
                 self.metrics.error("reconcile")
                 self.log.write("reconcile_error", error=repr(exc))
+            if self.stopping.wait(self.policy.daemon.reconcile_seconds):
+                break

@@ -46,6 +46,9 @@ _SCONTROL_JOB_TAGS = {
     "start_time": "StartTime",
 }
 _NO_VAL = 0xFFFFFFFE  # NO_VAL (and INFINITE above it) for 32-bit fields
+_NO_VAL16 = 0xFFFE
+_SQUEUE_ENV = {"SLURM_BITSTR_LEN": "0"}
+"""squeue writes an array's waiting task ids in full (default: cut at 64 characters, "...")."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +74,13 @@ def _num(value: Any) -> int | None:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value != "" else None
+
+
+def _count(value: Any, unset: int = _NO_VAL) -> int | None:
+    """A count or size Slurm may leave unset: None for missing, negative or a sentinel
+    (``unset`` and above: NO_VAL/INFINITE, NO_VAL16 for 16-bit fields)."""
+    n = _num(value)
+    return n if n is not None and 0 <= n < unset else None
 
 
 def _ts(value: Any) -> float | None:
@@ -120,7 +130,15 @@ def _tres_text(value: Any) -> str | None:
 
 
 def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
-    """One ``squeue --json`` job record as a Job. Raises ValueError without a job id."""
+    """One ``squeue --json`` job record as a Job. Raises ValueError without a job id.
+
+    Field names are the same in openapi v0.0.38 (22.05) and data_parser v0.0.39 to v0.0.44
+    (23.02 to 25.11): account, admin_comment, array_job_id, array_task_id, array_max_tasks,
+    array_task_string, comment, cpus (minimum CPUs; allocated once running), cpus_per_task,
+    features, max_nodes, memory_per_cpu, memory_per_node (MB), node_count, partition, tasks,
+    tasks_per_node, time_limit (minutes), tres_per_job/node/socket/task, user_id, user_name.
+    v0.0.38 writes plain numbers (null or the raw sentinel when unset), later ones
+    ``{"set", "infinite", "number"}``."""
     job_id = _num(rec.get("job_id"))
     if not job_id or job_id <= 0:
         raise ValueError(f"job record without a job id: {str(dict(rec))[:200]}")
@@ -149,6 +167,7 @@ def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
     limit = _num(rec.get("time_limit"))
     nodes = _text(rec.get("nodes"))
     return Job(
+        **_request_fields(rec, request),
         job_id=job_id,
         array_job_id=array_job or None,
         array_task_id=_num(rec.get("array_task_id")) if array_job else None,
@@ -181,6 +200,26 @@ def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
         exc_nodes=_text(rec.get("excluded_nodes")),
         gpu_request_error=gpu_error,
     )
+
+
+def _request_fields(rec: Mapping[str, Any], request: Mapping[str, Any]) -> dict[str, Any]:
+    """The Job's request fields (what a decision after submit reads) from one record."""
+    return {
+        "tres_per_node": request["tres_per_node"],
+        "tres_per_job": request["tres_per_job"],
+        "tres_per_task": request["tres_per_task"],
+        "tres_per_socket": request["tres_per_socket"],
+        "max_nodes": _count(rec.get("max_nodes")) or None,
+        "num_tasks": _count(rec.get("tasks")),
+        "ntasks_per_node": _count(rec.get("tasks_per_node"), _NO_VAL16) or None,
+        "cpus_per_task": _count(rec.get("cpus_per_task"), _NO_VAL16) or None,
+        "sockets_per_node": _count(rec.get("sockets_per_node"), _NO_VAL16) or None,
+        "min_mem_per_node": _count(rec.get("memory_per_node")) or None,
+        "min_mem_per_cpu": _count(rec.get("memory_per_cpu")) or None,
+        "features": _text(rec.get("features")),
+        "array_task_string": _text(rec.get("array_task_string")),
+        "array_max_tasks": _count(rec.get("array_max_tasks")) or None,
+    }
 
 
 def node_from_sinfo(rec: Mapping[str, Any]) -> Node:
@@ -230,14 +269,17 @@ class CliSlurm:
 
     # -- running commands ------------------------------------------------------------------
 
-    def _run(self, argv: list[str], ok_codes: tuple[int, ...] = (0,)
-             ) -> subprocess.CompletedProcess[str]:
+    def _run(self, argv: list[str], ok_codes: tuple[int, ...] = (0,),
+             extra_env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         cmd = list(argv)
         if self.bin_dir:
             cmd[0] = os.path.join(self.bin_dir, cmd[0])
+        env = self.env
+        if extra_env:
+            env = {**(os.environ if env is None else env), **extra_env}
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                                 timeout=self.timeout, env=self.env, stdin=subprocess.DEVNULL,
+                                 timeout=self.timeout, env=env, stdin=subprocess.DEVNULL,
                                  check=False)
         except FileNotFoundError:
             raise SlurmError(argv, None, f"{cmd[0]}: command not found",
@@ -251,8 +293,9 @@ class CliSlurm:
             raise SlurmError(argv, out.returncode, out.stderr.strip() or out.stdout.strip())
         return out
 
-    def _json(self, argv: list[str], key: str) -> list[dict[str, Any]]:
-        out = self._run(argv)
+    def _json(self, argv: list[str], key: str,
+              extra_env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        out = self._run(argv, extra_env=extra_env)
         try:
             data = json.loads(out.stdout)
         except json.JSONDecodeError as exc:
@@ -285,7 +328,7 @@ class CliSlurm:
         else:
             # squeue --json ignores -j (verified on 22.05): always the whole queue, filtered here
             everything = []
-            for rec in self._json(["squeue", "--all", "--json"], "jobs"):
+            for rec in self._json(["squeue", "--all", "--json"], "jobs", _SQUEUE_ENV):
                 try:
                     everything.append(job_from_squeue(rec, self.shards_per_gpu))
                 except ValueError as exc:

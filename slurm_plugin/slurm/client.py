@@ -87,6 +87,15 @@ class Job:
     ``exit_code`` is ``"code:signal"`` as in sacct and jobcomp. ``gpu_request_error`` is set
     when the job's GPU request could not be read (``gpus`` is then 0): nothing is dropped
     silently.
+
+    The request fields after ``gpu_request_error`` are what the job asked for, as Slurm keeps
+    them (what a decision reads, for a job decided after submit: see daemon/recheck.py).
+    Memory is in MB, per node or per CPU (at most one of the two is set); unset values are
+    None. Arrays: every record carries the array's current throttle ``array_max_tasks``
+    (``%N``, 0 or None: none; a user may change it after submit); the array's head record
+    (``job_id == array_job_id``, ``array_task_id`` None) also carries the task ids not yet
+    split off into records of their own, ``array_task_string`` ("2-99", "1,3,5-7",
+    "0-98:2"; Slurm may append "%N"), see ``array_waiting_spec``.
     """
 
     job_id: int
@@ -119,10 +128,34 @@ class Job:
     cluster: str | None = None
     exc_nodes: str | None = None
     gpu_request_error: str | None = None
+    tres_per_node: str | None = None
+    tres_per_job: str | None = None
+    tres_per_task: str | None = None
+    tres_per_socket: str | None = None
+    max_nodes: int | None = None
+    num_tasks: int | None = None
+    ntasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    sockets_per_node: int | None = None
+    min_mem_per_node: int | None = None
+    min_mem_per_cpu: int | None = None
+    features: str | None = None
+    """--constraint, e.g. "h100|a100"."""
+    array_task_string: str | None = None
+    array_max_tasks: int | None = None
 
     @property
     def finished(self) -> bool:
         return self.state in FINISHED_STATES
+
+    @property
+    def array_waiting_spec(self) -> str | None:
+        """The task ids this (head) record still stands for, without Slurm's "%N" suffix;
+        None for a plain job or a task record."""
+        if self.array_job_id is None or self.array_task_id is not None:
+            return None
+        spec = (self.array_task_string or "").split("%", 1)[0].strip()
+        return spec or None
 
     @property
     def pending(self) -> bool:
@@ -314,6 +347,20 @@ def check_job_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
             raise InvalidSlurmValue(
                 f"cannot update job field {name!r}; fields: {', '.join(JOB_FIELDS)}")
     return out
+
+
+def task_id_ranges(ids: Iterable[int]) -> str:
+    """Array task ids the way Slurm writes them: ``[0, 1, 2, 5, 7, 8]`` -> "0-2,5,7-8"."""
+    out: list[str] = []
+    ordered = sorted(set(ids))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import ModuleType
@@ -105,6 +106,11 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _positive(value: Any) -> int | None:
+    n = _int(value)
+    return n if n is not None and n > 0 else None
+
+
 def _ts(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and value > 0 else None
 
@@ -116,6 +122,9 @@ class PySlurm:
     def __init__(self, module: ModuleType | None = None, shards_per_gpu: int = 8):
         self.shards_per_gpu = shards_per_gpu
         if module is None:
+            # libslurm cuts an array's waiting task ids at 64 characters ("...") unless told
+            # otherwise (SLURM_BITSTR_LEN, read once per process)
+            os.environ.setdefault("SLURM_BITSTR_LEN", "0")
             try:
                 module = importlib.import_module("pyslurm")
             except ImportError as exc:
@@ -141,22 +150,49 @@ class PySlurm:
 
     # -- reading records -------------------------------------------------------------------
 
-    def _request(self, pj: Any) -> JobRequest:
+    @staticmethod
+    def _tres_fields(pj: Any) -> dict[str, str | None]:
         per_node = _tres_entries(getattr(pj, "tres_per_node", None))
         if not per_node:
             per_node = _tres_entries(getattr(pj, "gres_per_node", None))
-        fields: dict[str, Any] = {
+        return {
             "tres_per_node": ",".join(per_node) or None,
             "tres_per_job": ",".join(_tres_entries(getattr(pj, "tres_per_job", None))) or None,
             "tres_per_task": ",".join(_tres_entries(getattr(pj, "tres_per_task", None)))
             or None,
             "tres_per_socket": ",".join(_tres_entries(getattr(pj, "tres_per_socket", None)))
             or None,
+        }
+
+    def _request(self, pj: Any) -> JobRequest:
+        fields: dict[str, Any] = {
+            **self._tres_fields(pj),
             "min_nodes": _int(getattr(pj, "num_nodes", None)),
             "num_tasks": _int(getattr(pj, "ntasks", None)),
             "sockets_per_node": _int(getattr(pj, "sockets_per_node", None)),
         }
         return JobRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+
+    def _request_fields(self, pj: Any) -> dict[str, Any]:
+        """The Job's request fields, from pyslurm 25.11's documented Job attributes
+        (``array_tasks_waiting`` and ``array_tasks_parallel`` are Slurm's array_task_str and
+        array_max_tasks; ``constraints`` is the --constraint list)."""
+        features = getattr(pj, "constraints", None)
+        if isinstance(features, list | tuple):
+            features = ",".join(f for f in features if isinstance(f, str))
+        return {
+            **self._tres_fields(pj),
+            "max_nodes": _positive(getattr(pj, "max_nodes", None)),
+            "num_tasks": _positive(getattr(pj, "ntasks", None)),
+            "ntasks_per_node": _positive(getattr(pj, "ntasks_per_node", None)),
+            "cpus_per_task": _positive(getattr(pj, "cpus_per_task", None)),
+            "sockets_per_node": _positive(getattr(pj, "sockets_per_node", None)),
+            "min_mem_per_node": _positive(getattr(pj, "memory_per_node", None)),
+            "min_mem_per_cpu": _positive(getattr(pj, "memory_per_cpu", None)),
+            "features": _text(features),
+            "array_task_string": _text(getattr(pj, "array_tasks_waiting", None)),
+            "array_max_tasks": _positive(getattr(pj, "array_tasks_parallel", None)),
+        }
 
     def _allocated(self, pj: Any) -> list[str]:
         """'gpu:a100:2' per node from the running job's resource layout."""
@@ -193,6 +229,7 @@ class PySlurm:
                                                                       None))
         limit = _int(getattr(pj, "time_limit", None))
         return Job(
+            **self._request_fields(pj),
             job_id=int(pj.id),
             array_job_id=array_id or None,
             array_task_id=_int(getattr(pj, "array_task_id", None)) if array_id else None,

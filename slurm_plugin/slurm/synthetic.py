@@ -22,6 +22,7 @@ from slurm_plugin.slurm.client import (
     check_node_name,
     check_reason,
     check_text,
+    task_id_ranges,
 )
 
 log = logging.getLogger("slurmgate.slurm")
@@ -43,6 +44,13 @@ class SyntheticSlurm:
     in-memory state. Timestamps are relative to ``base_ts`` so two instances with the same
     arguments report identical jobs. ``calls`` counts queries, like a real controller's load.
     Thread-safe.
+
+    Tests add their own jobs (``add_job``) and job arrays (``add_array``, ``start_array_task``,
+    ``set_array_throttle``), end and purge them (``finish``, ``purge``) and make the next
+    actions fail like an unreachable controller (``fail_next``). Arrays behave as in Slurm:
+    the head record (job id = array job id) stands for the tasks still waiting, tasks get
+    records of their own when they start, and an action on the array job id acts on every
+    task of the array.
     """
 
     def __init__(self, n_jobs: int = 1000, n_nodes: int = 64, seed: int = 0,
@@ -53,6 +61,9 @@ class SyntheticSlurm:
         self._lock = threading.Lock()
         self._clock = clock or time.time
         self.calls = 0
+        self._failing: dict[str, int] = {}
+        self._waiting: dict[int, list[int]] = {}
+        """Per array job id: task ids not yet split off the head record."""
         rng = random.Random(seed)
         width = max(3, len(str(n_nodes)))
         self._nodes: dict[str, Node] = {}
@@ -99,7 +110,8 @@ class SyntheticSlurm:
                 submit_ts=submit, start_ts=start, end_ts=end, time_limit_min=limit,
                 restart_count=0, requeue=True,
                 exit_code=("0:0" if state == "COMPLETED" else "1:0" if end else None),
-                cpus=gpus * 8, work_dir=f"/home/{user}", cluster=cluster)
+                cpus=gpus * 8, work_dir=f"/home/{user}", cluster=cluster,
+                tres_per_node=f"gres:gpu:{gpus}", num_tasks=1, cpus_per_task=gpus * 8)
             if state == "RUNNING":
                 n = self._nodes[node]
                 used = dict(n.gpus_used)
@@ -107,9 +119,122 @@ class SyntheticSlurm:
                 self._nodes[node] = replace(n, gpus_used=used, state="mixed",
                                             alloc_cpus=min(n.cpus, n.alloc_cpus + gpus * 8))
 
+    # -- test set-up -------------------------------------------------------------------------
+
+    def _next_id(self) -> int:
+        return max(self._jobs, default=1000) + 1
+
+    def add_job(self, **fields: Any) -> Job:
+        """Submit a job with these Job fields (job id: the next free one unless given; a
+        RUNNING job gets a start time and a node). Returns it."""
+        with self._lock:
+            now = self._clock()
+            fields.setdefault("job_id", self._next_id())
+            fields.setdefault("submit_ts", now)
+            fields.setdefault("cluster", "synthetic")
+            fields.setdefault("priority", 1000)
+            if fields.get("state") not in (None, "PENDING"):
+                fields.setdefault("start_ts", now)
+                fields.setdefault("nodes", next(iter(self._nodes)))
+                fields.setdefault("node_count", 1)
+            job = Job(**fields)
+            if job.job_id in self._jobs:
+                raise ValueError(f"job {job.job_id} exists already")
+            self._jobs[job.job_id] = job
+            return job
+
+    def add_array(self, task_ids: Iterable[int], throttle: int = 0, running: int = 0,
+                  **fields: Any) -> int:
+        """Submit a job array (``--array=<task_ids>%<throttle>``) with these Job fields, and
+        start its first ``running`` tasks. Returns the array job id."""
+        ids = sorted(set(task_ids))
+        if not ids:
+            raise ValueError("an array needs at least one task id")
+        head = self.add_job(**fields, state="PENDING", array_task_id=None,
+                            array_max_tasks=throttle or None)
+        with self._lock:
+            self._jobs[head.job_id] = replace(head, array_job_id=head.job_id)
+            self._waiting[head.job_id] = ids
+            self._write_head(head.job_id)
+        for _ in range(running):
+            self.start_array_task(head.job_id)
+        return head.job_id
+
+    def _write_head(self, array_id: int) -> None:
+        """The head record's waiting-task string, as squeue shows it ("2-9%4")."""
+        head = self._jobs[array_id]
+        waiting = self._waiting.get(array_id, [])
+        if head.array_task_id is not None:
+            return
+        spec = task_id_ranges(waiting)
+        if spec and head.array_max_tasks:
+            spec += f"%{head.array_max_tasks}"
+        self._jobs[array_id] = replace(head, array_task_string=spec or None)
+
+    def start_array_task(self, array_id: int) -> Job:
+        """Start the array's next waiting task (as slurmctld does: a record of its own, or
+        the head record itself for the last one). Slurm's throttle is not checked here."""
+        with self._lock:
+            waiting = self._waiting.get(array_id) or []
+            if not waiting:
+                raise ValueError(f"array {array_id} has no waiting task")
+            task = waiting.pop(0)
+            head = self._jobs[array_id]
+            now = self._clock()
+            running: dict[str, Any] = {"state": "RUNNING", "start_ts": now, "reason": None,
+                                       "nodes": next(iter(self._nodes)), "node_count": 1,
+                                       "array_task_id": task, "array_task_string": None}
+            if waiting:
+                job = replace(head, job_id=self._next_id(), **running)
+                self._jobs[job.job_id] = job
+                self._write_head(array_id)
+            else:
+                job = replace(head, **running)
+                self._jobs[array_id] = job
+            return job
+
+    def set_array_throttle(self, array_id: int, throttle: int) -> None:
+        """``scontrol update JobId=<array> ArrayTaskThrottle=<throttle>`` (0: none)."""
+        with self._lock:
+            for job_id, job in list(self._jobs.items()):
+                if job.array_job_id == array_id:
+                    self._jobs[job_id] = replace(job, array_max_tasks=throttle or None)
+            self._write_head(array_id)
+
+    def finish(self, job_id: int, state: str = "COMPLETED") -> None:
+        """The job (one record) ends in ``state``; it stays listed until ``purge``."""
+        now = self._clock()
+        self._change(job_id, "finish", lambda j: replace(
+            j, state=state, end_ts=now, start_ts=j.start_ts or now, reason=None,
+            array_task_string=None), whole_array=False)
+        with self._lock:
+            if job_id in self._waiting and self._jobs[job_id].array_task_id is None:
+                self._waiting.pop(job_id)  # a head record ending takes its waiting tasks along
+
+    def purge(self, job_id: int) -> None:
+        """The job's record leaves the queue (MinJobAge passed)."""
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def fail_next(self, action: str, times: int = 1) -> None:
+        """The next ``times`` calls of ``action`` ("jobs", "hold", "update_job", ...) fail as
+        if slurmctld could not be reached."""
+        with self._lock:
+            self._failing[action] = self._failing.get(action, 0) + times
+
+    def _maybe_fail(self, action: str) -> None:
+        with self._lock:
+            left = self._failing.get(action, 0)
+            if left <= 0:
+                return
+            self._failing[action] = left - 1
+        raise SlurmError(f"synthetic {action}", 1,
+                         "Unable to contact slurm controller (connect failure)")
+
     # -- queries ---------------------------------------------------------------------------
 
     def jobs(self, job_ids: Iterable[int] | None = None) -> list[Job]:
+        self._maybe_fail("jobs")
         with self._lock:
             self.calls += 1
             if job_ids is None:
@@ -129,14 +254,29 @@ class SyntheticSlurm:
 
     # -- job actions -----------------------------------------------------------------------
 
-    def _change(self, job_id: int, what: str, fn: Any) -> None:
+    def _change(self, job_id: int, what: str, fn: Any, whole_array: bool = True) -> None:
+        """Apply ``fn`` to the job, or with ``whole_array`` to every task of the array
+        ``job_id`` names (Slurm: an update of the array job id updates all its tasks)."""
         check_job_id(job_id)
+        self._maybe_fail(what)
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
                 raise SlurmError(f"synthetic {what} {job_id}", 1,
                                  f"Invalid job id specified for job {job_id}")
-            self._jobs[job_id] = fn(job)
+            if not whole_array or job.array_job_id != job_id:
+                self._jobs[job_id] = fn(job)
+                return
+            tasks = [j for j in self._jobs.values() if j.array_job_id == job_id]
+            changed, errors = {}, []
+            for task in tasks:
+                try:
+                    changed[task.job_id] = fn(task)
+                except SlurmError as exc:
+                    errors.append(exc)
+            self._jobs.update(changed)
+            if errors and not changed:
+                raise errors[0]
 
     def hold(self, job_id: int, reason: str | None = None) -> None:
         if reason is not None:
@@ -184,7 +324,7 @@ class SyntheticSlurm:
                 mapped[name] = value or None
             else:
                 mapped[name] = value
-        self._change(job_id, "update", lambda j: replace(j, **mapped))
+        self._change(job_id, "update_job", lambda j: replace(j, **mapped))
 
     # -- node actions ----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,178 @@ def json_line(record: dict) -> bytes:
 __all__ = ["as_user", "cluster_name", "daemon_alive", "json_line", "move_in",
            "privileged_actions", "quarantined", "runs_of", "spend", "wait_for",
            "wait_quarantined"]
+
+
+# -- the submission path: reservations, the ledger, jobs made by a test ------------------------
+
+
+def spawn_as(user: str, code: str) -> subprocess.Popen[str]:
+    """Start Python ``code`` as ``user`` in the background (stdin and stdout are pipes: the
+    code may report on stdout and wait for stdin to close)."""
+    return subprocess.Popen(["runuser", "-u", user, "--", PYTHON, "-c", code], cwd="/tmp",
+                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                 "PYTHONPATH": str(REPO), "HOME": "/tmp",
+                                 "SLURM_CONF": os.environ.get("SLURM_CONF", "")},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def live_reservations(cluster: Cluster) -> list[dict]:
+    """The database's reserved and bound reservations (with ``charged``: what runs already
+    settled against them cost)."""
+    from db.store import open_store
+
+    store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
+    try:
+        return store.live_reservations()
+    finally:
+        store.close()
+
+
+def reservation(cluster: Cluster, rid: str) -> dict | None:
+    from db.store import open_store
+
+    store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
+    try:
+        return store.reservation(rid)
+    finally:
+        store.close()
+
+
+def reservation_count(cluster: Cluster) -> int:
+    """Reservations ever made (any state)."""
+    from db.store import open_store
+
+    store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
+    try:
+        return int(store.conn.execute("SELECT count(*) FROM reservations").fetchone()[0])
+    finally:
+        store.close()
+
+
+def events_of(cluster: Cluster, kind: str, job_id: int | None = None) -> list[dict]:
+    """Events of ``kind`` in the database (newest first), for one job if given."""
+    from db.reports import events
+    from db.store import open_store
+
+    store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
+    try:
+        return events(store, [kind], job_id=job_id)
+    finally:
+        store.close()
+
+
+def ledger_problems(cluster: Cluster) -> list[str]:
+    """What breaks the ledger invariant now (empty: it holds).
+
+    1. Every live reservation belongs to a job Slurm still lists: bound to a job id (or array
+       job id) in ``squeue --json``; or unbound and named by a listed job's admin comment (the
+       reconcile has not bound it yet); or unbound and young (within the reconcile grace plus
+       a few passes: a submission Slurm has not listed yet, or one it dropped, which the
+       reconcile releases after the grace).
+    2. Per team, what the database's live reservations still hold (est_cost less what runs
+       already settled against them cost: the daemon's own rule) equals the daemon's
+       ``quota`` "reserved" (asked as root), within 1e-6.
+    """
+    from policies.config import load_policy
+    from policies.reservations import vanished_grace
+    from policies.tags import parse_admin_comment
+
+    every = load_policy(cluster.policy_path).daemon.reconcile_seconds
+    young = vanished_grace(every) + 3 * every + 5
+    live = live_reservations(cluster)
+    jobs = cluster.jobs().values()
+    listed = {j["job_id"] for j in jobs} | {j["array_job_id"] for j in jobs if j["array_job_id"]}
+    named = {parse_admin_comment(j["admin_comment"]).get("rid") for j in jobs}
+    now = time.time()
+    problems = []
+    held: dict[str, float] = {}
+    for r in live:
+        what = f"reservation {r['rid']} (team {r['team']}, {r['est_cost']:.2f})"
+        if r["job_id"] is not None and r["job_id"] not in listed:
+            problems.append(f"{what} is bound to job {r['job_id']}, which Slurm no longer "
+                            "lists")
+        elif r["job_id"] is None and r["rid"] not in named and now - r["created_at"] > young:
+            problems.append(f"{what} is bound to no job, no job names it, and it is "
+                            f"{now - r['created_at']:.0f} s old")
+        team = r["team"] or ""
+        held[team] = held.get(team, 0.0) + max(0.0, r["est_cost"] - r["charged"])
+    quota = {team: reserved for team, (_, reserved) in spend(cluster).items()}
+    for team in sorted(set(held) | set(quota)):
+        if abs(held.get(team, 0.0) - quota.get(team, 0.0)) > 1e-6:
+            problems.append(f"team {team or '(none)'}: the database holds "
+                            f"{held.get(team, 0.0):.6f} in live reservations, the daemon's "
+                            f"quota says {quota.get(team, 0.0):.6f} reserved")
+    return problems
+
+
+def ledger_invariant(cluster: Cluster, timeout: float = 30) -> None:
+    """Fail unless the ledger invariant (``ledger_problems``) holds within ``timeout``
+    seconds (a reconcile pass or an ingest batch may be between two reads)."""
+    problems: list[str] = []
+
+    def holds() -> bool:
+        problems[:] = ledger_problems(cluster)
+        return not problems
+
+    try:
+        wait_for(holds, timeout, 0.5, what="the ledger invariant")
+    except AssertionError:
+        raise AssertionError("ledger invariant broken: " + "; ".join(problems)) from None
+
+
+@pytest.fixture
+def ledger_checked(cluster: Cluster):
+    """After the test (and after its other fixtures are torn down): the daemon is alive and
+    the ledger invariant holds."""
+    yield
+    wait_for(lambda: daemon_alive(cluster), 20, 0.5, what="the daemon answering root's ping")
+    ledger_invariant(cluster)
+
+
+class Submitted:
+    """Jobs a test makes, cancelled when it ends."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.ids: list[int] = []
+
+    def ok(self, user: str, *args: str | bytes, wrap: str = "true",
+           tags: str | bytes | None = None) -> tuple[int, str]:
+        """Submit; assert sbatch accepted it. Returns the job id and sbatch's stderr."""
+        out = self.cluster.sbatch(user, *args, wrap=wrap, tags=tags)
+        err = out.stderr.decode(errors="replace")
+        assert out.returncode == 0, err
+        return self.add(int(out.stdout.decode().strip().split(";")[0])), err
+
+    def add(self, job_id: int) -> int:
+        self.ids.append(job_id)
+        return job_id
+
+    def cancel(self) -> None:
+        self.cluster.scancel(*self.ids)
+
+
+@pytest.fixture
+def submitted(cluster: Cluster):
+    jobs = Submitted(cluster)
+    yield jobs
+    jobs.cancel()
+
+
+def scontrol_as(cluster: Cluster, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``scontrol ARGS`` as ``user``."""
+    return subprocess.run(["runuser", "-u", user, "--", "scontrol", *args], env=cluster.env,
+                          cwd="/tmp", capture_output=True, text=True, timeout=30)
+
+
+def render_lua(cluster: Cluster, fail_mode: str) -> None:
+    """Install job_submit.lua with ``fail_mode``; slurmctld loads it on the next submission."""
+    subprocess.run([str(cluster.dir / "bin/slurmgate"), "--socket", cluster.socket, "lua",
+                    "--fail-mode", fail_mode, "-o", str(cluster.dir / "etc/job_submit.lua")],
+                   env=cluster.env, check=True, capture_output=True, timeout=30)
+
+
+__all__ += ["Submitted", "events_of", "ledger_invariant", "ledger_problems",
+            "live_reservations", "render_lua", "reservation", "reservation_count",
+            "scontrol_as", "spawn_as"]
