@@ -75,6 +75,7 @@ class Install:
 
     def doctor(self, slurm_text: str | None = None, **kw: Any) -> Doctor:
         text = self.slurm_text() if slurm_text is None else slurm_text
+        kw.setdefault("slurm_jobs", lambda: [])
         doc = Doctor(str(self.policy), slurm_config=lambda: text, **kw)
         doc.run()
         return doc
@@ -122,7 +123,7 @@ def test_a_healthy_installation_passes(inst: Install) -> None:
     doc = inst.doctor()
     assert not doc.failed, [c.line() for c in doc.checks]
     assert status(doc) == {"policy": "OK", "socket": "OK", "daemon": "OK", "database": "OK",
-                           "spool": "OK", "slurm": "OK", "job_submit": "OK", "hooks": "OK",
+                           "spool": "OK", "slurm": "OK", "job_submit": "OK", "hooks": "OK", "unchecked": "OK",
                            "exports": "OK"}
     assert "SLURMGATE_CONFIG set" in check(doc, "hooks").detail
 
@@ -285,13 +286,13 @@ def test_cli_output_and_exit_status(inst: Install) -> None:
     lines: list[str] = []
     os.chmod(inst.db, 0o640)
     assert run_doctor(str(inst.policy), print_fn=lines.append,
-                      slurm_config=inst.slurm_text) == 0
-    assert lines[-1] == "9 checks: 0 failed, 0 warnings"
+                      slurm_config=inst.slurm_text, slurm_jobs=lambda: []) == 0
+    assert lines[-1] == "10 checks: 0 failed, 0 warnings"
     assert all(line.startswith("OK   ") for line in lines[:-1])
     os.chmod(inst.socket, 0o644)
     lines.clear()
     assert run_doctor(str(inst.policy), print_fn=lines.append,
-                      slurm_config=inst.slurm_text) == 1
+                      slurm_config=inst.slurm_text, slurm_jobs=lambda: []) == 1
     (bad,) = [line for line in lines if line.startswith("FAIL")]
     assert bad.startswith("FAIL socket") and "; fix: chmod 0666" in bad
 
