@@ -123,8 +123,8 @@ def test_a_healthy_installation_passes(inst: Install) -> None:
     doc = inst.doctor()
     assert not doc.failed, [c.line() for c in doc.checks]
     assert status(doc) == {"policy": "OK", "socket": "OK", "daemon": "OK", "database": "OK",
-                           "spool": "OK", "slurm": "OK", "job_submit": "OK", "hooks": "OK", "unchecked": "OK",
-                           "exports": "OK"}
+                           "spool": "OK", "slurm": "OK", "job_submit": "OK", "hooks": "OK",
+                           "unchecked": "OK", "exports": "OK"}
     assert "SLURMGATE_CONFIG set" in check(doc, "hooks").detail
 
 
