@@ -66,6 +66,9 @@ def parse_tags(comment: str | None) -> tuple[dict[str, str], list[str]]:
             continue
         key, value = (s.strip() for s in piece.split("=", 1))
         key = key.lower()
+        if key in RESERVED_KEYS:  # whatever its value: check_tags says it is slurmgate's
+            tags.setdefault(key, value)
+            continue
         if not KEY_RE.fullmatch(key):
             errors.append(
                 f"tag name {_show(key)} is not valid (lower-case letters, digits, '_'; "

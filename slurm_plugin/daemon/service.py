@@ -294,7 +294,8 @@ class Daemon(AdminOps, Workers):
             "user": job.user, "account": job.account,
             "partition": str(d.set_fields.get("partition") or est.partition),
             "tags": d.tags, "gpu_type": est.gpu_type, "gpus": est.gpus, "cpus": est.cpus,
-            "mem_mb": est.mem_mb, "time_limit_min": job.time_limit,
+            "mem_mb": est.mem_mb,
+            "time_limit_min": job.time_limit or d.set_fields.get("time_limit"),
             "tasks": est.tasks_reserved, "est_cost": d.reserve, "approval_id": d.approval_id,
             "period": period,
         })

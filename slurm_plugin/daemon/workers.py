@@ -13,6 +13,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from policies.defaults import FINISHED_STATES
 from policies.reservations import job_vanished, release_reason, vanished_grace
 from policies.tags import parse_admin_comment
 from slurm_plugin.daemon.recheck import Recheck
@@ -20,8 +21,30 @@ from slurm_plugin.daemon.state import DaemonState
 
 if TYPE_CHECKING:
     from db.store import Store
+    from slurm_plugin.slurm.client import Job
 
 _RECHECK_MADE = threading.Lock()
+
+
+ARRAY_ENDED = "array ended: every task finished"
+ARRAY_SETTLE_S = 10.0
+"""How long after an array's last task ended its reservation is released (the tasks'
+completion records are ingested by then; each run is charged on its own)."""
+
+
+def arrays_ended(jobs: list[Job], now: float) -> frozenset[str]:
+    """Reservation ids of arrays Slurm still lists whose every task has finished (none
+    pending or running) more than ARRAY_SETTLE_S ago: their unspent reservation is let go at
+    once instead of when the array leaves Slurm's queue (MinJobAge) plus the grace."""
+    done: dict[str, bool] = {}
+    for j in jobs:
+        rid = parse_admin_comment(j.admin_comment).get("rid")
+        if not rid:
+            continue
+        over = (j.array_job_id is not None and j.state in FINISHED_STATES
+                and j.end_ts is not None and j.end_ts <= now - ARRAY_SETTLE_S)
+        done[rid] = done.get(rid, True) and over
+    return frozenset(rid for rid, over in done.items() if over)
 
 
 class Workers(DaemonState):
@@ -256,7 +279,7 @@ class Workers(DaemonState):
         for rid, job_id in recheck.awaiting_marks(j.array_job_id or j.job_id
                                                   for j in jobs).items():
             seen.setdefault(rid, job_id)
-        bound, released = self.bind_and_release(store, seen, now)
+        bound, released = self.bind_and_release(store, seen, now, arrays_ended(jobs, now))
         if bound or released:
             self.log.write("reconciled", bound=bound, released=released, jobs=len(jobs))
         with self.lock:
@@ -269,10 +292,11 @@ class Workers(DaemonState):
             self.log.write("unchecked_pass", waiting=self.unchecked_waiting, **checked)
         return {"bound": bound, "released": released, **{k: v for k, v in extra.items() if v}}
 
-    def bind_and_release(self, store: Store, seen: dict[str, int], now: float
-                         ) -> tuple[int, int]:
+    def bind_and_release(self, store: Store, seen: dict[str, int], now: float,
+                         ended: frozenset[str] = frozenset()) -> tuple[int, int]:
         """Bind live reservations listed in ``seen`` (rid -> job id) and release those whose
-        job vanished; returns (bound, released)."""
+        job vanished, or whose array has ended (``ended``: every task finished, none
+        waiting); returns (bound, released)."""
         grace = vanished_grace(self.policy.daemon.reconcile_seconds)
         bound = released = 0
         with self.lock:
@@ -281,6 +305,12 @@ class Workers(DaemonState):
         # one short lock per change, so submissions are decided in between
         for r in live:
             rid = r["rid"]
+            if rid in ended and r["job_id"] is not None:
+                with self.lock:
+                    store.finish_reservation(rid, "released", ARRAY_ENDED)
+                self.missing_since.pop(rid, None)
+                released += 1
+                continue
             if rid in seen:
                 self.missing_since.pop(rid, None)
                 if r["job_id"] is None:

@@ -281,3 +281,22 @@ def test_squeue_is_asked_for_the_whole_task_list(tmp_path: Path) -> None:
     assert job.name == "0"
     (job,) = CliSlurm(bin_dir=str(tmp_path), env={"PATH": "/usr/bin:/bin"}).jobs()
     assert job.name == "0"
+
+
+def test_an_ended_array_lets_its_reservation_go_without_waiting_for_min_job_age(
+        tmp_path: Path, store: Store, slurm: SyntheticSlurm) -> None:
+    from slurm_plugin.daemon.workers import ARRAY_ENDED, ARRAY_SETTLE_S
+
+    d = daemon_for(tmp_path, store, slurm)
+    array, rid = reserved_array(store, slurm, tasks=3, throttle=0, running=3)
+    ended_at = time.time() - ARRAY_SETTLE_S - 1
+    slurm._clock = lambda: ended_at  # noqa: SLF001 (the tasks end at a time we choose)
+    tasks = [j.job_id for j in slurm.jobs()]
+    for job_id in tasks[:-1]:
+        slurm.finish(job_id)
+    d.reconcile_once()
+    assert reservation(store, rid)["state"] == "bound"  # one task still runs
+    slurm.finish(tasks[-1])
+    assert d.reconcile_once()["released"] == 1  # every task ended, all still listed
+    r = reservation(store, rid)
+    assert (r["state"], r["reason"]) == ("released", ARRAY_ENDED)

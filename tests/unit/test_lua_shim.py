@@ -343,6 +343,19 @@ def test_e_nice_may_go_up_not_down(tmp_path, current, asked, ok):
 
 
 @needs_lua
+def test_e_a_held_jobs_nice_cannot_change(tmp_path):
+    # Slurm 22.05 recomputes the priority on a nice change, lifting an admin hold
+    res = _modify(tmp_path, "{ nice = NICE_OFFSET + 200 }", 1000,
+                  rec="{ nice = NICE_OFFSET + 100, priority = 0 }")
+    assert res["out"]["rc"] == ACCESS_DENIED
+    (user,) = [line for line in res["log"] if line.startswith("user: ")]
+    assert "the job is held" in user
+    res = _modify(tmp_path, "{ nice = NICE_OFFSET + 200 }", 1000,
+                  rec="{ nice = NICE_OFFSET + 100, priority = 5000 }")
+    assert res["out"]["rc"] == 0
+
+
+@needs_lua
 @pytest.mark.parametrize("rec", ["{}", "nil", "{ nice = NO_VAL16 }"])
 def test_e_nice_change_refused_when_current_nice_unreadable(tmp_path, rec):
     res = _modify(tmp_path, "{ nice = NICE_OFFSET + 1000 }", 1000, rec=rec)

@@ -141,6 +141,11 @@ def test_reserved_keys_are_refused_as_tags() -> None:
     assert "tag 'rid' is written by slurmgate itself" in d.message
 
 
+def test_a_reserved_key_is_named_whatever_its_value() -> None:
+    d = decided(job(comment="project=p,tags=team=nlp"))
+    assert d.verdict == "reject" and "tag 'tags' is written by slurmgate itself" in d.message
+
+
 def test_admin_comment_reads_the_first_segment_and_keeps_other_tools_text() -> None:
     ours = format_admin_comment("vision", "rabc", {"project": "p"})
     merged = merge_admin_comment("JS1:H4sIAAAA slurmgate:unchecked", ours)

@@ -306,6 +306,11 @@ end
 local function nice_refusal(job_desc, job_rec)
   local want = job_desc.nice
   if type(want) ~= "number" or want == NO_VAL then return nil end
+  -- Slurm 22.05 recomputes the priority on any nice change, which lifts an admin hold (the
+  -- hold slurmgate puts on a job that failed its re-check): a held job's nice stays as it is.
+  if job_rec and job_rec.priority == 0 then
+    return "Nice (the job is held; its nice cannot change until an admin releases it)"
+  end
   local cur = job_rec and job_rec.nice
   if type(cur) ~= "number" or cur == NO_VAL16 or cur == NO_VAL or cur >= BIG then
     return "Nice (slurmgate cannot read the job's current nice, so it cannot be changed)"
