@@ -47,7 +47,7 @@ def test_valid_job_runs_on_a_gpu_node_and_completes(cluster: Cluster):
     assert job["job_state"] == "COMPLETED"
     assert job["nodes"] == "node1"
     assert job["admin_comment"].startswith("slurmgate:v2;team=vision;rid=r")
-    assert "project=vit-scaling;cost_center=CC1001" in job["admin_comment"]
+    assert "tags=project=vit-scaling,cost_center=CC1001" in job["admin_comment"]
     decisions = [e for e in cluster.log_events("decision") if e["user"] == "alice"]
     assert decisions and decisions[-1]["verdict"] == "accept"
 

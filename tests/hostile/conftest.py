@@ -188,7 +188,9 @@ def ledger_problems(cluster: Cluster) -> list[str]:
        job id) in ``squeue --json``; or unbound and named by a listed job's admin comment (the
        reconcile has not bound it yet); or unbound and young (within the reconcile grace plus
        a few passes: a submission Slurm has not listed yet, or one it dropped, which the
-       reconcile releases after the grace).
+       reconcile releases after the grace). The grace counts from the reservation's creation
+       or from the daemon's start, whichever is later: a daemon that restarts cannot know how
+       long a job has been gone, and waits a whole grace again (its documented rule).
     2. Per team, what the database's live reservations still hold (est_cost less what runs
        already settled against them cost: the daemon's own rule) equals the daemon's
        ``quota`` "reserved" (asked as root), within 1e-6.
@@ -204,6 +206,9 @@ def ledger_problems(cluster: Cluster) -> list[str]:
     listed = {j["job_id"] for j in jobs} | {j["array_job_id"] for j in jobs if j["array_job_id"]}
     named = {parse_admin_comment(j["admin_comment"]).get("rid") for j in jobs}
     now = time.time()
+    from slurm_plugin.protocol import call
+
+    started = now - float(call(cluster.socket, {"op": "ping"}, timeout=10)["uptime"])
     problems = []
     held: dict[str, float] = {}
     for r in live:
@@ -211,7 +216,8 @@ def ledger_problems(cluster: Cluster) -> list[str]:
         if r["job_id"] is not None and r["job_id"] not in listed:
             problems.append(f"{what} is bound to job {r['job_id']}, which Slurm no longer "
                             "lists")
-        elif r["job_id"] is None and r["rid"] not in named and now - r["created_at"] > young:
+        elif r["job_id"] is None and r["rid"] not in named and \
+                now - max(r["created_at"], started) > young:
             problems.append(f"{what} is bound to no job, no job names it, and it is "
                             f"{now - r['created_at']:.0f} s old")
         team = r["team"] or ""
