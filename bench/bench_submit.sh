@@ -62,5 +62,6 @@ print("vanilla  (JobSubmitPlugins unset): " + ", ".join(f"{x:.2f}s" for x in v)
       + f"  -> {n / mv:.1f} jobs/s (median)")
 print("slurmgate (job_submit/lua + daemon): " + ", ".join(f"{x:.2f}s" for x in e)
       + f"  -> {n / me:.1f} jobs/s (median)")
-print(f"throughput ratio slurmgate / vanilla: {mv / me:.3f}")
+print(f"throughput ratio slurmgate / vanilla: {mv / me:.3f} (medians), "
+      f"{min(v) / min(e):.3f} (fastest rounds: the least disturbed by other load)")
 PY

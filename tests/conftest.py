@@ -144,3 +144,27 @@ def policy_override(cluster: Cluster):
     override = PolicyOverride(cluster)
     yield override
     override.restore()
+
+
+def render_lua(cluster: Cluster, fail_mode: str) -> None:
+    """Install job_submit.lua with ``fail_mode``; slurmctld loads it on the next submission
+    (it checks the file's mtime)."""
+    subprocess.run([str(cluster.dir / "bin/slurmgate"), "--socket", cluster.socket, "lua",
+                    "--fail-mode", fail_mode, "-o", str(cluster.dir / "etc/job_submit.lua")],
+                   env=cluster.env, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def daemon_stopped(cluster: Cluster):
+    """The cluster with the slurmgate daemon stopped; afterwards fail-open again and the
+    daemon back."""
+    from slurm_plugin.protocol import call
+
+    cluster.ctl("daemon", "stop")
+    try:
+        yield cluster
+    finally:
+        render_lua(cluster, "open")
+        cluster.ctl("daemon", "start")
+        wait_for(lambda: call(cluster.socket, {"op": "ping"}, timeout=2)["ok"], 20,
+                 what="the daemon back")

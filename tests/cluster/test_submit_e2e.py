@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slurm_plugin.protocol import call
-from tests.conftest import FINAL_STATES, Cluster
+from tests.conftest import FINAL_STATES, Cluster, render_lua
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slurm
@@ -64,28 +64,9 @@ def test_account_decides_the_team_for_its_members_only(cluster: Cluster):
     assert "--account=nlp bills team nlp" in err and "your teams: vision" in err
 
 
-def _render_lua(cluster: Cluster, fail_mode: str) -> None:
-    subprocess.run(
-        ["/opt/slurmgate/venv/bin/slurmgate", "--socket", cluster.socket, "lua",
-         "--fail-mode", fail_mode, "-o", str(cluster.dir / "etc/job_submit.lua")],
-        env=cluster.env, check=True, capture_output=True, timeout=30,
-    )
-
-
-@pytest.fixture
-def daemon_stopped(cluster: Cluster):
-    cluster.ctl("daemon", "stop")
-    try:
-        yield cluster
-    finally:
-        _render_lua(cluster, "open")
-        cluster.ctl("daemon", "start")
-        wait_for(lambda: call(cluster.socket, {"op": "ping"})["ok"], 20, what="daemon back")
-
-
 def test_daemon_down_fail_open_accepts_and_marks_unchecked(daemon_stopped: Cluster):
     c = daemon_stopped
-    _render_lua(c, "open")
+    render_lua(c, "open")
     job_id = c.submit_ok("alice", "--gres=gpu:1", tags="anything")
     assert c.job(job_id)["admin_comment"] == "slurmgate:unchecked"
     c.scancel(job_id)
@@ -93,7 +74,7 @@ def test_daemon_down_fail_open_accepts_and_marks_unchecked(daemon_stopped: Clust
 
 def test_daemon_down_fail_closed_rejects_with_the_stated_message(daemon_stopped: Cluster):
     c = daemon_stopped
-    _render_lua(c, "closed")
+    render_lua(c, "closed")
     # slurmctld picks up the new script on the next submission (it checks the mtime)
     out = c.sbatch("alice", "--gres=gpu:1")
     assert out.returncode != 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Cluster
+from tests.conftest import REPO, Cluster, render_lua
 from tests.waiting import wait_for
 
 PYTHON = sys.executable
@@ -291,13 +291,6 @@ def scontrol_as(cluster: Cluster, user: str, *args: str) -> subprocess.Completed
                           cwd="/tmp", capture_output=True, text=True, timeout=30)
 
 
-def render_lua(cluster: Cluster, fail_mode: str) -> None:
-    """Install job_submit.lua with ``fail_mode``; slurmctld loads it on the next submission."""
-    subprocess.run([str(cluster.dir / "bin/slurmgate"), "--socket", cluster.socket, "lua",
-                    "--fail-mode", fail_mode, "-o", str(cluster.dir / "etc/job_submit.lua")],
-                   env=cluster.env, check=True, capture_output=True, timeout=30)
-
-
-__all__ += ["Submitted", "events_of", "ledger_invariant", "ledger_problems",
-            "live_reservations", "render_lua", "reservation", "reservation_count",
+__all__ += ["Submitted", "render_lua", "events_of", "ledger_invariant", "ledger_problems",
+            "live_reservations", "reservation", "reservation_count",
             "scontrol_as", "spawn_as"]

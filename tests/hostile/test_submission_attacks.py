@@ -22,7 +22,6 @@ from slurm_plugin.protocol import call
 from tests.conftest import FINAL_STATES, TAGS, Cluster
 from tests.hostile.conftest import (
     Submitted,
-    daemon_alive,
     events_of,
     render_lua,
     reservation,
@@ -399,17 +398,6 @@ def test_nice_may_go_up_but_never_down(cluster: Cluster, submitted: Submitted) -
 # -- 8. jobs accepted while the daemon was away --------------------------------------------
 
 
-@pytest.fixture
-def daemon_down(cluster: Cluster):
-    cluster.ctl("daemon", "stop")
-    try:
-        yield cluster
-    finally:
-        render_lua(cluster, "open")
-        cluster.ctl("daemon", "start")
-        wait_for(lambda: daemon_alive(cluster), 20, 0.3, what="the daemon back")
-
-
 def held_by_slurmgate(cluster: Cluster, job_id: int) -> dict | None:
     job = cluster.job(job_id)
     held = job["priority"] == 0 and job["state_reason"] == "JobHeldAdmin" and \
@@ -418,9 +406,9 @@ def held_by_slurmgate(cluster: Cluster, job_id: int) -> dict | None:
 
 
 def test_jobs_accepted_unchecked_are_decided_when_the_daemon_is_back(
-        daemon_down: Cluster, submitted: Submitted) -> None:
+        daemon_stopped: Cluster, submitted: Submitted) -> None:
     """H5 (fail-open): unchecked jobs used to stay unchecked forever."""
-    c = daemon_down
+    c = daemon_stopped
     assert fail_mode(c) == "open"
     stranger, _ = submitted.ok("mallory", "--gres=gpu:1", LATER, tags=TAGS["alice"])
     untagged, _ = submitted.ok("alice", "--gres=gpu:1", LATER, tags="")
@@ -446,11 +434,11 @@ def test_jobs_accepted_unchecked_are_decided_when_the_daemon_is_back(
 
 
 def test_a_job_slurmgate_held_stays_held_when_its_owner_raises_the_nice(
-        daemon_down: Cluster, submitted: Submitted) -> None:
+        daemon_stopped: Cluster, submitted: Submitted) -> None:
     """Slurm 22.05 recomputes a job's priority when its nice changes (slurmctld.log: "nice
     changed from .. to .., setting priority to 2"), which lifts an admin hold. Raising the nice
     is otherwise allowed, so it must not be for a job slurmgate held."""
-    c = daemon_down
+    c = daemon_stopped
     job_id, _ = submitted.ok("mallory", "--gres=gpu:1", LATER, tags=TAGS["alice"])
     c.ctl("daemon", "start")
     wait_for(lambda: held_by_slurmgate(c, job_id), 60, 0.5, what=f"job {job_id} held")
@@ -462,9 +450,9 @@ def test_a_job_slurmgate_held_stays_held_when_its_owner_raises_the_nice(
     assert out.returncode != 0
 
 
-def test_fail_closed_rejects_while_the_daemon_is_down(daemon_down: Cluster) -> None:
-    render_lua(daemon_down, "closed")
-    out = daemon_down.sbatch("alice", "--gres=gpu:1")
+def test_fail_closed_rejects_while_the_daemon_is_down(daemon_stopped: Cluster) -> None:
+    render_lua(daemon_stopped, "closed")
+    out = daemon_stopped.sbatch("alice", "--gres=gpu:1")
     err = out.stderr.decode(errors="replace")
     assert out.returncode != 0, out.stdout
     assert "slurmgate: job rejected: the job policy service is down" in err, err
