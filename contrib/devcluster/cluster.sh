@@ -3,10 +3,12 @@
 #
 #   cluster.sh start | stop | restart | status | logs [N]
 #   cluster.sh daemon start | stop | restart | reload     (reload = SIGHUP to the slurmgate daemon)
+#   cluster.sh packages | install-packages                 (the Debian packages it needs)
 #
 # Two slurmd (node1: 4x a100, node2: 4x h100, fake GPU char devices) plus slurmctld on this
 # host, all configured under $DEVCLUSTER_DIR (default <repo>/.devcluster). Needs root and
-# Debian 12 (Slurm 22.05). Permissions are production's (contrib/INSTALL.md): slurmctld and
+# Debian 12 (Slurm 22.05), or the Debian 13/sid chroots of chroot.sh (Slurm 24.11, 26.05):
+# the Slurm release is read once from `slurmctld -V` and the config follows it. Permissions are production's (contrib/INSTALL.md): slurmctld and
 # jobcomp run as the SlurmUser `slurm`, the slurmgate daemon as its service user (also
 # `slurm`), slurmd with Prolog/Epilog as root, researchers as unprivileged users; the spool and
 # the checkpoint root are writable by none of the researchers. `stop` cancels running jobs (pending ones survive), then ends
@@ -32,6 +34,8 @@ NODES=(node1 node2)
 RESEARCHERS=(alice bob carol mallory)
 SLURM_USER=slurm
 PACKAGES=(slurmctld slurmd slurm-client munge lua-socket lua-cjson lua5.1 python3-venv)
+
+SLURM_RELEASE=""   # e.g. 22.05.8; set by detect_slurm_release
 
 CONF="$DIR/etc/slurm.conf"
 SOCK="$DIR/run/slurmgate.sock"
@@ -125,6 +129,22 @@ install_missing_packages() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# ---------------------------------------------------------------- the Slurm release
+
+detect_slurm_release() {
+    [[ -z "$SLURM_RELEASE" ]] || return 0
+    command -v slurmctld >/dev/null || die "slurmctld not installed (run: $0 install-packages)"
+    SLURM_RELEASE="$(slurmctld -V | awk '{print $2}')"
+    [[ "$SLURM_RELEASE" =~ ^[0-9]+\.[0-9]+ ]] \
+        || die "cannot read the Slurm release from 'slurmctld -V' ($(slurmctld -V))"
+}
+
+# slurm_at_least 24.05: true when the installed Slurm is that release or newer.
+slurm_at_least() {
+    detect_slurm_release
+    [[ "$(printf '%s\n%s\n' "$1" "$SLURM_RELEASE" | sort -V | head -n1)" == "$1" ]]
 }
 
 munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
@@ -235,9 +255,25 @@ render_template() {
     install_if_changed "$tmp" "$DIR/etc/$name" 0644
 }
 
+# From 24.05 slurmd sets up cgroups even with proctrack/linuxproc and task/none, and fails
+# where it cannot (a chroot, a container). `CgroupPlugin=disabled` exists from 24.05 on
+# (cgroup.conf(5) of 23.11 lists only cgroup/v1, cgroup/v2, autodetect). 22.05 needs no file.
+render_cgroup_conf() {
+    if slurm_at_least 24.05; then
+        write_file "$DIR/etc/cgroup.conf" 0644 <<EOF
+# Written by contrib/devcluster/cluster.sh for Slurm $SLURM_RELEASE -- edits here are overwritten.
+# The dev cluster tracks job processes with proctrack/linuxproc and confines nothing.
+CgroupPlugin=disabled
+EOF
+    else
+        rm -f "$DIR/etc/cgroup.conf"
+    fi
+}
+
 render_slurm_conf() {
     render_template slurm.conf
     render_template gres.conf
+    render_cgroup_conf
 }
 
 # Plain `sbatch` (no SLURM_CONF) should reach this cluster, but never clobber a real config.
@@ -373,7 +409,30 @@ start_slurmd() {
     log "starting slurmd $node"
     slurmd -f "$CONF" -N "$node" \
         || { tail -n 20 "$DIR/log/slurmd-$node.log" >&2; die "slurmd $node failed"; }
-    wait_until 15 slurmd_pid "$node" >/dev/null || die "slurmd $node did not stay up"
+    wait_until 15 slurmd_pid "$node" >/dev/null \
+        || die "slurmd $node did not stay up (see $DIR/log/slurmd-$node.log)"
+}
+
+# What Slurm says about its config when it starts: a key a newer release dropped or renamed is
+# an error or fatal line in these logs, not a failed start.
+SLURM_LOGS=(slurmctld.log slurmd-node1.log slurmd-node2.log)
+CONFIG_COMPLAINTS='fatal|Parsing error|unrecognized|deprecated|obsolete|no longer (supported|used|valid)'
+
+log_sizes() {
+    local f
+    for f in "${SLURM_LOGS[@]}"; do stat -c %s "$DIR/log/$f" 2>/dev/null || echo 0; done
+}
+
+report_config_complaints() {  # report_config_complaints SIZE-BEFORE-START...
+    local sizes=("$@") i f lines line
+    for i in "${!SLURM_LOGS[@]}"; do
+        f="$DIR/log/${SLURM_LOGS[$i]}"
+        [[ -f "$f" ]] || continue
+        lines="$(tail -c +"$((${sizes[$i]:-0} + 1))" "$f" | grep -E "$CONFIG_COMPLAINTS" || true)"
+        [[ -z "$lines" ]] && continue
+        log "warning: Slurm $SLURM_RELEASE complained while starting (${SLURM_LOGS[$i]}):"
+        while IFS= read -r line; do echo "    $line" >&2; done <<<"$lines"
+    done
 }
 
 node_states() { sinfo -h -N -o '%N %T' 2>/dev/null | sort -u; }
@@ -450,6 +509,7 @@ cmd_start() {
     local fresh=1
     any_component_running && fresh=0
     install_missing_packages
+    detect_slurm_release
     ensure_munged
     ensure_researchers
     ensure_slurm_user
@@ -462,11 +522,14 @@ cmd_start() {
     [[ -x "$VENV/bin/slurmgate" ]] || die "$VENV/bin/slurmgate missing (run 'make install')"
     render_job_submit_lua
     start_daemon
+    local sizes
+    mapfile -t sizes < <(log_sizes)
     start_slurmctld
     local n
     for n in "${NODES[@]}"; do start_slurmd "$n"; done
     wait_for_nodes
-    log "up: $(node_states | paste -sd' ')  (source $DIR/env.sh)"
+    report_config_complaints "${sizes[@]}"
+    log "up (Slurm $SLURM_RELEASE): $(node_states | paste -sd' ')  (source $DIR/env.sh)"
 }
 
 cmd_stop() {
@@ -508,6 +571,13 @@ cmd_logs() {
     done
 }
 
+cmd_packages() { printf '%s\n' "${PACKAGES[@]}"; }
+
+cmd_install_packages() {
+    [[ $EUID -eq 0 ]] || die "must run as root"
+    install_missing_packages
+}
+
 cmd_daemon() {
     case "${1:-}" in
         start) start_daemon ;;
@@ -526,7 +596,9 @@ main() {
         status) cmd_status ;;
         logs) cmd_logs "${2:-50}" ;;
         daemon) cmd_daemon "${2:-}" ;;
-        *) echo "usage: $0 start|stop|restart|status|logs [N]|daemon start|stop|restart|reload" >&2
+        packages) cmd_packages ;;
+        install-packages) cmd_install_packages ;;
+        *) echo "usage: $0 start|stop|restart|status|logs [N]|daemon start|stop|restart|reload|packages|install-packages" >&2
            exit 2 ;;
     esac
 }
