@@ -44,5 +44,9 @@ if [ -t 0 ] && [ -t 1 ]; then
     read -r -t 15 -p "Press Enter to open it (or wait 15 s)... " _ || true
     exec "$SG" tui
 else
-    echo "(no terminal: run \`source .devcluster/env.sh && slurmgate tui\` yourself)"
+    open_tui="source ${DEVCLUSTER_DIR:-.devcluster}/env.sh && slurmgate tui"
+    if [ -n "${SLURMGATE_CHROOT:-}" ]; then   # make demo SLURM=<version>: the TUI runs in there
+        open_tui="bash contrib/devcluster/chroot.sh run $SLURMGATE_CHROOT -- bash -c '$open_tui'"
+    fi
+    echo "(no terminal: run \`$open_tui\` yourself)"
 fi
