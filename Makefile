@@ -32,8 +32,8 @@ help:
 	@echo "venv: $(VENV)   cluster state: $(DEVCLUSTER_DIR)"
 
 # What only the tests need: headless Chromium renders the HTML statement, systemd-analyze
-# verifies the units, logrotate checks its config.
-TEST_PACKAGES := chromium logrotate systemd
+# verifies the units (and runs man on their Documentation= pages), logrotate checks its config.
+TEST_PACKAGES := chromium logrotate systemd man-db
 
 test-deps:
 	@missing=""; for p in $(TEST_PACKAGES); do \

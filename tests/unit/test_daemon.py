@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -410,7 +411,8 @@ def test_one_bad_record_never_stalls_ingest_and_good_ones_ingest_once(tmp_path):
     os.mkfifo(root / "node" / "node_run.c1.5.0.n.fifo.json")
     os.symlink("/etc/shadow", root / "node" / "node_run.c1.6.0.n.link.json")
     theirs = spool.write_record(root, make_node_run(7))
-    os.chown(theirs, 1001, -1)
+    alice = pwd.getpwnam("alice").pw_uid  # 1001 on a Debian 12 host, 1000 in a fresh chroot
+    os.chown(theirs, alice, -1)
     time.sleep(0.01)
     after = spool.write_record(root, make_jobcomp(980))
     for _ in range(3):
@@ -424,7 +426,7 @@ def test_one_bad_record_never_stalls_ingest_and_good_ones_ingest_once(tmp_path):
     assert len(names) == 7 and all((q / (n + ".reason")).exists() for n in names)
     reasons = " | ".join((q / (n + ".reason")).read_text() for n in names)
     for expected in ("nested too deeply", "digits", "not UTF-8", "a jobcomp record in node/",
-                     "a FIFO", "a symbolic link", "owned by uid 1001 (alice)"):
+                     "a FIFO", "a symbolic link", f"owned by uid {alice} (alice)"):
         assert expected in reasons, expected
     assert len(_events(store, "quarantine")) == 7
     log = (tmp_path / "log").read_text()
