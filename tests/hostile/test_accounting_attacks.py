@@ -105,7 +105,8 @@ def test_forged_records_with_a_user_owner_are_quarantined_and_change_nothing(
     node = job["nodes"]
     before_actions, before_spend = privileged_actions(cluster), spend(cluster)
 
-    drop = Path(f"/tmp/sg-forged-{os.getpid()}")
+    # beside the spool, so rename() stays on one mount (/tmp need not be: in a chroot it is not)
+    drop = cluster.dir / f"forged-drop-{os.getpid()}"
     drop.mkdir(exist_ok=True)
     shutil.chown(drop, ATTACKER)
     for name, record in (("forged-nodefail.json", forged_node_fail(cluster, victim, node)),
