@@ -5,6 +5,7 @@
 #   chroot.sh build VERSION            build the chroot for Slurm VERSION, or reuse the cached one
 #   chroot.sh run VERSION -- CMD...    run CMD as root inside it (the repo at the same path)
 #   chroot.sh umount VERSION           stop its munged and unmount what `run` mounted
+#   chroot.sh remove VERSION           umount, then delete it (the next build starts afresh)
 #   chroot.sh path VERSION             print where it lives
 #   chroot.sh versions                 list the Slurm versions this script knows
 #
@@ -50,7 +51,7 @@ log() { echo "chroot: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    echo "usage: $0 build VERSION | run VERSION -- CMD... | umount VERSION | path VERSION | versions" >&2
+    echo "usage: $0 build|umount|remove|path VERSION | run VERSION -- CMD... | versions" >&2
     exit 2
 }
 
@@ -302,6 +303,14 @@ cmd_umount() {
     unmount_chroot "$1"
 }
 
+cmd_remove() {
+    check_version "${1:-}"
+    [[ $EUID -eq 0 ]] || die "must run as root"
+    exec 9>"$CACHE/.$1.lock"
+    flock 9
+    remove_chroot "$1"
+}
+
 main() {
     local command="${1:-}"
     shift || true
@@ -309,6 +318,7 @@ main() {
         build) cmd_build "${1:-}" ;;
         run) cmd_run "$@" ;;
         umount) cmd_umount "${1:-}" ;;
+        remove) cmd_remove "${1:-}" ;;
         path) check_version "${1:-}"; chroot_dir "$1" ;;
         versions) known_versions ;;
         *) usage ;;
