@@ -4,10 +4,10 @@
 #   make unit          install, run the tests that need no cluster (tests/unit, about a minute)
 #   make check         ruff, the type checker (mypy) and the import contracts (lint-imports)
 #   make stop | status | logs [N=100] | lint
-# Another Slurm: add SLURM=24.11, SLURM=26.05 (or SLURM=22.05) to install, cluster, stop, status, logs, test,
-# unit, check or demo: the same target runs inside a Debian chroot carrying that Slurm
-# (contrib/devcluster/chroot.sh builds and caches it), with its cluster in .devcluster-<version>
-# on its own ports, beside the host's. Without SLURM= the host's Slurm is used.
+# Another Slurm: add SLURM=24.11 or SLURM=26.05 (or 22.05) to install, cluster, stop, status,
+# logs, test, unit, check or demo: the same target runs inside a Debian chroot carrying that
+# Slurm (contrib/devcluster/chroot.sh builds and caches it), with its cluster in
+# .devcluster-<version> on its own ports, beside the host's. Without SLURM= the host's Slurm.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 

@@ -62,7 +62,8 @@ known_versions() { printf '%s\n' "${!SUITE_OF[@]}" | sort -V; }
 check_version() {
     [[ -n "${1:-}" ]] || usage
     [[ -n "${SUITE_OF[$1]:-}" ]] \
-        || die "no chroot for Slurm '$1'; known: $(known_versions | paste -sd' ') (the table is SUITE_OF in $0)"
+        || die "no chroot for Slurm '$1'; known: $(known_versions | paste -sd' ')" \
+            "(the table is SUITE_OF in $0)"
 }
 
 chroot_dir() { echo "$CACHE/$1"; }
@@ -227,8 +228,22 @@ check_slurm_release() {
     got="$(chroot "$root" slurmctld -V 2>/dev/null | awk '{print $2}')" \
         || die "no slurmctld in $root after the build"
     [[ "$got" == "$version" || "$got" == "$version".* ]] \
-        || die "Debian ${SUITE_OF[$version]} now ships Slurm $got, not $version; update SUITE_OF in $0"
+        || die "Debian ${SUITE_OF[$version]} now ships Slurm $got, not $version;" \
+            "update SUITE_OF in $0"
     log "Slurm $got in $root"
+}
+
+# The same `make packages` a Debian host would run, inside.
+install_what_make_test_needs() {
+    local root="$1" build_log="$2" proxies
+    log "installing what make test needs (make packages, inside)"
+    mapfile -t proxies < <(proxy_environment)
+    if ! chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+        LANG=C.UTF-8 "${proxies[@]}" make -s --no-print-directory -C "$REPO" packages SLURM= \
+        >>"$build_log" 2>&1; then
+        tail -n 20 "$build_log" >&2
+        die "'make packages' failed inside $root (log: $build_log)"
+    fi
 }
 
 cmd_build() {
@@ -254,12 +269,7 @@ cmd_build() {
     accept_snapshot_mirror "$root"
     mount_host_filesystems "$root"
     share_host_network_setup "$root"
-    log "installing what make test needs (make packages, inside)"
-    local proxies
-    mapfile -t proxies < <(proxy_environment)
-    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-        "${proxies[@]}" make -s --no-print-directory -C "$REPO" packages SLURM= >>"$build_log" 2>&1 \
-        || { tail -n 20 "$build_log" >&2; die "'make packages' failed inside $root (log: $build_log)"; }
+    install_what_make_test_needs "$root" "$build_log"
     check_slurm_release "$version"
     wanted_stamp "$version" >"$root/$STAMP_NAME.tmp"
     echo "built=$(date -u +%FT%TZ) seconds=$((SECONDS - started))" >>"$root/$STAMP_NAME.tmp"

@@ -7,11 +7,12 @@
 #
 # Two slurmd (node1: 4x a100, node2: 4x h100, fake GPU char devices) plus slurmctld on this
 # host, all configured under $DEVCLUSTER_DIR (default <repo>/.devcluster). Needs root and
-# Debian 12 (Slurm 22.05), or the Debian 13/sid chroots of chroot.sh (Slurm 24.11, 26.05):
-# the Slurm release is read once from `slurmctld -V` and the config follows it. Permissions are production's (contrib/INSTALL.md): slurmctld and
-# jobcomp run as the SlurmUser `slurm`, the slurmgate daemon as its service user (also
-# `slurm`), slurmd with Prolog/Epilog as root, researchers as unprivileged users; the spool and
-# the checkpoint root are writable by none of the researchers. `stop` cancels running jobs (pending ones survive), then ends
+# Debian 12 (Slurm 22.05), or a chroot of chroot.sh (Debian 13: 24.11, sid: 26.05): the Slurm
+# release is read once from `slurmctld -V` and the config follows it.
+# Permissions are production's (contrib/INSTALL.md): slurmctld and jobcomp run as the SlurmUser
+# `slurm`, the slurmgate daemon as its service user (also `slurm`), slurmd with Prolog/Epilog as
+# root, researchers as unprivileged users; the spool and the checkpoint root are writable by
+# none of the researchers. `stop` cancels running jobs (pending ones survive), then ends
 # slurmctld, slurmd, the slurmgate daemon and any leftover job processes of this cluster;
 # munged is left running (other Slurm installs may share it).
 #
@@ -255,9 +256,10 @@ render_template() {
     install_if_changed "$tmp" "$DIR/etc/$name" 0644
 }
 
-# From 24.05 slurmd sets up cgroups even with proctrack/linuxproc and task/none, and fails
-# where it cannot (a chroot, a container). `CgroupPlugin=disabled` exists from 24.05 on
-# (cgroup.conf(5) of 23.11 lists only cgroup/v1, cgroup/v2, autodetect). 22.05 needs no file.
+# slurmd starts its cgroup plugin even with proctrack/linuxproc and task/none, and will not
+# start without /sys/fs/cgroup (seen on 22.05 and 24.11 in a chroot). `CgroupPlugin=disabled`
+# turns that off from 24.05 on (cgroup.conf(5) of 23.11 lists only cgroup/v1, cgroup/v2 and
+# autodetect); older releases need /sys/fs/cgroup, which the host and chroot.sh provide.
 render_cgroup_conf() {
     if slurm_at_least 24.05; then
         write_file "$DIR/etc/cgroup.conf" 0644 <<EOF
