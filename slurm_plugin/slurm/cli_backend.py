@@ -1,6 +1,7 @@
 """CliSlurm: the Slurm client layer over squeue/sinfo/scontrol/scancel (the default backend).
 
-Reads ``squeue --json`` and ``sinfo --json`` (openapi v0.0.38 on Slurm 22.05). The readers
+Reads ``squeue --json`` and, for nodes, ``sinfo --json`` (openapi v0.0.38 on Slurm 22.05) or
+``scontrol show nodes --json`` (23.02 on, where sinfo's JSON groups nodes into rows). The readers
 also accept the shapes later plugins use (numbers as ``{"set", "infinite", "number"}``,
 states as lists, structured exit codes), so a newer Slurm degrades to missing fields rather
 than to a crash. Every command runs from an argv list (never a shell) with a timeout.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
@@ -47,6 +49,9 @@ _SCONTROL_JOB_TAGS = {
 }
 _NO_VAL = 0xFFFFFFFE  # NO_VAL (and INFINITE above it) for 32-bit fields
 _NO_VAL16 = 0xFFFE
+_EAGAIN = "Resource temporarily unavailable"
+_EAGAIN_TRIES = 5
+_EAGAIN_WAIT = 0.2  # seconds, times the attempt number
 _SQUEUE_ENV = {"SLURM_BITSTR_LEN": "0"}
 """squeue writes an array's waiting task ids in full (default: cut at 64 characters, "...")."""
 
@@ -55,8 +60,9 @@ _SQUEUE_ENV = {"SLURM_BITSTR_LEN": "0"}
 # Tolerant readers for one JSON record
 
 
-def _num(value: Any) -> int | None:
-    """An integer from 22.05's plain numbers or 23.02+'s {"set", "infinite", "number"}."""
+def read_int(value: Any) -> int | None:
+    """An integer from 22.05's plain numbers or 23.11+'s {"set", "infinite", "number"}
+    (None when unset or infinite)."""
     if isinstance(value, dict):
         if not value.get("set", True) or value.get("infinite"):
             return None
@@ -72,23 +78,23 @@ def _num(value: Any) -> int | None:
     return None
 
 
-def _text(value: Any) -> str | None:
+def read_text(value: Any) -> str | None:
     return value if isinstance(value, str) and value != "" else None
 
 
 def _count(value: Any, unset: int = _NO_VAL) -> int | None:
     """A count or size Slurm may leave unset: None for missing, negative or a sentinel
     (``unset`` and above: NO_VAL/INFINITE, NO_VAL16 for 16-bit fields)."""
-    n = _num(value)
+    n = read_int(value)
     return n if n is not None and 0 <= n < unset else None
 
 
 def _ts(value: Any) -> float | None:
-    n = _num(value)
+    n = read_int(value)
     return float(n) if n and 0 < n < _NO_VAL else None
 
 
-def _state(value: Any) -> tuple[str, tuple[str, ...]]:
+def read_state(value: Any) -> tuple[str, tuple[str, ...]]:
     """(base, flags) from "RUNNING", ["PENDING", "REQUEUED"] or "IDLE+DRAIN"."""
     if isinstance(value, list):
         words = [str(v) for v in value if isinstance(v, str) and v]
@@ -104,13 +110,13 @@ def _state(value: Any) -> tuple[str, tuple[str, ...]]:
 def _exit_code(value: Any) -> str | None:
     """"code:signal" from a raw wait status (22.05: 768 is exit 3) or a structured one."""
     if isinstance(value, dict):
-        code = _num(value.get("return_code"))
+        code = read_int(value.get("return_code"))
         sig = value.get("signal")
-        sig_num = _num(sig.get("id")) if isinstance(sig, dict) else _num(sig)
+        sig_num = read_int(sig.get("id")) if isinstance(sig, dict) else read_int(sig)
         if code is None and sig_num is None:
             return None
         return f"{code or 0}:{sig_num or 0}"
-    raw = _num(value)
+    raw = read_int(value)
     if raw is None or raw < 0:
         return None
     return f"{(raw >> 8) & 0xFF}:{raw & 0x7F}"
@@ -125,7 +131,7 @@ def _gres_detail(value: Any) -> list[str]:
 
 
 def _tres_text(value: Any) -> str | None:
-    text = _text(value)
+    text = read_text(value)
     return text if text and text != "(null)" else None
 
 
@@ -139,20 +145,20 @@ def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
     tasks_per_node, time_limit (minutes), tres_per_job/node/socket/task, user_id, user_name.
     v0.0.38 writes plain numbers (null or the raw sentinel when unset), later ones
     ``{"set", "infinite", "number"}``."""
-    job_id = _num(rec.get("job_id"))
+    job_id = read_int(rec.get("job_id"))
     if not job_id or job_id <= 0:
         raise ValueError(f"job record without a job id: {str(dict(rec))[:200]}")
-    state, _flags = _state(rec.get("job_state"))
+    state, _flags = read_state(rec.get("job_state"))
     state = state.upper()
-    node_count = _num(rec.get("node_count")) or 0
+    node_count = read_int(rec.get("node_count")) or 0
     request: dict[str, Any] = {
         "tres_per_node": _tres_text(rec.get("tres_per_node")),
         "tres_per_job": _tres_text(rec.get("tres_per_job")),
         "tres_per_task": _tres_text(rec.get("tres_per_task")),
         "tres_per_socket": _tres_text(rec.get("tres_per_socket")),
         "min_nodes": node_count or None,
-        "num_tasks": _num(rec.get("tasks")),
-        "sockets_per_node": _num(rec.get("sockets_per_node")),
+        "num_tasks": read_int(rec.get("tasks")),
+        "sockets_per_node": read_int(rec.get("sockets_per_node")),
     }
     try:
         req = JobRequest.model_validate({k: v for k, v in request.items() if v is not None})
@@ -162,25 +168,25 @@ def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
         gpu_type, gpus, gpu_error = None, 0.0, f"unreadable request fields: {exc}"
     if gpu_error:
         log.warning("job %s: GPU request not understood: %s", job_id, gpu_error)
-    array_job = _num(rec.get("array_job_id"))
-    reason = _text(rec.get("state_reason"))
-    limit = _num(rec.get("time_limit"))
-    nodes = _text(rec.get("nodes"))
+    array_job = read_int(rec.get("array_job_id"))
+    reason = read_text(rec.get("state_reason"))
+    limit = read_int(rec.get("time_limit"))
+    nodes = read_text(rec.get("nodes"))
     return Job(
         **_request_fields(rec, request),
         job_id=job_id,
         array_job_id=array_job or None,
-        array_task_id=_num(rec.get("array_task_id")) if array_job else None,
-        user=_text(rec.get("user_name")),
-        uid=_num(rec.get("user_id")),
-        account=_text(rec.get("account")),
-        partition=_text(rec.get("partition")),
+        array_task_id=read_int(rec.get("array_task_id")) if array_job else None,
+        user=read_text(rec.get("user_name")),
+        uid=read_int(rec.get("user_id")),
+        account=read_text(rec.get("account")),
+        partition=read_text(rec.get("partition")),
         state=state,
         reason=None if reason == "None" else reason,
-        nice=_num(rec.get("nice")) or 0,
-        priority=_num(rec.get("priority")),
-        comment=_text(rec.get("comment")),
-        admin_comment=_text(rec.get("admin_comment")),
+        nice=read_int(rec.get("nice")) or 0,
+        priority=read_int(rec.get("priority")),
+        comment=read_text(rec.get("comment")),
+        admin_comment=read_text(rec.get("admin_comment")),
         gpu_type=gpu_type,
         gpus=gpus,
         nodes=nodes,
@@ -190,14 +196,14 @@ def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
         else _ts(rec.get("start_time")),
         end_ts=_ts(rec.get("end_time")) if state in FINISHED_STATES else None,
         time_limit_min=limit if limit is not None and 0 < limit < _NO_VAL else None,
-        restart_count=_num(rec.get("restart_cnt")) or 0,
+        restart_count=read_int(rec.get("restart_cnt")) or 0,
         requeue=rec.get("requeue") is True,
         exit_code=_exit_code(rec.get("exit_code")),
-        cpus=_num(rec.get("cpus")) or 0,
-        work_dir=_text(rec.get("current_working_directory")),
-        name=_text(rec.get("name")),
-        cluster=_text(rec.get("cluster")),
-        exc_nodes=_text(rec.get("excluded_nodes")),
+        cpus=read_int(rec.get("cpus")) or 0,
+        work_dir=read_text(rec.get("current_working_directory")),
+        name=read_text(rec.get("name")),
+        cluster=read_text(rec.get("cluster")),
+        exc_nodes=read_text(rec.get("excluded_nodes")),
         gpu_request_error=gpu_error,
     )
 
@@ -216,18 +222,18 @@ def _request_fields(rec: Mapping[str, Any], request: Mapping[str, Any]) -> dict[
         "sockets_per_node": _count(rec.get("sockets_per_node"), _NO_VAL16) or None,
         "min_mem_per_node": _count(rec.get("memory_per_node")) or None,
         "min_mem_per_cpu": _count(rec.get("memory_per_cpu")) or None,
-        "features": _text(rec.get("features")),
-        "array_task_string": _text(rec.get("array_task_string")),
+        "features": read_text(rec.get("features")),
+        "array_task_string": read_text(rec.get("array_task_string")),
         "array_max_tasks": _count(rec.get("array_max_tasks")) or None,
     }
 
 
 def node_from_sinfo(rec: Mapping[str, Any]) -> Node:
     """One ``sinfo --json`` node record as a Node. Raises ValueError without a name."""
-    name = _text(rec.get("name"))
+    name = read_text(rec.get("name"))
     if not name:
         raise ValueError(f"node record without a name: {str(dict(rec))[:200]}")
-    base, more_flags = _state(rec.get("state"))
+    base, more_flags = read_state(rec.get("state"))
     flags = [f.upper() for f in rec.get("state_flags") or [] if isinstance(f, str)]
     flags += [f for f in more_flags if f not in flags]
     parts = rec.get("partitions")
@@ -235,11 +241,11 @@ def node_from_sinfo(rec: Mapping[str, Any]) -> Node:
         name=name,
         state=base.lower(),
         flags=tuple(flags),
-        reason=_text(rec.get("reason")),
-        gpus_total=node_gpu_counts(_text(rec.get("gres"))),
-        gpus_used=node_gpu_counts(_text(rec.get("gres_used"))),
-        cpus=_num(rec.get("cpus")) or 0,
-        alloc_cpus=_num(rec.get("alloc_cpus")) or 0,
+        reason=read_text(rec.get("reason")),
+        gpus_total=node_gpu_counts(read_text(rec.get("gres"))),
+        gpus_used=node_gpu_counts(read_text(rec.get("gres_used"))),
+        cpus=read_int(rec.get("cpus")) or 0,
+        alloc_cpus=read_int(rec.get("alloc_cpus")) or 0,
         partitions=tuple(p for p in parts if isinstance(p, str)) if isinstance(parts, list)
         else (),
     )
@@ -266,6 +272,7 @@ class CliSlurm:
         self.bin_dir = bin_dir
         self.env = dict(env) if env is not None else None
         self._cache: tuple[float, list[Job]] | None = None
+        self._version: tuple[int, int] | None = None
 
     # -- running commands ------------------------------------------------------------------
 
@@ -314,7 +321,30 @@ class CliSlurm:
 
     def _action(self, argv: list[str]) -> None:
         self._cache = None
-        self._run(argv)
+        for attempt in range(_EAGAIN_TRIES):
+            try:
+                self._run(argv)
+                return
+            except SlurmError as exc:
+                # 24.11/26.05's slurmctld answers `scontrol update` with EAGAIN now and then
+                if attempt + 1 == _EAGAIN_TRIES or _EAGAIN not in str(exc):
+                    raise
+                log.info("%s: %s; trying again", " ".join(argv), _EAGAIN)
+                time.sleep(_EAGAIN_WAIT * (attempt + 1))
+
+    def slurm_version(self) -> tuple[int, int] | None:
+        """(major, minor) of the Slurm commands, from ``sinfo --version`` (asked once; None
+        when it cannot be read, and asked again next time)."""
+        if self._version is None:
+            try:
+                out = self._run(["sinfo", "--version"])
+            except SlurmError:
+                return None
+            m = re.search(r"\b(\d+)\.(\d+)(?:\.\d+)?\b", out.stdout)
+            if not m:
+                return None
+            self._version = (int(m.group(1)), int(m.group(2)))
+        return self._version
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -326,9 +356,12 @@ class CliSlurm:
         if self._cache and self.cache_seconds > 0 and now - self._cache[0] < self.cache_seconds:
             everything = self._cache[1]
         else:
-            # squeue --json ignores -j (verified on 22.05): always the whole queue, filtered here
+            # squeue --json ignores -j (verified on 22.05): always the whole queue, filtered here.
+            # 22.05's JSON ignores --states too and lists finished jobs; from 23.02 the filters
+            # apply, and without --states=all finished jobs (MinJobAge) are left out.
             everything = []
-            for rec in self._json(["squeue", "--all", "--json"], "jobs", _SQUEUE_ENV):
+            for rec in self._json(["squeue", "--all", "--states=all", "--json"], "jobs",
+                                  _SQUEUE_ENV):
                 try:
                     everything.append(job_from_squeue(rec, self.shards_per_gpu))
                 except ValueError as exc:
@@ -345,7 +378,12 @@ class CliSlurm:
 
     def nodes(self) -> list[Node]:
         merged: dict[str, Node] = {}
-        for rec in self._json(["sinfo", "--all", "--json"], "nodes"):
+        # From 23.02 `sinfo --json` writes grouped rows ("sinfo"), and node records come
+        # from `scontrol show nodes --json` (same fields as 22.05's sinfo node records).
+        version = self.slurm_version()
+        argv = (["scontrol", "show", "nodes", "--json"] if version and version >= (23, 2)
+                else ["sinfo", "--all", "--json"])
+        for rec in self._json(argv, "nodes"):
             try:
                 node = node_from_sinfo(rec)
             except ValueError as exc:
@@ -432,4 +470,5 @@ class CliSlurm:
                       f"Reason={check_reason(reason)}"])
 
 
-__all__ = ["CliSlurm", "job_from_squeue", "node_from_sinfo"]
+__all__ = ["CliSlurm", "job_from_squeue", "node_from_sinfo", "read_int", "read_state",
+           "read_text"]

@@ -192,7 +192,8 @@ def test_cli_reports_timeouts_and_garbage(tmp_path: Path):
     _fake_command(tmp_path, "squeue", "exec sleep 5")
     _fake_command(tmp_path, "sinfo", "echo 'not json'")
     cli = CliSlurm(bin_dir=str(tmp_path), timeout=0.3)
-    with pytest.raises(SlurmError, match=r"`squeue --all --json` failed .*no answer within 0.3"):
+    with pytest.raises(SlurmError,
+                       match=r"`squeue --all --states=all --json` failed .*no answer within 0.3"):
         cli.jobs()
     with pytest.raises(SlurmError, match="not JSON"):
         cli.nodes()
