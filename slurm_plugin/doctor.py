@@ -81,12 +81,24 @@ def read_scontrol(timeout: float = 20.0) -> str:
 
 
 def parse_slurm_config(text: str) -> dict[str, str]:
-    """``Key = Value`` lines of ``scontrol show config`` (keys case-insensitive, lower-cased)."""
+    """``Key = Value`` lines of ``scontrol show config`` (keys case-insensitive, lower-cased).
+
+    From 23.11 a list setting is one line per item, ``Prolog[0] = /a`` and ``Prolog[1] = /b``
+    (22.05: ``Prolog = /a,/b``): the items are joined with "," under the plain key."""
     conf: dict[str, str] = {}
+    listed: dict[str, list[str]] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if sep and key.strip() and " " not in key.strip():
-            conf.setdefault(key.strip().lower(), value.strip())
+        key = key.strip()
+        if not sep or not key or " " in key:
+            continue
+        item = re.fullmatch(r"([^\[\]]+)\[(\d+)\]", key)
+        if item:
+            listed.setdefault(item.group(1).lower(), []).append(value.strip())
+        else:
+            conf.setdefault(key.lower(), value.strip())
+    for key, values in listed.items():
+        conf.setdefault(key, ",".join(v for v in values if not _unset(v)))
     return conf
 
 
