@@ -570,6 +570,29 @@ class _Vanished(Exception):
     pass
 
 
+
+_MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays/objects a spool record may have (real ones are 3 or 4 deep)."""
+
+
+def _json_depth(value: object) -> int:
+    """How deeply ``value`` (parsed JSON) nests lists and dicts, without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: list[object] = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > _MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((c, depth + 1) for c in children)
+    return deepest
+
 def _read_at(dir_fd: int, name: str, owners: frozenset[int],
              max_bytes: int = MAX_RECORD_BYTES) -> tuple[dict[str, Any] | None, str | None,
                                                          int | None]:
@@ -619,6 +642,10 @@ def _read_at(dir_fd: int, name: str, owners: frozenset[int],
         except RecursionError:
             return None, "not JSON: nested too deeply", st.st_uid
         del data, chunks
+        # Python 3.14's json parses far deeper nesting than 3.11-3.13's RecursionError let
+        # through: the same bound on every Python
+        if _json_depth(record) > _MAX_JSON_DEPTH:
+            return None, "not JSON: nested too deeply", st.st_uid
         problem = validate(record)
         if problem:
             return None, problem, st.st_uid
