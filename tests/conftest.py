@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from policies import defaults
+from slurm_plugin.slurm.cli_backend import read_int, read_state
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,6 +27,45 @@ TAGS = {
     "carol": "project=detection,cost_center=CC1001",
     "bob": "project=llm-pretrain,cost_center=CC2002",
 }
+
+
+_TEXT_FIELDS = ("admin_comment", "comment", "state_reason", "partition", "nodes",
+                "user_name", "account", "name", "tres_per_node", "tres_per_job")
+_EAGAIN = "Resource temporarily unavailable"
+
+
+def normalise_job(rec: dict[str, Any]) -> dict[str, Any]:
+    """One raw ``squeue --json`` job record in 22.05's (openapi v0.0.38) shape, whatever the
+    Slurm: ``job_state`` its base state string (23.11+: a list), numbers ``{set, infinite,
+    number}`` plain ints (None when unset or infinite), text fields 22.05 always writes ""
+    when missing or null. Every test that reads squeue JSON reads it through this."""
+    job: dict[str, Any] = {}
+    for key, value in rec.items():
+        if isinstance(value, dict) and "number" in value and "set" in value:
+            value = read_int(value)
+        job[key] = value
+    job["job_state"] = read_state(rec.get("job_state"))[0]
+    for key in _TEXT_FIELDS:
+        if not isinstance(job.get(key), str):
+            job[key] = ""
+    return job
+
+
+def scontrol_retry(argv: list[str], env: dict[str, str], tries: int = 5,
+                   **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv)`` again, after a short wait, while it fails with EAGAIN
+    ("Resource temporarily unavailable", 24.11/26.05's slurmctld now and then)."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    kwargs.setdefault("timeout", 30)
+    for attempt in range(tries):
+        out = subprocess.run(argv, env=env, **kwargs)
+        err = out.stderr if isinstance(out.stderr, str) else (out.stderr or b"").decode(
+            errors="replace")
+        if out.returncode == 0 or _EAGAIN not in err or attempt + 1 == tries:
+            return out
+        time.sleep(0.2 * (attempt + 1))
+    return out
 
 
 @dataclass
@@ -75,10 +117,12 @@ class Cluster:
         return int(out.stdout.decode().strip().split(";")[0])
 
     def jobs(self) -> dict[int, dict]:
-        out = subprocess.run(["squeue", "--json", "--all"], env=self.env, capture_output=True,
-                             text=True, timeout=30)
+        # 23.02+ applies --states: without --states=all finished jobs are left out
+        out = subprocess.run(["squeue", "--json", "--all", "--states=all"], env=self.env,
+                             capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
-        return {j["job_id"]: j for j in json.loads(out.stdout)["jobs"]}
+        jobs = (normalise_job(j) for j in json.loads(out.stdout)["jobs"])
+        return {j["job_id"]: j for j in jobs}
 
     def job(self, job_id: int) -> dict | None:
         return self.jobs().get(job_id)

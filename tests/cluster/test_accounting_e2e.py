@@ -12,7 +12,7 @@ import pytest
 
 from db.store import open_store
 from slurm_plugin.node.spool import write_record
-from tests.conftest import FINAL_STATES, Cluster
+from tests.conftest import FINAL_STATES, Cluster, scontrol_retry
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slurm
@@ -104,8 +104,9 @@ def test_requeued_job_is_a_second_run_with_the_same_job_id(cluster: Cluster):
     # job's previous one ("Job credential revoked"): start in the next second at the earliest
     next_second = int(time.time()) + 1.05
     wait_for(lambda: time.time() >= next_second, 5, 0.05, what="the next wall-clock second")
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=cluster.env,
-                   check=True, timeout=30)
+    started = scontrol_retry(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                             cluster.env)
+    assert started.returncode == 0, started.stderr
     cluster.wait_state(job_id, FINAL_STATES, 120)
     runs = settled_runs(cluster, job_id, n=2, timeout=90)
     assert [r["restart_count"] for r in runs] == [0, 1]

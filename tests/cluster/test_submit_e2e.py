@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slurm_plugin.protocol import call
-from tests.conftest import FINAL_STATES, Cluster, render_lua
+from tests.conftest import FINAL_STATES, Cluster, render_lua, scontrol_retry
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slurm
@@ -162,8 +162,9 @@ def test_users_cannot_change_cost_deciding_fields_after_submission(cluster: Clus
                             capture_output=True, text=True, timeout=30)
         assert ok.returncode == 0, ok.stderr
         # root (an admin) may still move it
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "Partition=scavenger"],
-                       env=cluster.env, check=True, capture_output=True, timeout=30)
+        moved = scontrol_retry(["scontrol", "update", f"JobId={job_id}", "Partition=scavenger"],
+                               cluster.env)
+        assert moved.returncode == 0, moved.stderr
         assert cluster.job(job_id)["partition"] == "scavenger"
     finally:
         cluster.scancel(job_id)

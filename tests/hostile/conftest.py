@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Cluster, render_lua
+from tests.conftest import REPO, Cluster, render_lua, scontrol_retry
 from tests.waiting import wait_for
 
 PYTHON = sys.executable
@@ -286,9 +286,9 @@ def submitted(cluster: Cluster):
 
 
 def scontrol_as(cluster: Cluster, user: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``scontrol ARGS`` as ``user``."""
-    return subprocess.run(["runuser", "-u", user, "--", "scontrol", *args], env=cluster.env,
-                          cwd="/tmp", capture_output=True, text=True, timeout=30)
+    """``scontrol ARGS`` as ``user`` (again on EAGAIN, see ``scontrol_retry``)."""
+    return scontrol_retry(["runuser", "-u", user, "--", "scontrol", *args], cluster.env,
+                          cwd="/tmp")
 
 
 __all__ += ["Submitted", "render_lua", "events_of", "ledger_invariant", "ledger_problems",
