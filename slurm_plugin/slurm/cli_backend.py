@@ -228,6 +228,12 @@ def _request_fields(rec: Mapping[str, Any], request: Mapping[str, Any]) -> dict[
     }
 
 
+_OUT_STATES = frozenset({"down", "drained", "draining", "drain", "fail", "failing", "error",
+                         "unknown", "future"})
+_OUT_FLAGS = frozenset({"DRAIN", "DRAINED", "DRAINING", "DOWN", "FAIL", "FAILING",
+                        "NOT_RESPONDING", "MAINTENANCE", "REBOOT_REQUESTED", "REBOOT_ISSUED"})
+
+
 def node_from_sinfo(rec: Mapping[str, Any]) -> Node:
     """One ``sinfo --json`` node record as a Node. Raises ValueError without a name."""
     name = read_text(rec.get("name"))
@@ -237,11 +243,14 @@ def node_from_sinfo(rec: Mapping[str, Any]) -> Node:
     flags = [f.upper() for f in rec.get("state_flags") or [] if isinstance(f, str)]
     flags += [f for f in more_flags if f not in flags]
     parts = rec.get("partitions")
+    # 24.11 keeps the reason of a node resumed from DOWN on the idle node (22.05 clears it):
+    # a reason counts, as in `sinfo -R`, only while the node is out of service
+    out = base.lower() in _OUT_STATES or any(f in _OUT_FLAGS for f in flags)
     return Node(
         name=name,
         state=base.lower(),
         flags=tuple(flags),
-        reason=read_text(rec.get("reason")),
+        reason=read_text(rec.get("reason")) if out else None,
         gpus_total=node_gpu_counts(read_text(rec.get("gres"))),
         gpus_used=node_gpu_counts(read_text(rec.get("gres_used"))),
         cpus=read_int(rec.get("cpus")) or 0,

@@ -121,6 +121,11 @@ def test_nodes_from_sinfo():
                                "gres": "gpu:2,shard:16", "gres_used": "gpu:0(IDX:N/A)"})
     assert untyped.state == "idle" and untyped.flags == ("NOT_RESPONDING",)
     assert untyped.gpus_total == {"gpu": 2} and untyped.gpus_used == {"gpu": 0}
+    # 24.11 leaves a resumed node's old reason on it: only an out-of-service node has one
+    resumed = node_from_sinfo({"name": "n4", "state": ["IDLE"], "reason": "was down"})
+    assert resumed.reason is None
+    down = node_from_sinfo({"name": "n4", "state": ["DOWN"], "reason": "was down"})
+    assert down.reason == "was down"
 
 
 def test_gres_strings_split_outside_parentheses():
