@@ -309,13 +309,10 @@ class Policy(_Model):
         return sorted(mine)
 
     def teams_of_user(self, user: str) -> list[str]:
-        """Teams whose data this user may see."""
+        """Teams whose data this user may see: an admin's are all of them."""
         if user in self.daemon.admins:
             return sorted(self.teams)
-        mine = {n for n, t in self.teams.items() if user in t.members or user in t.leads}
-        if user in self.users:
-            mine.add(self.users[user])
-        return sorted(mine)
+        return self.member_teams(user)
 
 
 def _format_error(path: str, exc: ValidationError) -> str:
