@@ -14,6 +14,8 @@ requeue and when the id counter wraps):
   that run's time span is compatible (within JOB_ID_REUSE_GAP_S, so a wrapped job id never
   joins a months-old run), else the run whose start is within MATCH_WINDOW_S of the node's
   start, else it creates the run.
+- From Slurm 25.11 node_run and jobcomp carry the run's SLUID: a record joins the run with
+  that SLUID, else only a run without a SLUID, by the rules below (which older Slurm needs).
 - jobcomp carries no restart count (slurmctld's jobcomp/script does not get one). It is a
   duplicate when a finished run of (cluster, job_id) has the same state, end and start. Else
   it finishes: the unfinished run with the record's restart count (when given); else the
@@ -92,8 +94,8 @@ RUN_COLUMNS = (
     "tags", "partition", "nodes", "node_count", "gpu_type", "gpus", "cpus", "mem_mb",
     "time_limit_min", "rid", "gpu_seconds", "energy_j", "util_mean", "cost", "cost_gpu",
     "cost_cpu", "cost_mem", "cost_energy", "cost_idle", "credit", "credit_reason",
-    "array_job_id", "array_task_id", "work_dir", "settled_by", "jobcomp_at", "settled_at",
-    "updated_at",
+    "array_job_id", "array_task_id", "work_dir", "sluid", "settled_by", "jobcomp_at",
+    "settled_at", "updated_at",
 )
 NODE_COLUMNS = (
     "cluster", "job_id", "restart_count", "node", "start_ts", "end_ts", "gpus", "gpu_type",
@@ -193,6 +195,15 @@ def _node_row(rec: dict[str, Any], restart_count: int) -> dict[str, Any]:
         "util_mean": util_mean, "util_max": util_max, "mem_max_bytes": mem_max,
         "record_id": rec["record_id"],
     }
+
+
+def _by_sluid(runs: list[_Run], sluid: Any) -> tuple[_Run | None, list[_Run]]:
+    """For a record naming run ``sluid`` (Slurm 25.11 and later): the run with that SLUID if
+    the ledger has it, and the runs it could still be (those without another SLUID)."""
+    if not sluid:
+        return None, runs
+    same = next((r for r in runs if r.row["sluid"] == sluid), None)
+    return same, [r for r in runs if r.row["sluid"] is None]
 
 
 def _close(a: float | None, b: float | None, tol: float = 1e-3) -> bool:
@@ -353,10 +364,12 @@ class _Batch:
         cluster, job_id, restart = rec["cluster"], rec["job_id"], rec["restart_count"]
         start, end = float(rec["start_ts"]), float(rec["end_ts"])
         runs = self.jobs[(cluster, job_id)]
-        run = next((r for r in runs if r.row["restart_count"] == restart
-                    and r.compatible(start, end)), None)
+        run, could_be = _by_sluid(runs, rec.get("sluid"))
         if run is None:
-            near = [r for r in runs if r.row["start_ts"] is not None
+            run = next((r for r in could_be if r.row["restart_count"] == restart
+                        and r.compatible(start, end)), None)
+        if run is None:
+            near = [r for r in could_be if r.row["start_ts"] is not None
                     and abs(r.row["start_ts"] - start) <= MATCH_WINDOW_S]
             run = max(near, key=lambda r: r.row["restart_count"]) if near else None
         if run is None:
@@ -376,6 +389,8 @@ class _Batch:
             row["user"] = rec.get("user")
         if row["account"] is None:
             row["account"] = rec.get("account")
+        if row["sluid"] is None:
+            row["sluid"] = rec.get("sluid")
         self.dirty[run.key] = run
         return True
 
@@ -423,10 +438,10 @@ class _Batch:
                 self.refused.append((rec, f"run {key} was settled by {by}; a jobcomp from "
                                           f"{writer} may not settle it again"))
                 return False
-        unfinished = [r for r in runs if r.row["state"] is None]
+        run, unfinished = _by_sluid([r for r in runs if r.row["state"] is None],
+                                    rec.get("sluid"))
         rc = rec.get("restart_count")
-        run = None
-        if rc is not None:
+        if run is None and rc is not None:
             run = next((r for r in unfinished if r.row["restart_count"] == rc
                         and r.compatible(start, end)), None)
         if run is None and start is not None:
@@ -466,7 +481,7 @@ class _Batch:
         if _ts(rec.get("submit_ts")) is not None:
             row["submit_ts"] = _ts(rec.get("submit_ts"))
         for name in ("exit_code", "derived_ec", "uid", "user", "account", "partition", "nodes",
-                     "node_count", "time_limit_min", "array_task_id", "work_dir"):
+                     "node_count", "time_limit_min", "array_task_id", "work_dir", "sluid"):
             if rec.get(name) is not None:
                 row[name] = rec[name]
         if rec.get("array_job_id"):

@@ -306,12 +306,20 @@ SCHEMA_V5 = """
 ALTER TABLE runs ADD COLUMN settled_by TEXT;
 """
 
+# v6: Slurm's own id of a run (SLUID, from Slurm 25.11: SLURM_JOB_SLUID in the prolog and
+# epilog, SLUID in jobcomp/script). Recorded when Slurm gives one; the key stays
+# (cluster, job_id, restart_count) on every version.
+SCHEMA_V6 = """
+ALTER TABLE runs ADD COLUMN sluid TEXT;
+"""
+
 MIGRATIONS: list[tuple[int, Step]] = [
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
     (5, SCHEMA_V5),
+    (6, SCHEMA_V6),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

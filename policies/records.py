@@ -45,7 +45,7 @@ FIELDS: dict[str, Spec] = {
     "node_run": (
         ("job_id", "int", True), ("restart_count", "int", True), ("node", "str", True),
         ("user", "str", False), ("account", "str", False), ("start_ts", "num", False),
-        ("end_ts", "num", True), ("gpus", "list", True),
+        ("end_ts", "num", True), ("gpus", "list", True), ("sluid", "str", False),
     ),
     "jobcomp": (
         ("job_id", "int", True), ("restart_count", "int", False), ("state", "str", True),
@@ -55,7 +55,7 @@ FIELDS: dict[str, Spec] = {
         ("exit_code", "str", False), ("derived_ec", "str", False),
         ("time_limit_min", "int", False), ("array_job_id", "int", False),
         ("array_task_id", "int", False), ("work_dir", "str", False),
-        ("source", "str", False),
+        ("source", "str", False), ("sluid", "str", False),
     ),
     "gpu_sample": (("node", "str", True), ("ts", "num", True), ("gpus", "list", True)),
 }
@@ -206,6 +206,7 @@ def _quick_node_run(rec: dict[str, Any]) -> bool:
     start, end, gpus = g("start_ts"), g("end_ts"), g("gpus")
     if not (_uint(g("job_id")) and _uint(g("restart_count")) and _word(g("node"))
             and _opt_str(g("user")) and _opt_str(g("account")) and _nn(end)
+            and _opt_str(g("sluid"))
             and (start is None or (_nn(start) and end >= start)) and type(gpus) is list
             and _quick_common(rec)):
         return False
@@ -236,7 +237,8 @@ def _quick_jobcomp(rec: dict[str, Any]) -> bool:
             and _opt_str(g("account")) and _opt_str(g("exit_code"))
             and _opt_str(g("derived_ec")) and _opt_uint(g("time_limit_min"))
             and _opt_uint(g("array_job_id")) and _opt_uint(g("array_task_id"))
-            and _opt_str(g("work_dir")) and _opt_str(g("source")) and _quick_common(rec))
+            and _opt_str(g("work_dir")) and _opt_str(g("source")) and _opt_str(g("sluid"))
+            and _quick_common(rec))
 
 
 def _quick_gpu_sample(rec: dict[str, Any]) -> bool:
@@ -302,12 +304,16 @@ def node_run_gpu(*, index: int, minor: int | None, uuid: str, gpu_type: str,
 def node_run_record(*, cluster: str, job_id: int, restart_count: int, node: str,
                     user: str | None, account: str | None, start_ts: float | None,
                     end_ts: float, gpus: list[dict[str, Any]],
-                    flags: list[str] | None = None) -> dict[str, Any]:
-    """What one node says about its share of a run (the epilog)."""
-    return {"kind": "node_run", "cluster": cluster, "job_id": job_id,
-            "restart_count": restart_count, "node": node, "user": user, "account": account,
-            "start_ts": start_ts, "end_ts": end_ts, "gpus": gpus,
-            "flags": [] if flags is None else flags}
+                    flags: list[str] | None = None, sluid: str | None = None) -> dict[str, Any]:
+    """What one node says about its share of a run (the epilog). ``sluid`` (Slurm's id of
+    this run, SLURM_JOB_SLUID from 25.11) is written only when Slurm gave one."""
+    record = {"kind": "node_run", "cluster": cluster, "job_id": job_id,
+              "restart_count": restart_count, "node": node, "user": user, "account": account,
+              "start_ts": start_ts, "end_ts": end_ts, "gpus": gpus,
+              "flags": [] if flags is None else flags}
+    if sluid is not None:
+        record["sluid"] = sluid
+    return record
 
 
 def jobcomp_record(*, cluster: str, job_id: int, state: str, restart_count: int | None = None,
@@ -318,9 +324,10 @@ def jobcomp_record(*, cluster: str, job_id: int, state: str, restart_count: int 
                    exit_code: str | None = None, derived_ec: str | None = None,
                    time_limit_min: int | None = None, array_job_id: int | None = None,
                    array_task_id: int | None = None, work_dir: str | None = None,
-                   source: str | None = None) -> dict[str, Any]:
+                   source: str | None = None, sluid: str | None = None) -> dict[str, Any]:
     """A run's completion (slurmctld's jobcomp, or ``source="reconcile"`` when rebuilt from
-    Slurm's view of a finished job). ``source`` is written only when given."""
+    Slurm's view of a finished job). ``source`` and ``sluid`` (Slurm's id of this run, from
+    25.11) are written only when given."""
     record = {
         "kind": "jobcomp", "cluster": cluster, "job_id": job_id,
         "restart_count": restart_count, "state": state, "submit_ts": submit_ts,
@@ -331,6 +338,8 @@ def jobcomp_record(*, cluster: str, job_id: int, state: str, restart_count: int 
     }
     if source is not None:
         record["source"] = source
+    if sluid is not None:
+        record["sluid"] = sluid
     return record
 
 

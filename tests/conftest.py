@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -91,6 +93,15 @@ class Cluster:
     @property
     def daemon_log(self) -> Path:
         return self.dir / "log/slurmgate.log"
+
+    @functools.cached_property
+    def slurm_version(self) -> tuple[int, int]:
+        """(major, minor) of the cluster's Slurm, from ``sinfo --version``."""
+        out = subprocess.run(["sinfo", "--version"], env=self.env, text=True,
+                             capture_output=True, timeout=30, check=True).stdout
+        m = re.search(r"(\d+)\.(\d+)", out)
+        assert m, f"sinfo --version said {out!r}"
+        return int(m.group(1)), int(m.group(2))
 
     def ctl(self, *args: str) -> str:
         out = subprocess.run(["bash", str(CLUSTER_SH), *args], env=self.env, text=True,

@@ -330,6 +330,7 @@ def prolog(env: Env, settings: HookSettings, now: float) -> list[str]:
         "node": node, "user": _str(env.get("SLURM_JOB_USER")),
         "account": _str(env.get("SLURM_JOB_ACCOUNT")), "start_ts": now,
         "job_gpus": job_gpus, "gpus": gpus, "flags": flags,
+        "sluid": _str(env.get("SLURM_JOB_SLUID")),
     }
     path = baseline_path(settings.state_dir, node, job_id)
     _write_baseline(path, settings.state_dir, baseline)
@@ -391,6 +392,7 @@ def epilog(env: Env, settings: HookSettings, now: float) -> list[str]:
         user=_str(env.get("SLURM_JOB_USER")) or (base or {}).get("user"),
         account=_str(env.get("SLURM_JOB_ACCOUNT")) or (base or {}).get("account"),
         start_ts=start_ts, end_ts=now, gpus=gpus, flags=list(dict.fromkeys(flags)),
+        sluid=_str(env.get("SLURM_JOB_SLUID")) or _str((base or {}).get("sluid")),
     )
     emit(settings, record, notes)
     if base is not None:
@@ -471,7 +473,7 @@ def jobcomp(env: Env, settings: HookSettings, now: float) -> list[str]:
         # jobcomp/script sets ARRAYJOBID=0 and ARRAYTASKID=NO_VAL for jobs outside arrays.
         array_job_id=array_job if array_job else None,
         array_task_id=_int(env.get("ARRAYTASKID")) if array_job else None,
-        work_dir=_str(env.get("WORK_DIR")),
+        work_dir=_str(env.get("WORK_DIR")), sluid=_str(env.get("SLUID")),
     )
     notes: list[str] = []
     emit(settings, record, notes)

@@ -53,6 +53,13 @@ _EAGAIN = "Resource temporarily unavailable"
 _EAGAIN_TRIES = 5
 _EAGAIN_WAIT = 0.2  # seconds, times the attempt number
 _SQUEUE_ENV = {"SLURM_BITSTR_LEN": "0"}
+DATA_PARSERS = ("v0.0.45", "v0.0.44", "v0.0.43", "v0.0.42", "v0.0.41", "v0.0.40")
+"""The data_parser versions this module reads (newest first; golden fixtures of v0.0.42 and
+v0.0.45 in tests/fixtures/slurm). From 23.11 Slurm offers several and a site may change the
+default (DataParserParameters), so the newest of these that the Slurm offers is asked for by
+name."""
+_INVALID_JOB_ID = "Invalid job id specified"
+_MAX_JOBS_ASKED = 1000  # more ids than this: the whole queue (one short argv, one answer)
 """squeue writes an array's waiting task ids in full (default: cut at 64 characters, "...")."""
 
 
@@ -282,6 +289,7 @@ class CliSlurm:
         self.env = dict(env) if env is not None else None
         self._cache: tuple[float, list[Job]] | None = None
         self._version: tuple[int, int] | None = None
+        self._json_flag: str | None = None
 
     # -- running commands ------------------------------------------------------------------
 
@@ -355,6 +363,33 @@ class CliSlurm:
             self._version = (int(m.group(1)), int(m.group(2)))
         return self._version
 
+    def json_flag(self) -> str:
+        """``--json=<data_parser>`` from 23.11 (the newest in DATA_PARSERS that
+        ``squeue --json=list`` offers), else ``--json`` (22.05 and 23.02 have one format;
+        a Slurm offering none of ours gets its default, with a warning). Asked once."""
+        if self._json_flag is None:
+            version = self.slurm_version()
+            if version is None:
+                return "--json"  # asked again next time
+            flag = "--json"
+            if version >= (23, 11):
+                try:
+                    listing = self._run(["squeue", "--json=list"]).stdout
+                except SlurmError as exc:
+                    log.warning("cannot list Slurm's data_parser plugins (%s); using its "
+                                "default JSON format", exc)
+                    listing = ""
+                offered = set(re.findall(r"data_parser/(v\d+\.\d+\.\d+)", listing))
+                ours = [v for v in DATA_PARSERS if v in offered]
+                if ours:
+                    flag = f"--json={ours[0]}"
+                elif listing:
+                    log.warning("Slurm offers data_parser %s; slurmgate reads %s: using "
+                                "Slurm's default", ", ".join(sorted(offered)) or "none",
+                                ", ".join(DATA_PARSERS))
+            self._json_flag = flag
+        return self._json_flag
+
     # -- queries ---------------------------------------------------------------------------
 
     def jobs(self, job_ids: Iterable[int] | None = None) -> list[Job]:
@@ -365,21 +400,37 @@ class CliSlurm:
         if self._cache and self.cache_seconds > 0 and now - self._cache[0] < self.cache_seconds:
             everything = self._cache[1]
         else:
-            # squeue --json ignores -j (verified on 22.05): always the whole queue, filtered here.
-            # 22.05's JSON ignores --states too and lists finished jobs; from 23.02 the filters
-            # apply, and without --states=all finished jobs (MinJobAge) are left out.
-            everything = []
-            for rec in self._json(["squeue", "--all", "--states=all", "--json"], "jobs",
-                                  _SQUEUE_ENV):
-                try:
-                    everything.append(job_from_squeue(rec, self.shards_per_gpu))
-                except ValueError as exc:
-                    log.warning("skipping a squeue record: %s", exc)
-            if self.cache_seconds > 0:
+            version = self.slurm_version()
+            server_side = (wanted is not None and len(wanted) <= _MAX_JOBS_ASKED
+                           and version is not None and version >= (23, 2))
+            everything = self._squeue(wanted if server_side else None)
+            if self.cache_seconds > 0 and not server_side:
                 self._cache = (now, everything)
         if wanted is None:
             return list(everything)
         return [j for j in everything if j.job_id in wanted]
+
+    def _squeue(self, wanted: set[int] | None) -> list[Job]:
+        """squeue's records as Jobs, of the ``wanted`` ids only (from 23.02, where squeue
+        applies -j) or of the whole queue. 22.05's squeue --json ignores -j and --states (it
+        lists the whole queue, finished jobs too), so there the caller filters. From 23.02
+        --states=all keeps finished jobs (until MinJobAge) in the answer."""
+        argv = ["squeue", "--all", "--states=all", self.json_flag()]
+        if wanted is not None:
+            argv.append("--jobs=" + ",".join(str(j) for j in sorted(wanted)))
+        try:
+            records = self._json(argv, "jobs", _SQUEUE_ENV)
+        except SlurmError as exc:
+            if wanted is not None and _INVALID_JOB_ID in str(exc):
+                return []  # every id asked for has left Slurm's memory
+            raise
+        jobs = []
+        for rec in records:
+            try:
+                jobs.append(job_from_squeue(rec, self.shards_per_gpu))
+            except ValueError as exc:
+                log.warning("skipping a squeue record: %s", exc)
+        return jobs
 
     def job(self, job_id: int) -> Job | None:
         found = self.jobs([check_job_id(job_id)])
@@ -390,8 +441,8 @@ class CliSlurm:
         # From 23.02 `sinfo --json` writes grouped rows ("sinfo"), and node records come
         # from `scontrol show nodes --json` (same fields as 22.05's sinfo node records).
         version = self.slurm_version()
-        argv = (["scontrol", "show", "nodes", "--json"] if version and version >= (23, 2)
-                else ["sinfo", "--all", "--json"])
+        argv = (["scontrol", "show", "nodes", self.json_flag()]
+                if version and version >= (23, 2) else ["sinfo", "--all", "--json"])
         for rec in self._json(argv, "nodes"):
             try:
                 node = node_from_sinfo(rec)

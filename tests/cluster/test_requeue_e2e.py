@@ -175,6 +175,10 @@ def test_kill_9_slurmd_requeues_on_the_other_node_from_the_checkpoint(
     assert failed["state"] == "NODE_FAIL" and failed["credit"] == pytest.approx(failed["cost"])
     assert failed["credit"] > 0 and failed["credit_reason"] == "node_failure"
     assert rerun["state"] == "COMPLETED" and rerun["credit"] == 0
+    if cluster.slurm_version >= (25, 11):  # Slurm names each run itself (SLUID)
+        assert failed["sluid"] and rerun["sluid"] and failed["sluid"] != rerun["sluid"]
+    else:
+        assert failed["sluid"] is None and rerun["sluid"] is None
     fail_events = events(cluster, "node_fail", job_id)
     assert [e["node"] for e in fail_events] == ["node1"]
     rec = wait_for(lambda: events(cluster, "recovered", job_id), 30, 1, what="recovery event")

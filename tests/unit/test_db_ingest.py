@@ -295,6 +295,34 @@ def test_jobcomps_of_a_requeued_job_before_any_node_record(store: Store, policy:
     assert [len(store.run_nodes("c1", 303, r)) for r in (0, 1)] == [1, 1]
 
 
+def test_runs_named_by_slurms_sluid_never_merge(store: Store, policy: Policy) -> None:
+    """From Slurm 25.11 each run has a SLUID: records join the run it names, even where the
+    restart count and times alone would merge two runs (22.05's prolog says 0 on requeue)."""
+    first = dict(make_node_run(41, start=T0, end=T0 + HOUR), sluid="sA")
+    second = dict(make_node_run(41, start=T0 + HOUR + 5, end=T0 + 2 * HOUR), sluid="sB")
+    done = [dict(make_jobcomp(41, state="NODE_FAIL", start=T0, end=T0 + HOUR), sluid="sA"),
+            dict(make_jobcomp(41, start=T0 + HOUR + 5, end=T0 + 2 * HOUR), sluid="sB")]
+    ingest_records(store, [second, first], policy)
+    ingest_records(store, list(reversed(done)), policy)
+    runs = store.runs_of_job("c1", 41)
+    assert sorted((r["sluid"], r["state"]) for r in runs) == [("sA", "NODE_FAIL"),
+                                                              ("sB", "COMPLETED")]
+    by_sluid = {r["sluid"]: r for r in runs}
+    assert by_sluid["sA"]["end_ts"] == T0 + HOUR
+    assert by_sluid["sB"]["start_ts"] == T0 + HOUR + 5
+    assert len({r["restart_count"] for r in runs}) == 2
+    # the same records again change nothing
+    before = store.runs_of_job("c1", 41)
+    ingest_records(store, [first, second, *done], policy)
+    assert store.runs_of_job("c1", 41) == before
+
+
+def test_records_without_a_sluid_still_match_as_before(store: Store, policy: Policy) -> None:
+    ingest_records(store, [make_node_run(42), make_jobcomp(42)], policy)
+    (run,) = store.runs_of_job("c1", 42)
+    assert run["sluid"] is None and run["state"] == "COMPLETED"
+
+
 def test_wrapped_job_id_gets_its_own_run(store: Store, policy: Policy) -> None:
     ingest_records(store, [make_node_run(401), make_jobcomp(401)], policy)
     later = T0 + 200 * 86400  # the id counter wrapped; a new job got id 401

@@ -401,3 +401,18 @@ def test_hook_records_are_built_by_the_record_home(cfg: Path, tmp_path: Path) ->
     assert list(by_kind["jobcomp"]) == [
         *home.jobcomp_record(cluster="", job_id=0, state=""), *filled]
     assert all(home.validate(r) is None for r in by_kind.values())
+
+
+def test_slurms_run_id_is_recorded_when_slurm_gives_one(cfg: Path, tmp_path: Path) -> None:
+    """Slurm 25.11 and later: SLURM_JOB_SLUID in the prolog/epilog, SLUID in jobcomp/script.
+    The prolog's copy stands in when the epilog's environment lacks it; older Slurm: none."""
+    hooks.main(["prolog"], env=node_env(cfg, SLURM_JOB_SLUID="s8CNM8SYJPCA00"), now=T0)
+    hooks.main(["epilog"], env=node_env(cfg), now=T0 + 60)
+    hooks.main(["prolog"], env=node_env(cfg, SLURM_JOB_ID="78"), now=T0)
+    hooks.main(["epilog"], env=node_env(cfg, SLURM_JOB_ID="78"), now=T0 + 60)
+    hooks.main(["jobcomp"], env={"SLURMGATE_CONFIG": str(cfg), "JOBID": "77",
+                                 "JOBSTATE": "COMPLETED", "SLUID": "s8CNM8SYJPCA00",
+                                 "ORIGINAL_SLUID": "s8CNM8SYJPCA00"}, now=T0 + 61)
+    got = {(r["kind"], r["job_id"]): r.get("sluid") for r in records(tmp_path / "spool")}
+    assert got == {("node_run", 77): "s8CNM8SYJPCA00", ("node_run", 78): None,
+                   ("jobcomp", 77): "s8CNM8SYJPCA00"}

@@ -184,6 +184,10 @@ def test_the_resolved_disagreements() -> None:
     assert validate(jobcomp(source=5)) == "source must be a string or null, got 5"
     # flags are informational: never a reason to refuse a record
     assert validate(node_run(flags="no_baseline")) is None
+    # Slurm's run id (25.11 and later): an optional string on both kinds that carry a run
+    assert validate(node_run(sluid="s8CNM8SYJPCA00")) is None
+    assert validate(jobcomp(sluid="s8CNM8SYJPCA00")) is None
+    assert validate(jobcomp(sluid=7)) == "sluid must be a string or null, got 7"
 
 
 def test_constructors_keep_the_records_bytes() -> None:
@@ -200,6 +204,8 @@ def test_constructors_keep_the_records_bytes() -> None:
         "derived_ec", "time_limit_min", "array_job_id", "array_task_id", "work_dir"]
     assert list(records.jobcomp_record(cluster="c", job_id=1, state="X",
                                        source="reconcile"))[-1] == "source"
+    assert list(records.jobcomp_record(cluster="c", job_id=1, state="X",
+                                       sluid="s1"))[-1] == "sluid"
     assert list(gpu_sample()) == ["kind", "cluster", "node", "ts", "gpus", "v", "record_id",
                                   "written_at"]
     assert list(gpu_sample()["gpus"][0]) == ["uuid", "index", "gpu_type", "util",

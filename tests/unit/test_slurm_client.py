@@ -217,6 +217,47 @@ def test_cli_cache_shares_one_squeue_between_queries(tmp_path: Path):
     assert (tmp_path / "runs").read_text().count("run") == 2
 
 
+def _versioned_slurm(directory: Path, version: str, parsers: str) -> None:
+    """sinfo says ``version``; squeue lists ``parsers`` for --json=list, logs its argv, and
+    answers jobs 5 and 6 (one line per argv in directory/argv), or 'Invalid job id' for 99."""
+    _fake_command(directory, "sinfo", f"echo 'slurm {version}'")
+    record = ('{"jobs": [{"job_id": 5, "job_state": "PENDING"}, '
+              '{"job_id": 6, "job_state": "RUNNING"}], "errors": []}')
+    _fake_command(directory, "squeue", f"""
+echo "$*" >> {directory}/argv
+case "$*" in
+  *--json=list*) printf 'Possible data_parser plugins:\\n{parsers}\\n'; exit 0 ;;
+  *--jobs=99) echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1 ;;
+esac
+echo '{record}'""")
+
+
+def test_cli_asks_for_the_newest_data_parser_it_reads_and_filters_in_slurm(tmp_path: Path):
+    _versioned_slurm(tmp_path, "24.11.5",
+                     "data_parser/v0.0.42\\ndata_parser/v0.0.40\\ndata_parser/v0.0.41")
+    cli = CliSlurm(bin_dir=str(tmp_path))
+    assert cli.json_flag() == "--json=v0.0.42"
+    assert [j.job_id for j in cli.jobs([6, 5])] == [5, 6]
+    assert cli.jobs([99]) == []  # every id has left Slurm: an empty answer, not an error
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == ["--json=list", "--all --states=all --json=v0.0.42 --jobs=5,6",
+                    "--all --states=all --json=v0.0.42 --jobs=99"]
+
+
+def test_cli_keeps_slurms_default_when_it_offers_none_it_reads(tmp_path: Path, caplog):
+    _versioned_slurm(tmp_path, "31.05.1", "data_parser/v0.0.51")
+    cli = CliSlurm(bin_dir=str(tmp_path))
+    assert cli.json_flag() == "--json"
+    assert "offers data_parser v0.0.51" in caplog.text
+
+
+def test_on_22_05_the_cli_filters_the_whole_queue_itself(tmp_path: Path):
+    _versioned_slurm(tmp_path, "22.05.8", "unused")
+    cli = CliSlurm(bin_dir=str(tmp_path))
+    assert [j.job_id for j in cli.jobs([6])] == [6]
+    assert (tmp_path / "argv").read_text().splitlines() == ["--all --states=all --json"]
+
+
 # --------------------------------------------------------------------------------------------
 # CliSlurm on the real dev cluster
 
