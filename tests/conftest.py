@@ -53,21 +53,24 @@ def normalise_job(rec: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def scontrol_retry(argv: list[str], env: dict[str, str], tries: int = 5,
+def scontrol_retry(argv: list[str], env: dict[str, str], within: float = 15.0,
                    **kwargs: Any) -> subprocess.CompletedProcess:
     """``subprocess.run(argv)`` again, after a short wait, while it fails with EAGAIN
-    ("Resource temporarily unavailable", 24.11/26.05's slurmctld now and then)."""
+    ("Resource temporarily unavailable": 24.11/26.05's slurmctld, for seconds at a time after
+    an update of the same job), for up to ``within`` seconds."""
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("text", True)
     kwargs.setdefault("timeout", 30)
-    for attempt in range(tries):
+    give_up = time.monotonic() + within
+    wait = 0.2
+    while True:
         out = subprocess.run(argv, env=env, **kwargs)
         err = out.stderr if isinstance(out.stderr, str) else (out.stderr or b"").decode(
             errors="replace")
-        if out.returncode == 0 or _EAGAIN not in err or attempt + 1 == tries:
+        if out.returncode == 0 or _EAGAIN not in err or time.monotonic() + wait > give_up:
             return out
-        time.sleep(0.2 * (attempt + 1))
-    return out
+        time.sleep(wait)
+        wait = min(2 * wait, 2.0)
 
 
 @dataclass

@@ -309,6 +309,21 @@ class FailureHandler:
         self.log("failure_unconfirmed", job_id=job_id, restart_count=restart, state=state,
                  why=why)
 
+    def _close_reservation(self, cluster: str, job_id: int, state: str) -> None:
+        """A failed job Slurm will not run again: its reservation stops holding budget now
+        (not when the job leaves Slurm's memory, MinJobAge plus the vanished grace later).
+        An array's reservation covers its other tasks and stays."""
+        closed = False
+        for run in self.store.runs_of_job(cluster, job_id):
+            if run.get("rid") and run.get("array_job_id") is None:
+                closed |= self.store.finish_reservation(
+                    run["rid"], "settled", f"job ended {state} and is not requeueable")
+        if closed and self.credited is not None:
+            try:
+                self.credited()
+            except Exception as exc:
+                self.log("failure_handling_error", op="ledger", error=repr(exc))
+
     def _credit(self, cluster: str, job_id: int, restart: int | None,
                 run: dict[str, Any] | None) -> float:
         """Credit the confirmed failed run (its credit was pending); what it is credited."""
@@ -370,6 +385,7 @@ class FailureHandler:
                                  message=f"job {job_id} is not requeueable (--no-requeue); "
                                          "left as failed",
                                  detail={"requeued": False})
+            self._close_reservation(cluster, job_id, rec.get("state") or "NODE_FAIL")
             return
         restarts = job.restart_count
         if job.finished:  # Slurm did not requeue an eligible batch job: we do

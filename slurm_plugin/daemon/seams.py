@@ -30,6 +30,9 @@ class FailureStore(Protocol):
     def confirm_failure_credit(self, cluster: str, job_id: int, restart_count: int, *,
                                now: float | None = None) -> float | None: ...
 
+    def finish_reservation(self, rid: str, state: str, reason: str | None = None, *,
+                           now: float | None = None) -> bool: ...
+
 
 class ReconcileStore(Protocol):
     """What ``slurmgate reconcile`` (reconcile.py) reads."""
@@ -77,3 +80,8 @@ class LockedStore:
                                now: float | None = None) -> float | None:
         with self._lock:
             return self._store.confirm_failure_credit(cluster, job_id, restart_count, now=now)
+
+    def finish_reservation(self, rid: str, state: str, reason: str | None = None, *,
+                           now: float | None = None) -> bool:
+        with self._lock:
+            return self._store.finish_reservation(rid, state, reason, now=now)

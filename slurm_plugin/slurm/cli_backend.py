@@ -50,8 +50,9 @@ _SCONTROL_JOB_TAGS = {
 _NO_VAL = 0xFFFFFFFE  # NO_VAL (and INFINITE above it) for 32-bit fields
 _NO_VAL16 = 0xFFFE
 _EAGAIN = "Resource temporarily unavailable"
-_EAGAIN_TRIES = 5
-_EAGAIN_WAIT = 0.2  # seconds, times the attempt number
+_EAGAIN_FOR_S = 10.0
+"""How long an action is tried again while slurmctld answers EAGAIN (24.11 and 26.05 do for
+seconds at a time after an update of the same job): waits of 0.2 s doubling to 2 s."""
 _SQUEUE_ENV = {"SLURM_BITSTR_LEN": "0"}
 DATA_PARSERS = ("v0.0.45", "v0.0.44", "v0.0.43", "v0.0.42", "v0.0.41", "v0.0.40")
 """The data_parser versions this module reads (newest first; golden fixtures of v0.0.42 and
@@ -338,16 +339,19 @@ class CliSlurm:
 
     def _action(self, argv: list[str]) -> None:
         self._cache = None
-        for attempt in range(_EAGAIN_TRIES):
+        give_up = time.monotonic() + _EAGAIN_FOR_S
+        wait = 0.2
+        while True:
             try:
                 self._run(argv)
                 return
             except SlurmError as exc:
                 # 24.11/26.05's slurmctld answers `scontrol update` with EAGAIN now and then
-                if attempt + 1 == _EAGAIN_TRIES or _EAGAIN not in str(exc):
+                if _EAGAIN not in str(exc) or time.monotonic() + wait > give_up:
                     raise
                 log.info("%s: %s; trying again", " ".join(argv), _EAGAIN)
-                time.sleep(_EAGAIN_WAIT * (attempt + 1))
+                time.sleep(wait)
+                wait = min(2 * wait, 2.0)
 
     def slurm_version(self) -> tuple[int, int] | None:
         """(major, minor) of the Slurm commands, from ``sinfo --version`` (asked once; None

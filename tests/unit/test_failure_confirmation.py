@@ -190,6 +190,23 @@ def test_a_node_fail_job_slurm_did_not_requeue_is_requeued_by_us(store: Store) -
     assert store.run("c1", 511, 0)["credit_reason"] == "node_failure"
 
 
+def test_a_failed_job_slurm_will_not_requeue_stops_holding_budget(store: Store) -> None:
+    """--no-requeue: the job is over, so its reservation closes now, not when Slurm forgets
+    the job (MinJobAge) and the vanished grace has passed; a requeueable one keeps it."""
+    gone, kept = reserve(store, 512), reserve(store, 513)
+    slurm = FakeSlurm([Job(job_id=512, state="NODE_FAIL", restart_count=0, nodes="node1",
+                           requeue=False, partition="gpu", node_count=1),
+                       Job(job_id=513, state="PENDING", restart_count=1, nodes="node1",
+                           requeue=True, partition="gpu", node_count=1)],
+                      [down("node1"), up("node2")])
+    _, refreshed = run_failure(store, slurm, failed_run(512) + failed_run(513))
+    assert store.reservation(gone)["state"] == "settled"
+    assert "not requeueable" in store.reservation(gone)["reason"]
+    assert store.reservation(kept)["state"] in ("bound", "reserved")
+    assert refreshed  # the daemon's ledger is read again
+    assert ("requeue", 512) not in slurm.actions
+
+
 def test_the_exclusion_is_dropped_when_no_node_set_could_run_the_job(store: Store) -> None:
     # -N 2 on a two-node partition: excluding the failed node would strand the job
     slurm = FakeSlurm([Job(job_id=520, state="PENDING", restart_count=1, requeue=True,

@@ -87,10 +87,15 @@ class Setup(SimpleNamespace):
         return [e for e in map(json.loads, lines) if e["event"] == event]
 
 
-@pytest.fixture
-def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+@pytest.fixture(autouse=True)
+def fixed_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uid -> name as USERS says, whatever this machine's user database holds (the user is
+    the uid's name, never the name a record carries)."""
     monkeypatch.setattr(recheck, "user_name", lambda uid: USERS.get(uid, str(uid)))
 
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Any:
     def make(**daemon: Any) -> Setup:
         policy = make_policy(tmp_path, **daemon)
         store = open_store(tmp_path / "sg.db")
