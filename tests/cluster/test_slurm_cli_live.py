@@ -89,6 +89,7 @@ def test_cli_asks_squeue_once_for_many_jobs(cluster: Cluster, monkeypatch):
     client = _client(cluster)
     ids = [cluster.submit_ok("bob", "--begin=now+1hour", wrap="true") for _ in range(3)]
     try:
+        client.json_flag()  # asked once per client: the version, and the data_parsers offered
         seen: list[list[str]] = []
         real_run = client._run
         monkeypatch.setattr(client, "_run", lambda argv, **kw: seen.append(argv)
