@@ -242,9 +242,11 @@ kinds = ["node_failure", "gpu_on_fire"]
                                str(policy), "check-policy", *extra], capture_output=True,
                               text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
 
-    out = check()
-    assert out.returncode == 1, out.stdout + out.stderr
+    out = check()  # the daemon runs with these, so its unit's ExecStartPre must pass
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert check("--strict").returncode == 1
     text = out.stdout
+    assert "5 problem(s) with [alerts]" in text
     assert "alerts.recipients.budget_treshold: unknown alert kind 'budget_treshold'" in text
     assert "alerts.recipients.job_held.1: unknown recipient 'the_boss'" in text
     assert "alerts.webhooks.0.url: malformed URL 'htps://chat.example.org/hook'" in text
@@ -256,8 +258,9 @@ kinds = ["node_failure", "gpu_on_fire"]
                      r"\(Connection refused", out.stdout), out.stdout
     # the good parts alone are OK
     policy.write_text('[alerts]\nenabled = true\nwebhooks = [{url = "https://x.example.org/h"}]\n')
-    out = check()
+    out = check("--strict")
     assert out.returncode == 0 and ": OK (" in out.stdout, out.stdout
+    assert "problem" not in out.stdout
 
 
 def test_a_daemon_with_bad_alert_settings_logs_them_and_keeps_deciding(tmp_path: Path):
