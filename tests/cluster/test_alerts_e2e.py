@@ -59,7 +59,7 @@ kinds = ["budget_threshold"]
 
 def with_sections(original: str, *blocks: str) -> str:
     """The cluster's policy with ``blocks`` added; any [alerts] of its own is dropped."""
-    text = re.sub(r"\n\[alerts\].*?(?=\n\[+(?!alerts)|\Z)", "\n", original, flags=re.S)
+    text = re.sub(r"\n\[alerts\].*?(?=\n\[+(?![\[]|alerts)|\Z)", "\n", original, flags=re.S)
     return text.rstrip() + "\n" + "".join(blocks)
 
 
