@@ -21,6 +21,9 @@ from policies.cost import format_money
 from slurm_plugin.alerts.webhook import describe, slack_escape
 
 PREFIX = "[slurmgate]"
+_DONE = {"cancel": "cancelled", "requeue": "requeued", "hold": "held", "dry_run": "reported "
+         "(dry run: nothing done)"}
+"""An idle action's ``action`` as the verb the mail uses."""
 MAX_MESSAGE = 2000
 
 
@@ -115,7 +118,7 @@ def event_content(policy: Policy, kind: str, event: dict[str, Any], *, user: str
             advice = ("If the job does not need its GPUs, cancel it (scancel "
                       f"{job}) or ask for fewer (--gres=gpu:N) next time.")
         else:
-            did = action or "acted on"
+            did = _DONE.get(action, action) or "acted on"
             subject = f"{PREFIX} job {job} {did}: GPUs idle for {minutes_text}"
             first = (f"Your {job_text} was {did} after {gpus} stayed idle for "
                      f"{minutes_text}" + (f" on {node}" if node else "")
