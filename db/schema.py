@@ -12,6 +12,10 @@ version or untouched. Never edit a released migration; add the next number inste
   instead of scanning millions of runs (kept up to date by the ingest), backfilled from runs.
 - v4: ``usage_daily_team`` and ``usage_daily_project``: the same without users (and without
   projects), for the daemon's ledger and fairshare and for the usual chargeback.
+- v5: ``runs.settled_by``.
+- v6: ``runs.sluid``, Slurm's own id of the run (25.11 and later).
+- v7: the alert send log (``alerts``, ``alert_sends``, ``alert_attempts``) and the alert
+  scan's cursor over the events (``alert_cursors``); see db/alert_log.py.
 """
 
 from __future__ import annotations
@@ -313,6 +317,63 @@ SCHEMA_V6 = """
 ALTER TABLE runs ADD COLUMN sluid TEXT;
 """
 
+# v7: the alert send log. An alert is decided once (``alerts.dedupe_key`` is unique: a budget
+# threshold per cluster, team, period and threshold; an event by its id) in the same
+# transaction as its deliveries (``alert_sends``, one per channel, also unique) and, for
+# events, the cursor past them: a restart neither resends nor skips. Every delivery attempt is
+# a row of ``alert_attempts`` with its error.
+SCHEMA_V7 = """
+CREATE TABLE alerts (
+    id INTEGER PRIMARY KEY,
+    dedupe_key TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    ts REAL NOT NULL,
+    cluster TEXT,
+    team TEXT,
+    "user" TEXT,
+    job_id INTEGER,
+    node TEXT,
+    event_id INTEGER,
+    covered_by INTEGER REFERENCES alerts (id),
+    subject TEXT NOT NULL,
+    body TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX alerts_kind_ts ON alerts (kind, ts);
+CREATE TABLE alert_sends (
+    id INTEGER PRIMARY KEY,
+    alert_id INTEGER NOT NULL REFERENCES alerts (id),
+    channel TEXT NOT NULL,
+    target TEXT NOT NULL,
+    dedupe_key TEXT NOT NULL UNIQUE,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'sent', 'failed', 'dry_run', 'dropped')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL
+);
+CREATE INDEX alert_sends_due ON alert_sends (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX alert_sends_alert ON alert_sends (alert_id);
+CREATE TABLE alert_attempts (
+    send_id INTEGER NOT NULL REFERENCES alert_sends (id),
+    attempt INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    ok INTEGER,
+    error TEXT,
+    PRIMARY KEY (send_id, attempt)
+);
+CREATE TABLE alert_cursors (
+    name TEXT PRIMARY KEY,
+    event_id INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
 MIGRATIONS: list[tuple[int, Step]] = [
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
@@ -320,6 +381,7 @@ MIGRATIONS: list[tuple[int, Step]] = [
     (4, SCHEMA_V4),
     (5, SCHEMA_V5),
     (6, SCHEMA_V6),
+    (7, SCHEMA_V7),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

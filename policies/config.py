@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from policies import defaults
+from policies.alerts import Alerts
 
 DEFAULT_POLICY_PATH = defaults.POLICY_PATH
 
@@ -265,6 +266,8 @@ class Policy(_Model):
     node: Node = Node()
     nvml: Nvml = Nvml()
     export: Export = Export()
+    alerts: Alerts = Alerts()
+    """Mail and webhook alerts (policies/alerts.py); off by default."""
 
     @model_validator(mode="after")
     def _references_exist(self) -> Policy:

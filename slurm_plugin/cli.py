@@ -95,8 +95,18 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 def cmd_check_policy(args: argparse.Namespace) -> int:
     policy = _policy(args)
+    from slurm_plugin.alerts.check import config_problems
+
     print(f"{config_path(args)}: OK ({len(policy.teams)} teams, "
           f"required tags: {', '.join(policy.tags.required) or 'none'})")
+    # the daemon runs with these (alerting without the broken part): warnings unless --strict
+    alert_problems = config_problems(policy, connect=args.connect)
+    if alert_problems:
+        print(f"{len(alert_problems)} problem(s) with [alerts] (the daemon logs them and "
+              "alerts without those parts):")
+        for field, problem in alert_problems:
+            print(f"  - {field}: {problem}")
+        return 1 if args.strict else 0
     return 0
 
 
@@ -458,7 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rollups", action="store_true",
                     help="also recompute the daily rollups from the runs and compare them")
     sp.add_argument("--json", action="store_true")
-    add("check-policy", cmd_check_policy, "validate the policy file and say what is wrong")
+    sp = add("check-policy", cmd_check_policy, "validate the policy file and say what is wrong")
+    sp.add_argument("--connect", action="store_true",
+                    help="also try to connect to the SMTP relay of [alerts]")
+    sp.add_argument("--strict", action="store_true",
+                    help="exit 1 when [alerts] has problems (they never stop the daemon)")
     sp = add("tui", cmd_tui, "open the admin terminal UI")
     sp.add_argument("--demo", action="store_true", help="show a fixed sample dataset")
     sub.add_parser("hook", help="Slurm hooks: prolog | epilog | jobcomp (wired in slurm.conf)")

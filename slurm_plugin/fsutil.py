@@ -123,3 +123,30 @@ def locked(lock_path: str | os.PathLike[str], mode: int = 0o640) -> Iterator[Non
         yield
     finally:
         os.close(fd)
+
+
+class PrivateFileError(ValueError):
+    """A secret's file may not be used: the message says why (not regular, others may read
+    it, too big)."""
+
+
+def read_private_file(path: str, max_bytes: int = 4096) -> bytes:
+    """The bytes of a secret's file (a password, a token, a URL with a key in it): opened
+    without following a symlink, and refused unless it is a regular file that others may not
+    read, of at most ``max_bytes``. Raises OSError when it cannot be opened."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PrivateFileError(f"{path}: not a regular file")
+        if st.st_mode & 0o007:
+            raise PrivateFileError(f"{path}: others may read it (mode "
+                                   f"{stat.S_IMODE(st.st_mode):04o}); `chmod o-rwx {path}`")
+        data = os.read(fd, max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise PrivateFileError(f"{path}: longer than {max_bytes} bytes")
+    return data

@@ -30,8 +30,10 @@ Series:
 | slurmgate_reserved_amount | gauge | money reserved by them |
 | slurmgate_budget_used | gauge | team: net spend in the current budget period |
 | slurmgate_budget_limit | gauge | team: budget of the period (0: none) |
-| slurmgate_errors_total | counter | where (ingest, reconcile, request, metrics) |
+| slurmgate_errors_total | counter | where (ingest, reconcile, request, metrics, alerts) |
 | slurmgate_policy_reloads_total | counter | result (ok, failed) |
+| slurmgate_alert_sends_total | counter | kind, channel (mail, webhook), result (sent; error: |
+| | | an attempt failed, retried; failed: given up; dry_run; dropped) |
 | slurmgate_start_time_seconds | gauge | |
 """
 
@@ -178,6 +180,7 @@ class Metrics:
         self.budget_limit: dict[str, float] = {}
         self.errors: dict[str, int] = {}
         self.reloads: dict[str, int] = {"ok": 0, "failed": 0}
+        self.alert_sends: dict[tuple[str, str, str], int] = {}
 
     # -- what the daemon calls ---------------------------------------------------------------
 
@@ -231,6 +234,12 @@ class Metrics:
     def policy_reload(self, ok: bool) -> None:
         with self._lock:
             self.reloads["ok" if ok else "failed"] += 1
+
+    def alert_sent(self, kind: str, channel: str, result: str) -> None:
+        """One alert delivery attempt (or a dry-run or dropped one) by its outcome."""
+        with self._lock:
+            key = (kind, channel, result)
+            self.alert_sends[key] = self.alert_sends.get(key, 0) + 1
 
     def on_scrape(self, collector: Callable[[], None]) -> None:
         """Call ``collector`` before every render (it sets gauges, e.g. the spool backlog)."""
@@ -293,6 +302,11 @@ class Metrics:
                    labelled("slurmgate_errors_total", "where", self.errors))
             family("slurmgate_policy_reloads_total", "counter", "Policy reloads (SIGHUP).",
                    labelled("slurmgate_policy_reloads_total", "result", self.reloads))
+            family("slurmgate_alert_sends_total", "counter",
+                   "Alert deliveries by kind, channel and result.",
+                   [f'slurmgate_alert_sends_total{{kind="{_label(k)}",channel="{_label(c)}",'
+                    f'result="{_label(r)}"}} {n}'
+                    for (k, c, r), n in sorted(self.alert_sends.items())])
             family("slurmgate_start_time_seconds", "gauge", "When the daemon started (epoch).",
                    single("slurmgate_start_time_seconds", self.start_time))
         return "\n".join(out) + "\n"

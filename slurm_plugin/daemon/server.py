@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 from policies.config import PolicyError, load_policy
+from slurm_plugin.daemon.alerting import start_alerts
 from slurm_plugin.daemon.connections import ConnectionServer, raise_fd_limit
 from slurm_plugin.daemon.prometheus import MetricsError, MetricsServer, spool_backlog
 from slurm_plugin.daemon.service import Daemon
@@ -96,6 +97,7 @@ def serve(config_path: str) -> int:
     daemon.log.write("daemon_started", pid=os.getpid(), socket=path, config=config_path)
     for target in (daemon.ingest_loop, daemon.reconcile_loop):
         threading.Thread(target=target, daemon=True, name=target.__name__).start()
+    start_alerts(daemon)
     daemon.ingest_wakeup.set()
     try:
         server.serve_forever(poll_interval=0.5)

@@ -1,0 +1,253 @@
+"""The alert send log: what was decided once, what was delivered, every attempt and its error.
+
+``record`` writes an alert (unique ``dedupe_key``), its deliveries (one per channel, each with
+its own unique key) and, for event-driven alerts, the scan's cursor past those events, in ONE
+transaction: an alert is decided exactly once, also across daemon restarts, and a restart
+neither resends nor skips an event. Delivery then works through ``due_sends``,
+``start_attempt`` (committed before the network is touched) and ``finish_attempt``.
+
+Only the daemon writes (schema v7, db/schema.py); readers (CLI, TUI) use ``sends``/``alerts``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from db.store import Store
+
+SEND_STATES = ("pending", "sent", "failed", "dry_run", "dropped")
+"""pending: waiting for its next attempt; sent; failed: given up after max_attempts;
+dry_run: decided while alerts.dry_run was on (never sent later); dropped: its channel left
+the policy before it could be delivered."""
+
+
+@dataclass(frozen=True)
+class NewSend:
+    channel: str
+    """"mail" or "webhook:<ident>" (policies.alerts.Webhook.ident)."""
+    target: str
+    """Who it goes to, for people reading the log: the addresses, or the webhook's name and
+    host (never a URL's path or query, which may hold a secret)."""
+    payload: dict[str, Any]
+    """What the sender needs: the mail's to/subject/body, or the webhook's JSON body."""
+
+
+@dataclass(frozen=True)
+class NewAlert:
+    dedupe_key: str
+    kind: str
+    subject: str
+    body: str
+    ts: float
+    cluster: str | None = None
+    team: str | None = None
+    user: str | None = None
+    job_id: int | None = None
+    node: str | None = None
+    event_id: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    sends: tuple[NewSend, ...] = ()
+    covers: tuple[str, ...] = ()
+    """Dedupe keys this alert answers too (lower budget thresholds crossed at the same time):
+    recorded as decided, pointing at this alert, with no deliveries of their own."""
+
+
+class AlertLog:
+    """Named reads and writes of the send log, over the daemon's store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def decided(self, keys: Iterable[str]) -> set[str]:
+        """Those of ``keys`` that an alert was decided for already."""
+        wanted = list(dict.fromkeys(keys))
+        found: set[str] = set()
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            rows = self.store._query(
+                f"SELECT dedupe_key FROM alerts WHERE dedupe_key IN "
+                f"({','.join('?' * len(chunk))})", chunk)
+            found.update(r["dedupe_key"] for r in rows)
+        return found
+
+    def record(self, alerts: Sequence[NewAlert], *, now: float, dry_run: bool = False,
+               cursor: tuple[str, int] | None = None) -> dict[str, int]:
+        """Decide ``alerts`` (and move ``cursor``, (name, event id), with them) in one
+        transaction. An alert whose key is decided already is left alone, with its sends.
+        Returns dedupe key -> alert id of those recorded now."""
+        state = "dry_run" if dry_run else "pending"
+        made: dict[str, int] = {}
+        with self.store.transaction():
+            conn = self.store.conn
+            for a in alerts:
+                cur = conn.execute(
+                    'INSERT OR IGNORE INTO alerts (dedupe_key, kind, ts, cluster, team, "user", '
+                    "job_id, node, event_id, subject, body, detail) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (a.dedupe_key, a.kind, a.ts, a.cluster, a.team, a.user, a.job_id, a.node,
+                     a.event_id, a.subject, a.body,
+                     json.dumps(a.detail, sort_keys=True, default=str)))
+                if cur.rowcount != 1:
+                    continue
+                alert_id = int(cur.lastrowid or 0)
+                made[a.dedupe_key] = alert_id
+                for key in a.covers:
+                    conn.execute(
+                        'INSERT OR IGNORE INTO alerts (dedupe_key, kind, ts, cluster, team, '
+                        '"user", job_id, node, event_id, covered_by, subject, body, detail) '
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', '{}')",
+                        (key, a.kind, a.ts, a.cluster, a.team, a.user, a.job_id, a.node,
+                         a.event_id, alert_id, f"answered by {a.dedupe_key}"))
+                for s in a.sends:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO alert_sends (alert_id, channel, target, "
+                        "dedupe_key, payload, state, attempts, next_attempt_at, created_at, "
+                        "updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                        (alert_id, s.channel, s.target, f"{a.dedupe_key}/{s.channel}",
+                         json.dumps(s.payload, sort_keys=True, default=str), state, now, now,
+                         now))
+            if cursor is not None:
+                self._set_cursor(*cursor, now=now)
+        return made
+
+    # -- the events cursor ------------------------------------------------------------------
+
+    def cursor(self, name: str) -> int | None:
+        """Last event id the scan called ``name`` has handled; None before its first scan."""
+        rows = self.store._query("SELECT event_id FROM alert_cursors WHERE name = ?", (name,))
+        return int(rows[0]["event_id"]) if rows else None
+
+    def set_cursor(self, name: str, event_id: int, *, now: float) -> None:
+        with self.store.transaction():
+            self._set_cursor(name, event_id, now=now)
+
+    def _set_cursor(self, name: str, event_id: int, *, now: float) -> None:
+        self.store.conn.execute(
+            "INSERT INTO alert_cursors (name, event_id, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET event_id = max(event_id, excluded.event_id), "
+            "updated_at = excluded.updated_at", (name, event_id, now))
+
+    def last_event_id(self) -> int:
+        rows = self.store._query("SELECT coalesce(max(id), 0) AS id FROM events")
+        return int(rows[0]["id"])
+
+    def events_after(self, event_id: int, kinds: Iterable[str],
+                     limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
+        """(events of ``kinds`` with id > ``event_id``, oldest first, at most ``limit``; the
+        highest event id looked at, of any kind). The second value is where the cursor may
+        move to: events of other kinds in between are passed over with them."""
+        kinds = tuple(kinds)
+        top = self.store._query(
+            "SELECT coalesce(max(id), ?) AS id FROM (SELECT id FROM events WHERE id > ? "
+            "ORDER BY id LIMIT ?)", (event_id, event_id, limit * 10))[0]["id"]
+        if not kinds:
+            return [], int(top)
+        rows = self.store._query(
+            'SELECT id, ts, kind, cluster, job_id, restart_count, team, "user", node, actor, '
+            f"message, detail FROM events WHERE id > ? AND id <= ? AND kind IN "
+            f"({','.join('?' * len(kinds))}) ORDER BY id LIMIT ?",
+            (event_id, top, *kinds, limit))
+        if len(rows) == limit:
+            top = rows[-1]["id"]
+        return rows, int(top)
+
+    def job_owner(self, cluster: str | None, job_id: int) -> tuple[str | None, str | None]:
+        """(user, team) of a job, from its latest run, else its reservation."""
+        rows = self.store._query(
+            'SELECT "user", team FROM runs WHERE cluster IS ? AND job_id = ? '
+            "ORDER BY restart_count DESC LIMIT 1", (cluster, job_id))
+        if not rows:
+            rows = self.store._query(
+                'SELECT "user", team FROM reservations WHERE cluster IS ? AND job_id = ? '
+                "ORDER BY created_at DESC LIMIT 1", (cluster, job_id))
+        return (rows[0]["user"], rows[0]["team"]) if rows else (None, None)
+
+    # -- delivering -------------------------------------------------------------------------
+
+    def due_sends(self, now: float, limit: int = 100) -> list[dict[str, Any]]:
+        """Pending deliveries whose next attempt is due, oldest first, with their alert's
+        kind and key: id, alert_id, channel, target, dedupe_key, payload (decoded), attempts,
+        kind, alert_key."""
+        rows = self.store._query(
+            "SELECT s.id, s.alert_id, s.channel, s.target, s.dedupe_key, s.payload, s.attempts,"
+            " a.kind, a.dedupe_key AS alert_key FROM alert_sends s JOIN alerts a "
+            "ON a.id = s.alert_id WHERE s.state = 'pending' AND s.next_attempt_at <= ? "
+            "ORDER BY s.next_attempt_at, s.id LIMIT ?", (now, limit))
+        for r in rows:
+            try:
+                r["payload"] = json.loads(r["payload"])
+            except ValueError:
+                r["payload"] = {}
+        return rows
+
+    def start_attempt(self, send_id: int, *, now: float) -> int:
+        """Count an attempt before it is made (committed first: a crash during the send
+        still counts it). Returns its number."""
+        with self.store.transaction():
+            row = self.store.conn.execute(
+                "UPDATE alert_sends SET attempts = attempts + 1, updated_at = ? WHERE id = ? "
+                "RETURNING attempts", (now, send_id)).fetchone()
+            attempt = int(row[0])
+            self.store.conn.execute(
+                "INSERT OR REPLACE INTO alert_attempts (send_id, attempt, started_at) "
+                "VALUES (?, ?, ?)", (send_id, attempt, now))
+        return attempt
+
+    def finish_attempt(self, send_id: int, attempt: int, *, now: float, error: str | None,
+                       state: str, next_attempt_at: float | None = None) -> None:
+        """The outcome of an attempt: ``error`` None for success; ``state`` what the
+        delivery is now (pending with ``next_attempt_at`` for a retry)."""
+        if state not in SEND_STATES:
+            raise ValueError(f"a delivery's state is one of {', '.join(SEND_STATES)}")
+        with self.store.transaction():
+            self.store.conn.execute(
+                "UPDATE alert_attempts SET finished_at = ?, ok = ?, error = ? "
+                "WHERE send_id = ? AND attempt = ?",
+                (now, int(error is None), error, send_id, attempt))
+            self.store.conn.execute(
+                "UPDATE alert_sends SET state = ?, last_error = ?, updated_at = ?, "
+                "next_attempt_at = coalesce(?, next_attempt_at), "
+                "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ?",
+                (state, error, now, next_attempt_at, state, now, send_id))
+
+    def drop(self, send_id: int, reason: str, *, now: float) -> None:
+        """A delivery whose channel is gone from the policy: kept, never tried again."""
+        with self.store.transaction():
+            self.store.conn.execute(
+                "UPDATE alert_sends SET state = 'dropped', last_error = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'pending'", (reason, now, send_id))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def alerts(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Decided alerts, oldest first (of ``kind`` when given), detail decoded."""
+        where, params = ("WHERE kind = ?", [kind]) if kind else ("", [])
+        rows = self.store._query(f"SELECT * FROM alerts {where} ORDER BY id", params)
+        for r in rows:
+            try:
+                r["detail"] = json.loads(r["detail"] or "{}")
+            except ValueError:
+                r["detail"] = {}
+        return rows
+
+    def sends(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Deliveries, oldest first, with their alert's kind and key and every attempt
+        (``tries``: attempt, ok, error)."""
+        where, params = ("WHERE a.kind = ?", [kind]) if kind else ("", [])
+        rows = self.store._query(
+            "SELECT s.*, a.kind, a.dedupe_key AS alert_key, a.team, a.job_id FROM alert_sends s "
+            f"JOIN alerts a ON a.id = s.alert_id {where} ORDER BY s.id", params)
+        tries: dict[int, list[dict[str, Any]]] = {}
+        if rows:
+            for t in self.store._query(
+                    "SELECT send_id, attempt, ok, error FROM alert_attempts WHERE send_id >= ? "
+                    "ORDER BY attempt", (min(r["id"] for r in rows),)):
+                tries.setdefault(t["send_id"], []).append(t)
+        for r in rows:
+            r["tries"] = tries.get(r["id"], [])
+        return rows
