@@ -12,6 +12,9 @@ version or untouched. Never edit a released migration; add the next number inste
   instead of scanning millions of runs (kept up to date by the ingest), backfilled from runs.
 - v4: ``usage_daily_team`` and ``usage_daily_project``: the same without users (and without
   projects), for the daemon's ledger and fairshare and for the usual chargeback.
+- v5: ``runs.settled_by``, the writer whose jobcomp settled a run.
+- v6: ``run_progress``, the training progress (epoch, step) a job reported through the
+  checkpoint helper, per run: a figure for the efficiency reports, never an amount.
 """
 
 from __future__ import annotations
@@ -306,12 +309,35 @@ SCHEMA_V5 = """
 ALTER TABLE runs ADD COLUMN settled_by TEXT;
 """
 
+# v6: progress a job reports (``slurmgate ckpt save --epoch N --step N``), one row per run,
+# written by the daemon after checking that the reporting uid owns the job. ``epoch``/``step``
+# are the highest values the run reported; ``*_base`` the highest any earlier run of the job
+# reported (where this run resumed from), so the run made ``value - base``. Users write these
+# numbers: they feed figures (cost per epoch) and never a price, a credit or a rollup.
+SCHEMA_V6 = """
+CREATE TABLE run_progress (
+    cluster TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    restart_count INTEGER NOT NULL,
+    uid INTEGER,
+    epoch INTEGER,
+    step INTEGER,
+    epoch_base INTEGER NOT NULL DEFAULT 0,
+    step_base INTEGER NOT NULL DEFAULT 0,
+    reports INTEGER NOT NULL DEFAULT 0,
+    first_ts REAL NOT NULL,
+    last_ts REAL NOT NULL,
+    PRIMARY KEY (cluster, job_id, restart_count)
+) WITHOUT ROWID;
+"""
+
 MIGRATIONS: list[tuple[int, Step]] = [
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
     (5, SCHEMA_V5),
+    (6, SCHEMA_V6),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
