@@ -50,7 +50,8 @@ def efficiency_runs(store: Store, start_ts: float, end_ts: float, *,
     """Settled runs that ended in [start_ts, end_ts) (of ``team`` when given), tags decoded,
     with the progress each made (``epochs``, ``steps``; None when it reported none) and
     whether its job reported epochs/steps at all (``epoch_job``, ``step_job``)."""
-    sql, params = _RUNS, [start_ts, end_ts]
+    sql = _RUNS
+    params: list[Any] = [start_ts, end_ts]
     if team is not None:
         sql += " AND r.team = ?"
         params.append(team)

@@ -97,6 +97,8 @@ class JobFigures:
     array_job_id: int | None = None
     array_task_id: int | None = None
     user: str | None = None
+    uid: int | None = None
+    """The run's uid as slurmctld reported it (None while only a reservation is known)."""
     team: str | None = None
     project: str | None = None
     experiment: str | None = None
@@ -172,6 +174,7 @@ def job_figures(job: Mapping[str, Any], *, experiment_tag: str = "experiment",
     f.array_job_id = newest.get("array_job_id")
     f.array_task_id = newest.get("array_task_id")
     f.user = newest.get("user")
+    f.uid = newest.get("uid")
     f.team = newest.get("team")
     f.project = newest.get("project") or tags.get("project")
     f.tags = tags
@@ -297,8 +300,10 @@ def _gres(gpu_type: str | None, count: int) -> str:
     return f"--gres=gpu:{typed}:{count}" if typed else f"--gres=gpu:{count}"
 
 
-def advice(f: JobFigures, rules: AdviceRules = AdviceRules()) -> list[str]:
+def advice(f: JobFigures, rules: AdviceRules = AdviceRules(), currency: str = "$") -> list[str]:
     """Plain advice, most money first; empty when the numbers give no reason."""
+    from policies.cost import format_money
+
     out: list[str] = []
     alloc = int(round(f.gpus))
     if f.runs and alloc >= 1 and f.gpus_used is not None and f.gpus_measured:
@@ -316,7 +321,7 @@ def advice(f: JobFigures, rules: AdviceRules = AdviceRules()) -> list[str]:
     if (f.gpu_efficiency is not None and f.gpus_used
             and f.gpu_efficiency * 100 < rules.low_gpu_util_percent):
         out.append(f"GPU utilisation averaged {f.gpu_efficiency * 100:.0f} % "
-                   f"(idle GPU time cost {f.cost_idle:.2f}): feed the GPU faster (more "
+                   f"(idle GPU time cost {format_money(f.cost_idle, currency)}): feed the GPU faster (more "
                    "--cpus-per-task and data-loader workers, larger batches) or use fewer "
                    "GPUs")
     limit_s = (f.time_limit_min or 0) * 60

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -160,7 +161,7 @@ def _month(store: Store) -> None:
         reserve(store, job_id, team=team, gpus=1, cpus=0, mem_mb=0,
                 project="p" + str(job_id % 2))
         store.conn.execute("UPDATE reservations SET tags = ? WHERE job_id = ?",
-                           ('{"experiment": "%s"}' % exp if exp else "{}", job_id))
+                           (json.dumps({"experiment": exp} if exp else {}), job_id))
         ingest_records(store, [node_run(job_id, [util], energy_per_gpu=None),
                                make_jobcomp(job_id)], policy)
     store.record_progress("c1", 1, 0, uid=1001, epoch=4)
