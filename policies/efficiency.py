@@ -321,9 +321,9 @@ def advice(f: JobFigures, rules: AdviceRules = AdviceRules(), currency: str = "$
     if (f.gpu_efficiency is not None and f.gpus_used
             and f.gpu_efficiency * 100 < rules.low_gpu_util_percent):
         out.append(f"GPU utilisation averaged {f.gpu_efficiency * 100:.0f} % "
-                   f"(idle GPU time cost {format_money(f.cost_idle, currency)}): feed the GPU faster (more "
-                   "--cpus-per-task and data-loader workers, larger batches) or use fewer "
-                   "GPUs")
+                   f"(idle GPU time cost {format_money(f.cost_idle, currency)}): feed the GPU "
+                   "faster (more --cpus-per-task and data-loader workers, larger batches) or "
+                   "use fewer GPUs")
     limit_s = (f.time_limit_min or 0) * 60
     if (f.runs and f.state == "COMPLETED" and limit_s >= rules.short_run_min_limit_minutes * 60
             and f.last_run_s < rules.short_run_fraction * limit_s):

@@ -162,7 +162,8 @@ def test_text_report_shows_the_figures_and_the_advice() -> None:
     for piece in ("GPUs     4 x a100", "Runs: 1 (0 restarts)", "COMPLETED",
                   "time used 2 h of a 4 h limit (50 %)", "efficiency 23 %",
                   "GPUs used  1 of 4", "GPU $16.00, CPU $0.00, memory $0.00, energy $0.40",
-                  "charged $16.40", "idle GPU time cost $12.28", "Team vision, budget period", "of $1,000.00",
+                  "charged $16.40", "idle GPU time cost $12.28", "Team vision, budget period",
+                  "of $1,000.00",
                   "Advice", "  - 4 GPUs allocated, 1 used: ask for --gres=gpu:a100:1"):
         assert piece in text, piece
     assert "node1" in text and "90 %" in text
@@ -194,7 +195,8 @@ def test_cli_reads_the_database_for_admins(tmp_path: Path,
     assert cli_main(["--config", str(conf), "job", "41", "--db", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["job"]["job_id"] == 41 and out["job"]["cost_gpu"] == pytest.approx(8.0)
-    assert out["budget"]["team"] == "vision" and out["budget"]["spent"] == pytest.approx(out["job"]["net"])
+    assert out["budget"]["team"] == "vision"
+    assert out["budget"]["spent"] == pytest.approx(out["job"]["net"])
     assert cli_main(["--config", str(conf), "job", "41", "--db"]) == 0
     assert "Job 41 on cluster c1" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="job 99: not found in"):
