@@ -373,7 +373,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SystemExit(f"slurmgate report: {exc}") from exc
     store = _read_store(args)
     try:
-        statement = build_statement(store, policy, month, team=args.team)
+        statement = build_statement(store, policy, month, team=args.team,
+                                    efficiency_by=args.by or ())
     except ValueError as exc:
         raise SystemExit(f"slurmgate report: {exc}") from exc
     finally:
@@ -516,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--month", default="last", help="2026-10, last (default) or this")
     sp.add_argument("--team", help="one team")
     sp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
+    sp.add_argument("--by", action="append", metavar="GROUP",
+                    help="add an efficiency table by GROUP: user, project or tag:KEY "
+                         "(repeatable)")
     sp.add_argument("--json", action="store_true")
     sp = add("doctor", cmd_doctor, "check this installation and say what to fix")
     sp.add_argument("--node", nargs="?", const="", metavar="NAME",

@@ -218,3 +218,30 @@ def test_small_helpers() -> None:
     assert eff.per_thousand(3, 0.0) is None and eff.per_thousand(2, 500.0) == 4.0
     assert eff.busy_gpu_seconds(100.0, 150.0) == 100.0 and eff.busy_gpu_seconds(1.0, None) is None
     assert eff.progress_made({"epoch": 3, "epoch_base": 5}, "epoch") == 0
+
+
+def test_statement_has_an_efficiency_section(store: Store) -> None:
+    from db.chargeback import statement as stmt
+    from db.chargeback.periods import month_period
+
+    _month(store)
+    policy = make_policy()
+    st = stmt.build_statement(store, policy, month_period(2026, 9), efficiency_by=["tag:none"])
+    vision = st.team("vision")
+    tot = vision.efficiency["totals"]
+    assert tot["runs"] == 3 and tot["gpu_efficiency"] == pytest.approx(0.75)
+    assert tot["cost_per_epoch"] == pytest.approx(1.0) and tot["experiments"] == 2
+    assert list(vision.efficiency["by"]) == ["project", "user", "tag:experiment", "tag:none"]
+    by_exp = {r["tag:experiment"]: r["runs"] for r in vision.efficiency["by"]["tag:experiment"]}
+    assert by_exp == {"e1": 2, "e2": 1}
+    text = stmt.render_text(st)
+    assert ("efficiency (runs that ended this month): GPU efficiency 75% of 4.0 measured "
+            "GPU-hours; cost per run $4.00; experiments 2 (166.67 per $1k); cost per epoch "
+            "$1.00") in text
+    assert "efficiency by experiment:" in text
+    page = stmt.render_html(st)
+    assert "<h3>Efficiency</h3>" in page and "<h3>Efficiency by experiment</h3>" in page
+    assert "166.67" in page and "experiments per $1k (2)" in page
+    assert stmt.statement_json(st)["teams"][0]["efficiency"]["totals"]["runs"] in (1, 3)
+    with pytest.raises(ValueError, match="cannot group efficiency"):
+        stmt.build_statement(store, policy, month_period(2026, 9), efficiency_by=["colour"])
