@@ -160,8 +160,9 @@ def _month(store: Store) -> None:
                                     (3, "vision", "e2", None), (4, "nlp", None, 25.0)):
         reserve(store, job_id, team=team, gpus=1, cpus=0, mem_mb=0,
                 project="p" + str(job_id % 2))
-        store.conn.execute("UPDATE reservations SET tags = ? WHERE job_id = ?",
-                           (json.dumps({"experiment": exp} if exp else {}), job_id))
+        with store.transaction():
+            store.conn.execute("UPDATE reservations SET tags = ? WHERE job_id = ?",
+                               (json.dumps({"experiment": exp} if exp else {}), job_id))
         ingest_records(store, [node_run(job_id, [util], energy_per_gpu=None),
                                make_jobcomp(job_id)], policy)
     store.record_progress("c1", 1, 0, uid=1001, epoch=4)
@@ -245,3 +246,46 @@ def test_statement_has_an_efficiency_section(store: Store) -> None:
     assert stmt.statement_json(st)["teams"][0]["efficiency"]["totals"]["runs"] in (1, 3)
     with pytest.raises(ValueError, match="cannot group efficiency"):
         stmt.build_statement(store, policy, month_period(2026, 9), efficiency_by=["colour"])
+
+
+def test_export_columns_busy_gpu_hours_and_progress(tmp_path) -> None:  # noqa: ANN001
+    import csv
+
+    from db.chargeback import export as ex
+    from db.chargeback.periods import day_period
+
+    with open_store(tmp_path / "sg.db") as s:
+        _month(s)
+        # a run across midnight: 1 GPU 22:00-02:00 at 40 %, epochs 6 reported
+        start = T0 + 22 * HOUR
+        reserve(s, 5, gpus=1, cpus=0, mem_mb=0)
+        ingest_records(s, [node_run(5, [40.0], start=start, end=start + 4 * HOUR,
+                                    energy_per_gpu=None),
+                           make_jobcomp(5, start=start, end=start + 4 * HOUR)], make_policy())
+        s.record_progress("c1", 5, 0, uid=1001, epoch=6, step=60)
+    from datetime import date
+
+    out = {}
+    for day in (date(2026, 9, 22), date(2026, 9, 23)):
+        res = ex.export_period(tmp_path / "sg.db", day_period(day), tmp_path / "out",
+                               parquet=False, jobs=1)
+        with open(res.path / "runs.csv", newline="") as fh:
+            out[day.day] = {int(r["job_id"]): r for r in csv.DictReader(fh)}
+        with open(res.path / "by_team.csv", newline="") as fh:
+            out[f"team{day.day}"] = {r["team"]: r for r in csv.DictReader(fh)}
+        jsonl = (res.path / "runs.jsonl").read_text().splitlines()
+        assert all(set(json.loads(line)) >= {"busy_gpu_hours", "epochs", "steps"}
+                   for line in jsonl)
+        assert res.manifest["totals"]["busy_gpu_hours"] is not None
+    first, second = out[22], out[23]
+    assert set(first) == {1, 2, 3, 4, 5}, first.keys()
+    # job 1: 2 GPU-h at 50 % = 1.000000 busy; 4 epochs; job 3 unmeasured: empty
+    assert first[1]["busy_gpu_hours"] == "1.000000" and first[1]["epochs"] == "4"
+    assert first[2]["busy_gpu_hours"] == "2.000000" and first[2]["epochs"] == ""
+    assert first[3]["busy_gpu_hours"] == "" and first[3]["util_mean"] == ""
+    # job 5 split half and half: 0.8 busy GPU-h each side; its progress where it ended
+    assert first[5]["busy_gpu_hours"] == "0.800000" == second[5]["busy_gpu_hours"]
+    assert (first[5]["epochs"], second[5]["epochs"], second[5]["steps"]) == ("", "6", "60")
+    v = out["team22"]["vision"]
+    assert (v["busy_gpu_hours"], v["measured_gpu_hours"]) == ("3.800000", "6.000000")
+    assert list(v)[-3:] == ["mode", "busy_gpu_hours", "measured_gpu_hours"]
