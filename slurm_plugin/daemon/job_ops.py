@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 PROGRESS_PENDING_MAX = 10_000
 """Runs with progress waiting for the next flush; beyond it reports are refused (busy)."""
 PROGRESS_MAX = 10 ** 15
+"""The store's bound (db.store.Store.PROGRESS_MAX; a unit test keeps them equal), checked
+here so that a bad value is refused to the user at once, not dropped at the flush."""
 
 
 def _job_spec(req: dict[str, Any]) -> tuple[int, int | None]:

@@ -246,3 +246,10 @@ def test_checkpoint_save_reports_progress_to_a_real_daemon(monkeypatch: pytest.M
     finally:
         d.stop()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_one_bound_on_progress_values_everywhere() -> None:
+    from db.store import Store
+    from slurm_plugin.daemon import job_ops
+
+    assert job_ops.PROGRESS_MAX == Store.PROGRESS_MAX == checkpoint.PROGRESS_MAX
