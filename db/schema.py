@@ -16,6 +16,8 @@ version or untouched. Never edit a released migration; add the next number inste
 - v6: ``runs.sluid``, Slurm's own id of the run (25.11 and later).
 - v7: the alert send log (``alerts``, ``alert_sends``, ``alert_attempts``) and the alert
   scan's cursor over the events (``alert_cursors``); see db/alert_log.py.
+- v8: ``run_progress``, the training progress (epoch, step) a job reported through the
+  checkpoint helper, per run: a figure for the efficiency reports, never an amount.
 """
 
 from __future__ import annotations
@@ -374,6 +376,28 @@ CREATE TABLE alert_cursors (
 );
 """
 
+# v8: progress a job reports (``slurmgate ckpt save --epoch N --step N``), one row per run,
+# written by the daemon after checking that the reporting uid owns the job. ``epoch``/``step``
+# are the highest values the run reported; ``*_base`` the highest any earlier run of the job
+# reported (where this run resumed from), so the run made ``value - base``. Users write these
+# numbers: they feed figures (cost per epoch) and never a price, a credit or a rollup.
+SCHEMA_V8 = """
+CREATE TABLE run_progress (
+    cluster TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    restart_count INTEGER NOT NULL,
+    uid INTEGER,
+    epoch INTEGER,
+    step INTEGER,
+    epoch_base INTEGER NOT NULL DEFAULT 0,
+    step_base INTEGER NOT NULL DEFAULT 0,
+    reports INTEGER NOT NULL DEFAULT 0,
+    first_ts REAL NOT NULL,
+    last_ts REAL NOT NULL,
+    PRIMARY KEY (cluster, job_id, restart_count)
+) WITHOUT ROWID;
+"""
+
 MIGRATIONS: list[tuple[int, Step]] = [
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
@@ -382,6 +406,7 @@ MIGRATIONS: list[tuple[int, Step]] = [
     (5, SCHEMA_V5),
     (6, SCHEMA_V6),
     (7, SCHEMA_V7),
+    (8, SCHEMA_V8),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

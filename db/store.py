@@ -427,6 +427,42 @@ class Store:
             (node, cluster, since_ts))
         return int(rows[0]["n"]) if rows else 0
 
+    # -- training progress (figures, never money) -----------------------------------------
+
+    PROGRESS_MAX = 10 ** 15
+    """Largest epoch or step number kept (anything above is refused as not a count)."""
+
+    def record_progress(self, cluster: str, job_id: int, restart_count: int, *,
+                        uid: int | None, epoch: int | None = None, step: int | None = None,
+                        now: float | None = None) -> None:
+        """Progress a run reported (the daemon checked that ``uid`` owns the job): the
+        highest epoch and step so far are kept. The run's base (where it resumed from) is
+        taken once, at its first report: the highest any earlier run of the job reported.
+        Raises ValueError for a value that is not a count in [0, PROGRESS_MAX]."""
+        for name, value in (("epoch", epoch), ("step", step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= self.PROGRESS_MAX):
+                raise ValueError(f"{name} must be a whole number from 0 to "
+                                 f"{self.PROGRESS_MAX}, not {value!r}")
+        if epoch is None and step is None:
+            raise ValueError("progress needs an epoch or a step")
+        ts = time.time() if now is None else now
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO run_progress (cluster, job_id, restart_count, uid, epoch, step, "
+                "epoch_base, step_base, reports, first_ts, last_ts) "
+                "SELECT ?, ?, ?, ?, ?, ?, coalesce(max(epoch), 0), coalesce(max(step), 0), 1, "
+                "?, ? FROM run_progress WHERE cluster = ? AND job_id = ? AND restart_count < ? "
+                "ON CONFLICT (cluster, job_id, restart_count) DO UPDATE SET "
+                "epoch = CASE WHEN excluded.epoch IS NULL THEN epoch "
+                "WHEN epoch IS NULL OR excluded.epoch > epoch THEN excluded.epoch "
+                "ELSE epoch END, "
+                "step = CASE WHEN excluded.step IS NULL THEN step "
+                "WHEN step IS NULL OR excluded.step > step THEN excluded.step ELSE step END, "
+                "reports = reports + 1, last_ts = excluded.last_ts",
+                (cluster, job_id, restart_count, uid, epoch, step, ts, ts, cluster, job_id,
+                 restart_count))
+
     # -- GPU samples ------------------------------------------------------------------------
 
     def gpu_samples(self, since_ts: float, until_ts: float) -> list[dict[str, Any]]:

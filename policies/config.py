@@ -251,6 +251,50 @@ class Export(_Model):
     """Where nightly exports are written."""
 
 
+class Reports(_Model):
+    """The per-job report (`slurmgate job`) and the efficiency figures of `slurmgate report`
+    and the exports. Thresholds decide when the job report gives advice."""
+
+    team_members_see_team_jobs: bool = False
+    """Members may read the job reports of every job of their team (leads and admins always
+    may; everyone sees their own jobs)."""
+    experiment_tag: str = "experiment"
+    """Tag key whose distinct values count as experiments ("experiments per 1k" in reports);
+    empty disables the figure."""
+    gpu_used_percent: float = 10.0
+    """A GPU whose mean utilisation over a run is below this (percent) counts as not used."""
+    low_gpu_util_percent: float = 50.0
+    """Advice on low GPU utilisation below this mean (percent) over the used GPUs."""
+    short_run_fraction: float = 0.25
+    """Advice on a shorter -t when a job used less than this fraction of its time limit..."""
+    short_run_min_limit_minutes: int = 60
+    """...and its limit was at least this long (short limits are not worth advice)."""
+
+    @field_validator("gpu_used_percent", "low_gpu_util_percent")
+    @classmethod
+    def _percent(cls, v: float) -> float:
+        if not 0.0 <= v <= 100.0:
+            raise ValueError("must be a percentage between 0 and 100")
+        return v
+
+    @field_validator("short_run_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be a fraction between 0 and 1")
+        return v
+
+    @field_validator("experiment_tag")
+    @classmethod
+    def _tag_key(cls, v: str) -> str:
+        # the syntax of policies.tags.KEY_RE (tags imports this module; a test keeps the two
+        # equal)
+        if v and not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", v):
+            raise ValueError("must be a tag key: a lower-case letter, then up to 31 lower-case "
+                             "letters, digits or '_'")
+        return v
+
+
 class Policy(_Model):
     daemon: DaemonSettings = DaemonSettings()
     tags: TagPolicy = TagPolicy()
@@ -268,6 +312,7 @@ class Policy(_Model):
     export: Export = Export()
     alerts: Alerts = Alerts()
     """Mail and webhook alerts (policies/alerts.py); off by default."""
+    reports: Reports = Reports()
 
     @model_validator(mode="after")
     def _references_exist(self) -> Policy:

@@ -13,8 +13,14 @@ This module runs inside user jobs, so it uses the standard library only. From Py
         if ckpt.requested():
             break
 
-From bash: ``slurmgate ckpt dir | latest [--path|--step] | restarts | save STEP [FILE|-] |
-load [--path] | list`` (see ``main``).
+From bash: ``slurmgate ckpt dir | latest [--path|--step] | restarts | save STEP [FILE|-]
+[--epoch N] [--step N] | load [--path] | list`` (see ``main``).
+
+Progress: ``save(..., epoch=N, progress_step=N)`` (``ckpt save --epoch N --step N``) also
+tells the slurmgate daemon how far training got, for the efficiency figures (cost per epoch
+in ``slurmgate job`` and ``slurmgate report``); ``report_progress`` does that alone. The
+daemon records it only for a running job of the calling user; a daemon that cannot be reached
+costs the save at most ``PROGRESS_TIMEOUT_S`` and a note on stderr, never the checkpoint.
 
 Where: the directory named by ``$SLURMGATE_CKPT_DIR`` (the variable's name can be changed with
 ``$SLURMGATE_CKPT_ENV``; slurmgate injects ``ROOT/TEAM/USER/JOBNAME`` at submit time into jobs
@@ -60,6 +66,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
+from policies import defaults
 from slurm_plugin.fsutil import fsync_path, fsync_tree, write_new_file
 
 DEFAULT_ENV_VAR = "SLURMGATE_CKPT_DIR"
@@ -649,15 +656,20 @@ def load_json(default: Any = None, directory: str | os.PathLike[str] | None = No
 
 
 def save(name_or_step: int | str, writer: Callable[[Path], object], *,
-         directory: str | os.PathLike[str] | None = None, keep: int | None = None) -> Checkpoint:
+         directory: str | os.PathLike[str] | None = None, keep: int | None = None,
+         epoch: int | None = None, progress_step: int | None = None) -> Checkpoint:
     """Save checkpoint ``step-NNNNNNNN`` atomically; ``writer(path)`` writes files into ``path``.
 
     ``writer`` may return the name of its main file (the payload ``load`` reads); a writer that
     writes exactly one file gets that one. Saving a step that exists replaces it. Afterwards the
     ``latest`` pointer names the new checkpoint and only the last ``keep`` are kept (default
-    ``$SLURMGATE_CKPT_KEEP`` or 3; 0 keeps all).
+    ``$SLURMGATE_CKPT_KEEP`` or 3; 0 keeps all). ``epoch``/``progress_step``: how far training
+    got, kept in the checkpoint's marker and reported to the daemon (``report_progress``)
+    once the checkpoint is complete.
     """
     step = as_step(name_or_step)
+    epoch = _progress_value("epoch", epoch)
+    progress_step = _progress_value("step", progress_step)
     keep = _keep(keep)
     root = _root(directory, create=True)
     name = step_name(step)
@@ -676,8 +688,13 @@ def save(name_or_step: int | str, writer: Callable[[Path], object], *,
                                       f"name the file differently")
             payload = _payload_name(tmp, returned)
             fsync_tree(tmp)
-            meta = {"v": 1, "step": step, "created": time.time(), "payload": payload,
-                    "job_id": _job_id(), "restart_count": restart_count()}
+            meta: dict[str, Any] = {"v": 1, "step": step, "created": time.time(),
+                                    "payload": payload, "job_id": _job_id(),
+                                    "restart_count": restart_count()}
+            if epoch is not None:
+                meta["epoch"] = epoch
+            if progress_step is not None:
+                meta["progress_step"] = progress_step
             write_new_file(tmp / MARKER, json.dumps(meta).encode() + b"\n")
             fsync_path(tmp, directory=True)
             final = root / name
@@ -691,10 +708,81 @@ def save(name_or_step: int | str, writer: Callable[[Path], object], *,
         ck = _read_checkpoint(final)
         assert ck is not None
         _prune(root, keep, protect=name)
+        if epoch is not None or progress_step is not None:
+            report_progress(epoch=epoch, step=progress_step)
         return ck
     finally:
         _signals.saving -= 1
         _signals.run_deferred()
+
+
+# -- progress -----------------------------------------------------------------------------------
+
+PROGRESS_TIMEOUT_S = 2.0
+"""Longest a progress report may wait for the daemon (each of connect, send, answer)."""
+PROGRESS_MAX = 10 ** 15
+SOCKET_ENV = "SLURMGATE_SOCKET"
+
+
+def _progress_value(what: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= PROGRESS_MAX:
+        raise ValueError(f"{what} must be a whole number from 0 to {PROGRESS_MAX}, "
+                         f"not {value!r}")
+    return value
+
+
+def daemon_socket() -> str:
+    """The daemon's socket: ``$SLURMGATE_SOCKET``, else ``[daemon] socket`` of the policy file
+    (``$SLURMGATE_CONFIG`` or the default path) when it is readable, else the default."""
+    explicit = os.environ.get(SOCKET_ENV, "").strip()
+    if explicit:
+        return explicit
+    try:
+        import tomllib
+
+        with open(defaults.policy_path(), "rb") as fh:
+            value = tomllib.load(fh).get("daemon", {}).get("socket")
+        if isinstance(value, str) and value:
+            return value
+    except (OSError, ValueError, AttributeError):
+        pass
+    return defaults.SOCKET
+
+
+def report_progress(epoch: int | None = None, step: int | None = None, *,
+                    socket_path: str | None = None) -> bool:
+    """Tell the slurmgate daemon how far this job's training got (the highest epoch and step
+    of this run are kept). Outside a Slurm job, or when the daemon does not answer or refuses
+    (says why on stderr), nothing is recorded and False is returned; it never raises for
+    that. A value that is not a whole number from 0 to PROGRESS_MAX raises ValueError."""
+    epoch = _progress_value("epoch", epoch)
+    step = _progress_value("step", step)
+    if epoch is None and step is None:
+        raise ValueError("report_progress needs an epoch or a step")
+    job = _job_id()
+    if job == "local":
+        _note("not in a Slurm job ($SLURM_JOB_ID unset): progress not reported")
+        return False
+    from slurm_plugin.protocol import DaemonUnavailable, call
+
+    req: dict[str, Any] = {"op": "progress", "job_id": int(job),
+                           "restart_count": restart_count()}
+    if epoch is not None:
+        req["epoch"] = epoch
+    if step is not None:
+        req["step"] = step
+    try:
+        resp = call(socket_path or daemon_socket(), req, timeout=PROGRESS_TIMEOUT_S)
+    except (DaemonUnavailable, OSError, ValueError) as e:
+        _note(f"progress not reported: {e}")
+        return False
+    if not resp.get("ok"):
+        print(f"slurmgate ckpt: progress not reported: {resp.get('error', 'refused')}",
+              file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def _move_into_place(tmp: Path, final: Path) -> Path | None:
@@ -729,22 +817,26 @@ def _payload_name(tmp: Path, returned: object) -> str | None:
 
 
 def save_bytes(step: int | str, data: bytes, *, directory: str | os.PathLike[str] | None = None,
-               keep: int | None = None) -> Checkpoint:
+               keep: int | None = None, epoch: int | None = None,
+               progress_step: int | None = None) -> Checkpoint:
     def writer(d: Path) -> str:
         write_new_file(d / BYTES_PAYLOAD, bytes(data))
         return BYTES_PAYLOAD
 
-    return save(step, writer, directory=directory, keep=keep)
+    return save(step, writer, directory=directory, keep=keep, epoch=epoch,
+                progress_step=progress_step)
 
 
 def save_json(step: int | str, obj: Any, *, directory: str | os.PathLike[str] | None = None,
-              keep: int | None = None) -> Checkpoint:
+              keep: int | None = None, epoch: int | None = None,
+              progress_step: int | None = None) -> Checkpoint:
     data = json.dumps(obj, allow_nan=False).encode() + b"\n"  # fails before touching the disk
     def writer(d: Path) -> str:
         write_new_file(d / JSON_PAYLOAD, data)
         return JSON_PAYLOAD
 
-    return save(step, writer, directory=directory, keep=keep)
+    return save(step, writer, directory=directory, keep=keep, epoch=epoch,
+                progress_step=progress_step)
 
 
 def _set_pointer(root: Path, name: str) -> None:
@@ -890,6 +982,10 @@ def _build_parser():  # -> argparse.ArgumentParser (argparse is imported only fo
     sp.add_argument("file", nargs="?", default="-", help="file or directory to save; - = stdin")
     sp.add_argument("--keep", type=int, help=f"keep the last K (default ${KEEP_ENV} or "
                                              f"{DEFAULT_KEEP}; 0 keeps all)")
+    sp.add_argument("--epoch", type=int, metavar="N",
+                    help="training epoch reached (reported to slurmgate for cost per epoch)")
+    sp.add_argument("--step", type=int, metavar="N", dest="progress_step",
+                    help="training step reached (reported to slurmgate for cost per step)")
     sp = sub.add_parser("load", help="write the latest checkpoint's payload to stdout; "
                                      "exit 1 if none")
     sp.add_argument("--path", action="store_true", help="print the payload file's path instead")
@@ -897,7 +993,8 @@ def _build_parser():  # -> argparse.ArgumentParser (argparse is imported only fo
     return p
 
 
-def _cli_save(root: Path, step: int, source: str, keep: int | None) -> Checkpoint:
+def _cli_save(root: Path, step: int, source: str, keep: int | None,
+              epoch: int | None = None, progress_step: int | None = None) -> Checkpoint:
     def writer(d: Path) -> str | None:
         if source == "-":
             with open(d / BYTES_PAYLOAD, "xb") as out:
@@ -920,7 +1017,8 @@ def _cli_save(root: Path, step: int, source: str, keep: int | None) -> Checkpoin
         with contextlib.suppress(OSError, ValueError):  # not the main thread: nothing to do
             previous[sig] = signal.signal(sig, signal.SIG_IGN)
     try:
-        return save(step, writer, directory=root, keep=keep)
+        return save(step, writer, directory=root, keep=keep, epoch=epoch,
+                    progress_step=progress_step)
     finally:
         restore_signals(previous)
 
@@ -941,7 +1039,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for ck in list_checkpoints(root):
                 print(ck.step, ck.path, file=out)
         elif args.op == "save":
-            ck = _cli_save(root, as_step(args.step), args.file, args.keep)
+            ck = _cli_save(root, as_step(args.step), args.file, args.keep,
+                           epoch=args.epoch, progress_step=args.progress_step)
             print(ck.path, file=out)
         elif args.op in ("latest", "load"):
             ck = latest(root)

@@ -158,6 +158,65 @@ def cmd_quota(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    """The per-job report: through the daemon (who may read it is checked there), or for
+    admins straight from the database with --db."""
+    from slurm_plugin.job_report import JobSpecError, parse_job_spec, render_text
+
+    try:
+        job_id, task = parse_job_spec(args.jobid)
+    except JobSpecError as exc:
+        raise SystemExit(f"slurmgate job: {exc}") from exc
+    if args.db is not None:
+        report = _job_report_from_db(args, job_id, task)
+    else:
+        req: dict = {"op": "job", "job_id": job_id}
+        if task is not None:
+            req["array_task_id"] = task
+        if args.cluster:
+            req["cluster"] = args.cluster
+        report = _call(args, req)["report"]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        sys.stdout.write(render_text(report))
+    return 0
+
+
+def _job_report_from_db(args: argparse.Namespace, job_id: int, task: int | None) -> dict:
+    import time
+
+    from db.reports import quota_rows
+    from db.store import StoreError, open_store
+    from policies.ledger import period_bounds
+    from slurm_plugin.job_report import build_report, job_spec_text
+
+    policy = _policy(args)
+    path = args.db or policy.daemon.database
+    try:
+        store = open_store(path, readonly=True)
+    except StoreError as exc:
+        raise SystemExit(f"slurmgate job: {exc}") from exc
+    cluster = args.cluster or policy.daemon.cluster
+    with store:
+        report = build_report(store, policy, cluster, job_id, task)
+        if report is None:
+            raise SystemExit(f"slurmgate job: job {job_spec_text(job_id, task)}: not found in "
+                             f"{path} (cluster {cluster})")
+        team = report["job"].get("team")
+        if team in policy.teams:
+            start, end, label = period_bounds(policy.budgets.period, time.time())
+            row = next((r for r in quota_rows(store, start, end)
+                        if r["team"] == team), None)
+            spent, reserved = (row["net"], row["reserved"]) if row else (0.0, 0.0)
+            budget = policy.teams[team].budget
+            report["budget"] = {"team": team, "budget": budget, "spent": round(spent, 6),
+                                "reserved": round(reserved, 6),
+                                "remaining": round(budget - spent - reserved, 6)}
+            report["period"] = label
+    return report
+
+
 def _parse_when(text: str) -> float:
     from datetime import UTC, datetime, timedelta
 
@@ -324,7 +383,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SystemExit(f"slurmgate report: {exc}") from exc
     store = _read_store(args)
     try:
-        statement = build_statement(store, policy, month, team=args.team)
+        statement = build_statement(store, policy, month, team=args.team,
+                                    efficiency_by=args.by or ())
     except ValueError as exc:
         raise SystemExit(f"slurmgate report: {exc}") from exc
     finally:
@@ -414,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("quota", cmd_quota, "budget, spent, reserved, remaining and fairshare per team")
     sp.add_argument("--team", help="one team (you see only teams you belong to)")
     sp.add_argument("--json", action="store_true")
+    sp = add("job", cmd_job, "report of one job: allocation, runs, GPU use, cost, advice")
+    sp.add_argument("jobid", metavar="JOBID", help="job id, or ARRAYID_TASK for an array task")
+    sp.add_argument("--cluster", help="cluster (default [daemon] cluster)")
+    sp.add_argument("--db", nargs="?", const="", metavar="PATH",
+                    help="admins: read the database directly (default [daemon] database)")
+    sp.add_argument("--json", action="store_true")
     sp = add("approve", cmd_approve, "let a team exceed its hard limit (admins only)")
     sp.add_argument("--team", required=True)
     grant = sp.add_mutually_exclusive_group(required=True)
@@ -461,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--month", default="last", help="2026-10, last (default) or this")
     sp.add_argument("--team", help="one team")
     sp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
+    sp.add_argument("--by", action="append", metavar="GROUP",
+                    help="add an efficiency table by GROUP: user, project or tag:KEY "
+                         "(repeatable)")
     sp.add_argument("--json", action="store_true")
     sp = add("doctor", cmd_doctor, "check this installation and say what to fix")
     sp.add_argument("--node", nargs="?", const="", metavar="NAME",

@@ -38,13 +38,18 @@ EXPORT_COLUMNS = _cols(
     "node_count:int? nodes:text? start_time:timestamp end_time:timestamp seconds:int "
     "share:dec6 gpu_hours:dec6 energy_kwh:dec6 util_mean:dec1? cost_gpu:money cost_cpu:money "
     "cost_mem:money cost_energy:money cost:money idle_cost:money credit:money net:money "
-    "credit_reason:text?"
+    "credit_reason:text? busy_gpu_hours:dec6? epochs:int? steps:int?"
 )
 """runs.csv / runs.jsonl, in order ("?": nullable). Not db.ingest.RUN_COLUMNS (the database's)."""
 MEASURE_COLUMNS = _cols(
     "runs:int gpu_hours:dec6 energy_kwh:dec6 cost_gpu:money cost_cpu:money cost_mem:money "
     "cost_energy:money cost:money idle_cost:money credit:money net:money"
 )
+EFFICIENCY_COLUMNS = _cols("busy_gpu_hours:dec6 measured_gpu_hours:dec6")
+"""Sums appended to the aggregated files after ``mode`` (columns are only ever appended):
+GPU efficiency of a group = busy_gpu_hours / measured_gpu_hours."""
+SUM_COLUMNS = (*MEASURE_COLUMNS, *EFFICIENCY_COLUMNS)
+"""Every sum a group keeps, in the order of its accumulator (and the manifest's totals)."""
 # Aggregated files: name -> key columns. The group key of the accumulation is GROUP_KEY.
 AGGREGATES: dict[str, tuple[str, ...]] = {
     "by_team": ("team",),
@@ -58,7 +63,8 @@ GROUP_KEY = ("team", "project", "user", "cost_center", "gpu_type")
 
 def aggregate_columns(name: str) -> tuple[Column, ...]:
     keys = tuple(Column(k, "text", True) for k in AGGREGATES[name])
-    return (Column("period", "text"), *keys, *MEASURE_COLUMNS, Column("mode", "text"))
+    return (Column("period", "text"), *keys, *MEASURE_COLUMNS, Column("mode", "text"),
+            *EFFICIENCY_COLUMNS)
 
 
 _PATTERNS = {

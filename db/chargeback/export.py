@@ -30,6 +30,7 @@ from db.chargeback.columns import (
     GROUP_KEY,
     MEASURE_COLUMNS,
     SCHEMA_VERSION,
+    SUM_COLUMNS,
     Column,
     aggregate_columns,
     schema_text,
@@ -51,9 +52,13 @@ class ExportError(RuntimeError):
 
 # -- SQL ---------------------------------------------------------------------------------------
 
-# The columns RowFormatter takes, in its order ("user" and "partition" are SQL keywords).
-_SELECT = "SELECT " + ", ".join(f'"{c}"' if c in ("user", "partition") else c
-                                for c in INPUT_FIELDS) + " FROM runs "
+# The columns RowFormatter takes, in its order ("user" and "partition" are SQL keywords); the
+# progress a run made comes from run_progress (a figure the job reported, never an amount).
+_PROGRESS = ("(SELECT max(0, p.{0} - p.{0}_base) FROM run_progress p WHERE p.cluster = "
+             "runs.cluster AND p.job_id = runs.job_id AND p.restart_count = runs.restart_count)")
+_EXPRESSIONS = {"user": '"user"', "partition": '"partition"',
+                "epochs": _PROGRESS.format("epoch"), "steps": _PROGRESS.format("step")}
+_SELECT = "SELECT " + ", ".join(_EXPRESSIONS.get(c, c) for c in INPUT_FIELDS) + " FROM runs "
 # Settled runs whose wall time overlaps [:a, :b); a zero-length run counts at its end.
 _SCOPE = (
     "cost IS NOT NULL AND end_ts >= :a AND min(coalesce(start_ts, end_ts), end_ts) < :b "
@@ -261,8 +266,9 @@ def _aggregate_lines(period: Period, mode: str, name: str,
     columns = aggregate_columns(name)
     csv_lines = [csv_header(columns)]
     json_lines = []
+    n = len(MEASURE_COLUMNS)
     for key, sums in rows:
-        values = [period.label, *key, *sums, mode]
+        values = [period.label, *key, *sums[:n], mode, *sums[n:]]
         csv_lines.append(",".join(format_cell(c, v, as_json=False)
                                   for c, v in zip(columns, values, strict=True)) + "\n")
         json_lines.append("{" + ",".join(
@@ -533,7 +539,7 @@ def _export_into(db_path: str, period: Period, tmp: Path, *, mode: str, currency
             files["runs.csv"], files["runs.jsonl"] = csv_job.result(), json_job.result()
         for p in (*csv_parts, *json_parts):
             p.unlink()
-    totals = [0] * len(MEASURE_COLUMNS)
+    totals = [0] * len(SUM_COLUMNS)
     for acc in groups.values():
         for i, v in enumerate(acc):
             totals[i] += v
@@ -563,7 +569,7 @@ def _export_into(db_path: str, period: Period, tmp: Path, *, mode: str, currency
         "pro_rata": "runs crossing the period's edges are split by wall time; amounts in "
                     "cents per row, split so the pieces of a run add up to the run",
         "totals": {c.name: (v if c.kind == "int" else money(v) if c.kind == "money"
-                            else micro(v)) for c, v in zip(MEASURE_COLUMNS, totals, strict=True)},
+                            else micro(v)) for c, v in zip(SUM_COLUMNS, totals, strict=True)},
         "unsettled_runs": unsettled,
         "warnings": warnings,
         "files": {name: info.as_dict() for name, info in sorted(files.items())},

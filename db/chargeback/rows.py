@@ -26,9 +26,10 @@ INPUT_FIELDS = (
     "team", "project", "cost_center", "partition", "state", "gpu_type", "gpus", "cpus",
     "mem_mb", "node_count", "nodes", "start_ts", "end_ts", "util_mean", "gpu_seconds",
     "energy_j", "cost_gpu", "cost_cpu", "cost_mem", "cost_energy", "cost", "cost_idle",
-    "credit", "credit_reason",
+    "credit", "credit_reason", "epochs", "steps",
 )
-"""The runs-table columns of one input row, in the order RowFormatter unpacks them."""
+"""The runs-table columns of one input row, in the order RowFormatter unpacks them
+(``epochs``/``steps``: the progress the run reported, from run_progress)."""
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -121,14 +122,14 @@ class RowFormatter:
     _MAX_CACHE = 200_000
     # %-templates: the money columns take (units, cents) pairs, gpu_hours/energy_kwh
     # (units, millionths); see _one_slow for the same values through money()/micro().
-    _CSV = ",".join(["%s"] * 21) + "\n"
+    _CSV = ",".join(["%s"] * 24) + "\n"
     _JSON = (
         '{"period":%s,"cluster":%s,"job_id":%s,"restart_count":%s,"array_job_id":%s,'
         '"array_task_id":%s,%s,%s,'
         '"start_time":"%s","end_time":"%s","seconds":%s,"share":"%s","gpu_hours":"%s",'
         '"energy_kwh":"%s","util_mean":%s,"cost_gpu":"%s","cost_cpu":"%s","cost_mem":"%s",'
         '"cost_energy":"%s","cost":"%s","idle_cost":"%s","credit":"%s","net":"%s",'
-        '"credit_reason":%s}\n'
+        '"credit_reason":%s,"busy_gpu_hours":%s,"epochs":%s,"steps":%s}\n'
     )
 
     def __init__(self, period: Period) -> None:
@@ -219,7 +220,7 @@ class RowFormatter:
                 (cluster, job_id, restart, array_job, array_task, user, account, team,
                  project, cost_center, partition, state, gpu_type, gpus, cpus, mem_mb,
                  node_count, nodes, start, end, util, gpu_seconds, energy_j, c_gpu, c_cpu,
-                 c_mem, c_energy, cost, c_idle, credit, reason) = row
+                 c_mem, c_energy, cost, c_idle, credit, reason, epochs, steps) = row
                 key = (user, account, team, project, cost_center, partition, state, gpu_type)
                 dims = dims_get(key) or self._dims(key)
                 if start is None or start > end:
@@ -231,6 +232,13 @@ class RowFormatter:
                 ks.append(floor(gpu_seconds * 1e6 / 3600.0 + 0.5) if gpu_seconds else 0)
                 ks.append(floor(energy_j * 1e6 / 3_600_000.0 + 0.5) if energy_j else 0)
                 ks.append(floor(end - start + 0.5))
+                # busy and measured GPU-hours (millionths): only with a measured utilisation
+                if util is None:
+                    ks += (0, 0)
+                else:
+                    busy = gpu_seconds * min(max(util, 0.0), 100.0) / 100.0 \
+                        if gpu_seconds else 0.0
+                    ks += (floor(busy * 1e6 / 3600.0 + 0.5) if busy else 0, ks[7])
                 if start >= a and end <= b or end <= start:
                     share = "1.000000"
                 else:
@@ -238,9 +246,10 @@ class RowFormatter:
                     ks = [split(k, f_lo, f_hi) for k in ks]
                     share = f"{f_hi - f_lo:.6f}"
                 ks.append(ks[4] - ks[6])
-                if min(ks) < 0:
+                if min(ks) < 0 or not (epochs is None or type(epochs) is int) \
+                        or not (steps is None or type(steps) is int):
                     raise _SlowPath
-                g, cp, me, en, co, idle, cr, gh, kwh, secs, net = ks
+                g, cp, me, en, co, idle, cr, gh, kwh, secs, bz, _, net = ks
                 cl = clusters_get(cluster) or self._cluster(cluster)
                 rs = reasons_get(reason) or self._reason(reason)
                 s0 = floor(start)
@@ -261,16 +270,21 @@ class RowFormatter:
                 mcr = str(cr // 100) + cents[cr % 100]
                 mnet = str(net // 100) + cents[net % 100]
                 ghs = f"{gh // 1_000_000}.{gh % 1_000_000:06d}"
+                bzs = "" if util is None else f"{bz // 1_000_000}.{bz % 1_000_000:06d}"
+                # progress is the whole run's figure, in the period that holds its end
+                ep = "" if epochs is None or end > b else epochs
+                sp = "" if steps is None or end > b else steps
                 kws = f"{kwh // 1_000_000}.{kwh % 1_000_000:06d}"
                 line_csv = tpl_csv % (
                     label_csv, cl[0], job_id, restart, aj, at, dims[0], alloc[0], st, et,
                     secs, share, ghs, kws, ut, f"{mg},{mc},{mm},{mn}", mco, mi, mcr, mnet,
-                    rs[0])
+                    rs[0], bzs, ep, sp)
                 line_json = tpl_json % (
                     label_json, cl[1], job_id, restart, "null" if aj == "" else aj,
                     "null" if at == "" else at, dims[1], alloc[1], st, et, secs, share, ghs,
                     kws, "null" if ut == "" else f'"{ut}"', mg, mc, mm, mn, mco, mi, mcr, mnet,
-                    rs[1])
+                    rs[1], "null" if bzs == "" else f'"{bzs}"', "null" if ep == "" else ep,
+                    "null" if sp == "" else sp)
                 # nothing is recorded before both lines exist: a row that fails half-way
                 # goes to the slow path whole
                 entry = batch.get(dims[2])
@@ -288,9 +302,10 @@ class RowFormatter:
         for gkey, rows_ks in batch.items():
             acc = self.groups.get(gkey)
             sums = [len(rows_ks), *(sum(col) for col in zip(*rows_ks, strict=True))]
-            # ks order: gpu, cpu, mem, energy, cost, idle, credit, gpu_hours, kwh, secs, net
+            # ks order: gpu, cpu, mem, energy, cost, idle, credit, gpu_hours, kwh, secs, busy,
+            # measured, net; sums: SUM_COLUMNS (columns.py)
             sums = [sums[0], sums[8], sums[9], sums[1], sums[2], sums[3], sums[4], sums[5],
-                    sums[6], sums[7], sums[11]]
+                    sums[6], sums[7], sums[13], sums[11], sums[12]]
             if acc is None:
                 self.groups[gkey] = sums
             else:
@@ -309,7 +324,7 @@ class RowFormatter:
                 self._warn(row, f"column {INPUT_FIELDS[i]} is not a finite number "
                                 f"({str(r[i])[:40]!r}); exported as empty/0")
             r[i] = value
-        for i in (1, 2, 3, 4, 16):
+        for i in (1, 2, 3, 4, 16, 31, 32):
             if r[i] is not None and not isinstance(r[i], int):
                 value = _finite(r[i])
                 r[i] = int(value) if value is not None else None
@@ -327,7 +342,7 @@ class RowFormatter:
         (cluster, job_id, restart, array_job, array_task, user, account, team, project,
          cost_center, partition, state, gpu_type, gpus, cpus, mem_mb, node_count, nodes,
          start, end, util, gpu_seconds, energy_j, c_gpu, c_cpu, c_mem, c_energy, cost, c_idle,
-         credit, reason) = self._clean(row)
+         credit, reason, epochs, steps) = self._clean(row)
         key = (user, account, team, project, cost_center, partition, state, gpu_type)
         dims = self.dims.get(key) or self._dims(key)
         if start is None or start > end:
@@ -336,12 +351,18 @@ class RowFormatter:
               to_cents(cost), to_cents(c_idle), to_cents(credit),
               to_micro(gpu_seconds, 3600.0), to_micro(energy_j, 3_600_000.0),
               math.floor(end - start + 0.5)]
+        if util is None:
+            ks += [0, 0]
+        else:
+            busy = gpu_seconds * min(max(util, 0.0), 100.0) / 100.0 if gpu_seconds else 0.0
+            ks += [to_micro(busy, 3600.0), ks[7]]
         f_lo, f_hi = fractions(start, end, self.a, self.b)
         if (f_lo, f_hi) != (0.0, 1.0):
             ks = [split(k, f_lo, f_hi) for k in ks]
         share = f"{f_hi - f_lo:.6f}"
         ks.append(ks[4] - ks[6])
-        g, cp, me, en, co, idle, cr, gh, kwh, secs, net = ks
+        g, cp, me, en, co, idle, cr, gh, kwh, secs, bz, _, net = ks
+        in_end_piece = end <= self.b
         values = {
             "period": self.period.label, "cluster": cluster, "job_id": job_id,
             "restart_count": restart, "array_job_id": array_job, "array_task_id": array_task,
@@ -355,6 +376,9 @@ class RowFormatter:
             "util_mean": None if util is None else f"{util:.1f}", "cost_gpu": g,
             "cost_cpu": cp, "cost_mem": me, "cost_energy": en, "cost": co, "idle_cost": idle,
             "credit": cr, "net": net, "credit_reason": reason,
+            "busy_gpu_hours": None if util is None else bz,
+            "epochs": epochs if in_end_piece else None,
+            "steps": steps if in_end_piece else None,
         }
         csv_line = ",".join(format_cell(c, values[c.name], as_json=False)
                             for c in EXPORT_COLUMNS) + "\n"

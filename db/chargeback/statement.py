@@ -11,6 +11,11 @@ submit-time decisions counted (runs by END time, net of credits) from the start 
 budget period through the end of the month. Near month edges the two can differ by the part
 of a run on the other side of the edge; the statement says so.
 
+The efficiency section (GPU efficiency, idle cost, cost per run, experiments per 1k, cost per
+epoch or step: db.efficiency, policies.efficiency) counts the runs that ENDED in the month,
+whole, since its figures are ratios, not amounts to split; per team, by project, by user and
+by the experiment tag (``[reports] experiment_tag``), plus any ``group_by`` asked for.
+
 The HTML page has no scripts, fonts, images or links to fetch: inline CSS and inline SVG
 only, so it opens the same from a mail attachment, a file share or offline.
 """
@@ -99,6 +104,9 @@ class TeamStatement:
     """One per day of the month, name = ISO date."""
     credits_by_reason: dict[str, int]
     approvals: list[ApprovalUse] = field(default_factory=list)
+    efficiency: dict[str, Any] = field(default_factory=dict)
+    """``totals`` (one db.efficiency row) and ``by`` {grouping: rows}: by project, user, the
+    experiment tag and what the report asked for."""
 
     @property
     def label(self) -> str:
@@ -153,8 +161,11 @@ def _day_pieces(start: float, end: float, a: float, b: float
 
 
 def build_statement(store: Store, policy: Policy, month: Period, *,
-                    team: str | None = None) -> Statement:
-    """The statement of ``month`` for every team with policy or usage (or just ``team``)."""
+                    team: str | None = None,
+                    efficiency_by: Iterable[str] = ()) -> Statement:
+    """The statement of ``month`` for every team with policy or usage (or just ``team``);
+    ``efficiency_by`` adds groupings (``user``, ``tag:<key>``, ...) to the efficiency
+    section."""
     from db.reports import quota_rows
     from policies.ledger import period_bounds
 
@@ -242,9 +253,31 @@ def build_statement(store: Store, policy: Policy, month: Period, *,
             by_day=by_day,
             credits_by_reason=dict(sorted(credits[name].items())),
             approvals=approvals.get(name, []),
+            efficiency=_efficiency(store, policy, a, b, name, efficiency_by),
         ))
     return Statement(month, policy.budgets.mode, policy.rates.currency, policy.budgets.period,
                      teams, iso_utc(last_change) if last_change is not None else None)
+
+
+def efficiency_groupings(policy: Policy, extra: Iterable[str] = ()) -> list[str]:
+    """The efficiency tables of a team's statement: project, user, the experiment tag, then
+    ``extra`` (each once)."""
+    tag = policy.reports.experiment_tag
+    return list(dict.fromkeys(["project", "user", *([f"tag:{tag}"] if tag else []), *extra]))
+
+
+def _efficiency(store: Store, policy: Policy, a: float, b: float, team: str,
+                extra: Iterable[str]) -> dict[str, Any]:
+    from db.efficiency import efficiency
+
+    tag = policy.reports.experiment_tag
+    # runs without a team are stored with team NULL; efficiency() matches team = ?
+    rows = efficiency(store, a, b, (), experiment_tag=tag, team=team) if team else []
+    out: dict[str, Any] = {"totals": rows[0] if rows else None, "by": {}}
+    if rows:
+        for g in efficiency_groupings(policy, extra):
+            out["by"][g] = efficiency(store, a, b, (g,), experiment_tag=tag, team=team)
+    return out
 
 
 def _approvals_used(store: Store, a: float, b: float) -> dict[str, list[ApprovalUse]]:
@@ -330,9 +363,72 @@ def render_text(st: Statement) -> str:
                       else f"{a.amount:,.1f} GPU-hours")
             out.append(f"  approval {a.approval_id} used {a.uses}x, {amount}"
                        + (f" ({a.reason})" if a.reason else ""))
+        out.extend(_efficiency_text(t, cur))
     out.append("")
     out.append(_METHOD_NOTE)
     return "\n".join(out) + "\n"
+
+
+def _money_or_dash(amount: float | None, cur: str) -> str:
+    return "-" if amount is None else _fmt(round(amount * 100), cur)
+
+
+def _eff_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def thousand(cur: str) -> str:
+    """What "experiments per 1k" counts per: "$1k", or "1k EUR" for a currency code."""
+    return f"1k {cur}" if len(cur) > 1 and cur.isalpha() else f"{cur}1k"
+
+
+def _per_1k(value: float | None, cur: str) -> str:
+    return "-" if value is None else f"{value:,.2f} per {thousand(cur)}"
+
+
+def efficiency_cells(row: dict[str, Any], cur: str) -> list[str]:
+    """runs, GPU efficiency, idle cost, cost per run, experiments (per 1k), cost per epoch,
+    cost per step: one table row of the efficiency section."""
+    exps = f"{row['experiments']}" + (f" ({_per_1k(row['experiments_per_1k'], cur)})"
+                                      if row["experiments"] else "")
+    return [f"{row['runs']:,}", _eff_pct(row["gpu_efficiency"]),
+            _money_or_dash(row["idle_cost"], cur), _money_or_dash(row["cost_per_run"], cur),
+            exps, _money_or_dash(row["cost_per_epoch"], cur),
+            _money_or_dash(row["cost_per_step"], cur)]
+
+
+EFFICIENCY_HEADERS = ["runs", "GPU efficiency", "idle cost", "cost per run", "experiments",
+                      "cost per epoch", "cost per step"]
+
+
+def _group_name(grouping: str, row: dict[str, Any]) -> str:
+    value = row.get(grouping)
+    return "(none)" if value in (None, "") else str(value)
+
+
+def _efficiency_text(t: TeamStatement, cur: str) -> list[str]:
+    tot = t.efficiency.get("totals")
+    if not tot:
+        return []
+    measured = tot["measured_gpu_hours"]
+    out = [f"  efficiency (runs that ended this month): GPU efficiency "
+           f"{_eff_pct(tot['gpu_efficiency'])} of {measured:,.1f} measured GPU-hours; cost per "
+           f"run {_money_or_dash(tot['cost_per_run'], cur)}; experiments "
+           f"{tot['experiments']}"
+           + (f" ({_per_1k(tot['experiments_per_1k'], cur)})" if tot["experiments"] else "")
+           + (f"; cost per epoch {_money_or_dash(tot['cost_per_epoch'], cur)}"
+              if tot["cost_per_epoch"] is not None else "")
+           + (f"; cost per step {_money_or_dash(tot['cost_per_step'], cur)}"
+              if tot["cost_per_step"] is not None else "")]
+    for grouping, rows in t.efficiency.get("by", {}).items():
+        if not rows:
+            continue
+        out.append(f"  efficiency by {grouping.removeprefix('tag:')}:")
+        out.append(f"    {'name':<20}" + "".join(f"{h:>15}" for h in EFFICIENCY_HEADERS))
+        for row in rows:
+            out.append(f"    {_group_name(grouping, row)[:19]:<20}"
+                       + "".join(f"{c:>15}" for c in efficiency_cells(row, cur)))
+    return out
 
 
 _METHOD_NOTE = (
@@ -507,6 +603,7 @@ def _team_html(t: TeamStatement, st: Statement) -> str:
         parts.append("<h3>Credits</h3>")
         parts.append(_table(["reason", "amount"], [[k, m(v)] for k, v in
                                                    t.credits_by_reason.items()]))
+    parts.extend(_efficiency_html(t, st))
     parts.append("<h3>Approvals used</h3>")
     if t.approvals:
         parts.append(_table(["approval", "uses", "amount", "reason"], [
@@ -517,6 +614,38 @@ def _team_html(t: TeamStatement, st: Statement) -> str:
         parts.append("<p>None this month.</p>")
     parts.append("</section>")
     return "".join(parts)
+
+
+def _efficiency_html(t: TeamStatement, st: Statement) -> list[str]:
+    cur = st.currency
+    parts = ["<h3>Efficiency</h3>"]
+    tot = t.efficiency.get("totals")
+    if not tot:
+        return [*parts, "<p>No runs ended this month.</p>"]
+    cards = [
+        (_eff_pct(tot["gpu_efficiency"]),
+         f"GPU efficiency ({tot['measured_gpu_hours']:,.1f} measured GPU-hours)"),
+        (_money_or_dash(tot["idle_cost"], cur), "idle GPU cost"),
+        (_money_or_dash(tot["cost_per_run"], cur), "cost per run"),
+        ("-" if tot["experiments_per_1k"] is None else f"{tot['experiments_per_1k']:,.2f}",
+         f"experiments per {thousand(cur)} ({tot['experiments']})"),
+        (_money_or_dash(tot["cost_per_epoch"], cur), "cost per epoch"),
+        (_money_or_dash(tot["cost_per_step"], cur), "cost per step"),
+    ]
+    parts.append('<div class="cards">' + "".join(
+        f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for v, k in cards)
+        + "</div>")
+    for grouping, rows in t.efficiency.get("by", {}).items():
+        if rows:
+            parts.append(f"<h3>Efficiency by {_e(grouping.removeprefix('tag:'))}</h3>")
+            parts.append(_table(["name", *EFFICIENCY_HEADERS],
+                                [[_group_name(grouping, r), *efficiency_cells(r, cur)]
+                                 for r in rows]))
+    parts.append('<p class="note">Efficiency counts the runs that ended this month. GPU '
+                 "efficiency is busy GPU time (utilisation x GPU time) over the GPU time that "
+                 "was measured; money figures are net of credits; epochs and steps are what "
+                 "jobs reported through the checkpoint helper.</p>")
+    return parts
 
 
 def render_html(st: Statement) -> str:
@@ -562,5 +691,6 @@ def statement_json(st: Statement) -> dict[str, Any]:
             "approvals_used": [{"approval": a.approval_id, "uses": a.uses,
                                 "amount": a.amount, "unit": a.unit, "reason": a.reason}
                                for a in t.approvals],
+            "efficiency": t.efficiency,
         } for t in st.teams],
     }

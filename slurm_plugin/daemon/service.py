@@ -22,6 +22,7 @@ from policies.ledger import Ledger, period_bounds, team_budget
 from policies.request import JobRequest, wire_problems
 from slurm_plugin.daemon.admin_ops import AdminOps
 from slurm_plugin.daemon.eventlog import EventLog
+from slurm_plugin.daemon.job_ops import JobOps
 from slurm_plugin.daemon.peers import Forbidden, uid_of, user_name
 from slurm_plugin.daemon.prometheus import Metrics
 from slurm_plugin.daemon.seams import LockedStore
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from slurm_plugin.slurm.client import SlurmClient
 
 
-class Daemon(AdminOps, Workers):
+class Daemon(AdminOps, Workers, JobOps):
     """The policy daemon: peers, policy reload, request dispatch, the submit path, quotas and
     the ledger; admin requests and background work live in admin_ops.py and workers.py."""
 
@@ -82,6 +83,8 @@ class Daemon(AdminOps, Workers):
             "nudge": self.op_nudge,
             "action": self.op_action,
             "reconcile": self.op_reconcile,
+            "job": self.op_job,
+            "progress": self.op_progress,
         }
 
     # -- peers ------------------------------------------------------------------------------

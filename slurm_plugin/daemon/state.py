@@ -68,6 +68,10 @@ class DaemonState:
     def reader(self) -> Store | None:
         raise NotImplementedError
 
+    def flush_progress(self) -> int:
+        """Write the progress reports users sent (job_ops.py); the ingest loop calls it."""
+        raise NotImplementedError
+
     def decide_and_record(self, job: JobRequest, *, origin: str) -> SubmitDecision:
         """Decide ``job`` like a new submission under the decision lock and record it (a
         reservation for an accept, an event for a reject). ``origin`` is "submit" or

@@ -242,6 +242,7 @@ class Workers(DaemonState):
                 rounds = 0  # batches are capped in records and bytes: go on while there is more
                 while rounds < 100 and self.ingest_once() > 0:
                     rounds += 1
+                self.flush_progress()
             except Exception as exc:  # keep the records; try again on the next round
                 self.metrics.error("ingest")
                 self.log.write("ingest_error", error=repr(exc))
