@@ -12,6 +12,8 @@ version or untouched. Never edit a released migration; add the next number inste
   instead of scanning millions of runs (kept up to date by the ingest), backfilled from runs.
 - v4: ``usage_daily_team`` and ``usage_daily_project``: the same without users (and without
   projects), for the daemon's ledger and fairshare and for the usual chargeback.
+- v6: ``gpu_samples.job_id`` (the job holding the GPU, from the node agent's tag) and an index
+  by job and time, for the idle-GPU policy.
 """
 
 from __future__ import annotations
@@ -306,12 +308,21 @@ SCHEMA_V5 = """
 ALTER TABLE runs ADD COLUMN settled_by TEXT;
 """
 
+# v6: which job held a sampled GPU (the agent tags each reading from the node's Prolog
+# baselines); the idle-GPU scan reads a running job's samples by job id and time. Samples of
+# older agents (and of GPUs no job holds) keep NULL, and stay out of the index.
+SCHEMA_V6 = """
+ALTER TABLE gpu_samples ADD COLUMN job_id INTEGER;
+CREATE INDEX gpu_samples_job_ts ON gpu_samples (job_id, ts) WHERE job_id IS NOT NULL;
+"""
+
 MIGRATIONS: list[tuple[int, Step]] = [
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
     (5, SCHEMA_V5),
+    (6, SCHEMA_V6),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
