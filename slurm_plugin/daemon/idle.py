@@ -223,7 +223,7 @@ class IdleScan:
             "dry_run": step.dry_run, "threshold_minutes": step.threshold_minutes,
         }
         with d.lock:
-            d.need_store().add_event(step.kind, cluster=ij.cluster, job_id=ij.job_id,
+            d.need_store().add_event(step.kind, ts=now, cluster=ij.cluster, job_id=ij.job_id,
                                      restart_count=ij.restart_count, team=ij.team,
                                      user=ij.user, node=ij.nodes, actor="slurmgate",
                                      message=message[:2000], detail=detail)
