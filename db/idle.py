@@ -4,7 +4,7 @@ logged for their runs, and their reservations. Reads only; the daemon writes the
 The heavy part runs inside SQLite (which releases the GIL while it steps a statement), so a
 scan over 1,000 GPUs sampled every minute leaves the daemon's decision threads alone: the
 samples of the wanted jobs are found through ``gpu_samples_job_ts`` (job id, time) and
-reduced to one row per job and bucket before Python sees them.
+reduced to one row per idle job (its streak) before Python sees them.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from db.store import Store
-from policies.idle import EVENT_KINDS, Bucket
+from policies.idle import EVENT_KINDS, Summary
 
-_CHUNK = 5000
-"""Jobs per statement (two parameters each; SQLite allows 32,766)."""
+_CHUNK = 2000
+"""Jobs per statement (up to four parameters each; SQLite allows 32,766)."""
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
@@ -25,26 +25,44 @@ def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
         yield items[i:i + _CHUNK]
 
 
-def job_buckets(store: Store, since: dict[int, float], *, width_s: float,
-                threshold_percent: float) -> dict[int, list[Bucket]]:
-    """Per job id: its samples at or after ``since[job_id]`` (the run's start, or the start
-    of the window that matters) summarised per bucket of ``width_s`` seconds: GPUs that
-    reported, and those whose every reading was below ``threshold_percent``."""
-    out: dict[int, list[Bucket]] = {}
-    items = sorted(since.items())
+def idle_summaries(store: Store, wanted: dict[int, tuple[float, int, int]], *,
+                   width_s: float, threshold_percent: float) -> dict[int, Summary]:
+    """Per job id, its idle streak (``policies.idle.summarise``, computed here in SQL) from
+    its samples at or after ``since``, where ``wanted[job_id] = (since, need, allocated)``:
+    the run's start (or the start of the window that matters), how many GPUs must be idle,
+    how many it has. Jobs that are not idle now are left out.
+
+    Per bucket of ``width_s`` seconds a GPU is idle when every reading of it there is below
+    ``threshold_percent``; the bucket is idle (1) with at least ``need`` idle GPUs, busy (-1)
+    when more GPUs were busy than ``max(allocated, seen) - need``, else unknown (0); the
+    streak is the idle buckets after the job's last busy one."""
+    out: dict[int, Summary] = {}
+    items = sorted(wanted.items())
     for part in _chunks(items):
-        values = ", ".join("(?, ?)" for _ in part)
-        params: list[Any] = [v for job_id, ts in part for v in (job_id, ts)]
+        values = ", ".join("(?, ?, ?, ?)" for _ in part)
+        params: list[Any] = [v for job_id, (since, need, allocated) in part
+                             for v in (job_id, since, need, allocated)]
         rows = store.conn.execute(
-            f"WITH wanted(job_id, since) AS (VALUES {values}), "
+            f"WITH wanted(job_id, since, need, allocated) AS (VALUES {values}), "
             "per_gpu AS (SELECT s.job_id AS job_id, CAST(s.ts / ? AS INTEGER) AS bucket, "
             "max(s.util) < ? AS idle FROM wanted w JOIN gpu_samples s "
             "ON s.job_id = w.job_id AND s.ts >= w.since "
-            "GROUP BY s.job_id, s.gpu_uuid, bucket) "
-            "SELECT job_id, bucket, count(*), total(idle) FROM per_gpu "
-            "GROUP BY job_id, bucket", [*params, width_s, threshold_percent]).fetchall()
-        for job_id, bucket, seen, idle in rows:
-            out.setdefault(job_id, []).append(Bucket(int(bucket), int(seen), int(idle)))
+            "GROUP BY s.job_id, s.gpu_uuid, bucket), "
+            "per_bucket AS (SELECT job_id, bucket, count(*) AS seen, total(idle) AS idle "
+            "FROM per_gpu GROUP BY job_id, bucket), "
+            "judged AS (SELECT b.job_id AS job_id, b.bucket AS bucket, b.seen AS seen, "
+            "b.idle AS idle, CASE WHEN b.idle >= w.need THEN 1 "
+            "WHEN b.seen - b.idle > max(w.allocated, b.seen) - w.need THEN -1 ELSE 0 END "
+            "AS state FROM per_bucket b JOIN wanted w ON w.job_id = b.job_id), "
+            "last_busy AS (SELECT job_id, max(bucket) AS bucket FROM judged "
+            "WHERE state = -1 GROUP BY job_id) "
+            # one max() in the select: SQLite takes idle and seen from the row holding it
+            "SELECT j.job_id, count(*), max(j.bucket), j.idle, j.seen FROM judged j "
+            "LEFT JOIN last_busy l ON l.job_id = j.job_id "
+            "WHERE j.state = 1 AND (l.bucket IS NULL OR j.bucket > l.bucket) "
+            "GROUP BY j.job_id", [*params, width_s, threshold_percent]).fetchall()
+        for job_id, count, last, idle, seen in rows:
+            out[int(job_id)] = Summary(int(count), int(last), int(idle), int(seen))
     return out
 
 

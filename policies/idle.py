@@ -78,6 +78,20 @@ class Bucket:
 
 
 @dataclass(frozen=True)
+class Summary:
+    """A job's idle streak in buckets: what ``summarise`` (and db/idle.py, in SQL) make of
+    its buckets."""
+
+    idle_buckets: int
+    """Idle buckets since the last busy one (or since the first)."""
+    last_idle: int
+    """Index of the newest of them."""
+    gpus_idle: int
+    gpus_seen: int
+    """GPUs idle, and GPUs that reported, in that newest idle bucket."""
+
+
+@dataclass(frozen=True)
 class Streak:
     """How long a job has been idle, as of its newest bucket."""
 
@@ -125,28 +139,50 @@ def required_idle(idle: Idle, gpus: int) -> int:
     return max(1, min(gpus, math.ceil(idle.min_idle_fraction * gpus - 1e-9)))
 
 
-def streak(idle: Idle, job: IdleJob, buckets: Iterable[Bucket], *, width_s: float,
-           now: float) -> Streak | None:
+def bucket_state(b: Bucket, allocated: int, need: int) -> int:
+    """1: the job is idle in this bucket; -1: busy (too many GPUs busy for it to be idle,
+    whatever the GPUs that did not report did); 0: unknown."""
+    if b.gpus_idle >= need:
+        return 1
+    if b.gpus_seen - b.gpus_idle > max(allocated, b.gpus_seen) - need:
+        return -1
+    return 0
+
+
+def summarise(idle: Idle, job: IdleJob, buckets: Iterable[Bucket]) -> Summary | None:
     """The job's current idle streak from its buckets (any order), or None when it is not
-    idle now (busy in its newest judged bucket, or no idle bucket since)."""
+    idle now (busy in its newest judged bucket, or no idle bucket since). The rule itself;
+    db/idle.py computes the same in SQL (tests hold the two equal)."""
     allocated = int(job.gpus)
     need = required_idle(idle, allocated)
     count = 0
     last: Bucket | None = None
     for b in sorted(buckets, key=lambda b: b.index):
-        seen = max(allocated, b.gpus_seen)
-        busy = b.gpus_seen - b.gpus_idle
-        if b.gpus_idle >= need:
+        state = bucket_state(b, allocated, need)
+        if state == 1:
             count += 1
             last = b
-        elif busy > seen - need:  # too many busy GPUs for the job to be idle
+        elif state == -1:
             count, last = 0, None
-    if last is None or count == 0:
+    if last is None:
         return None
-    ended = (last.index + 1) * width_s
-    return Streak(idle_minutes=count * width_s / 60.0, gpus_idle=last.gpus_idle,
-                  gpus_allocated=max(allocated, last.gpus_seen),
+    return Summary(count, last.index, last.gpus_idle, last.gpus_seen)
+
+
+def streak_of(job: IdleJob, summary: Summary, *, width_s: float, now: float) -> Streak:
+    """Minutes and freshness of a summarised streak."""
+    ended = (summary.last_idle + 1) * width_s
+    return Streak(idle_minutes=summary.idle_buckets * width_s / 60.0,
+                  gpus_idle=summary.gpus_idle,
+                  gpus_allocated=max(int(job.gpus), summary.gpus_seen),
                   fresh=now - ended <= STALE_BUCKETS * width_s)
+
+
+def streak(idle: Idle, job: IdleJob, buckets: Iterable[Bucket], *, width_s: float,
+           now: float) -> Streak | None:
+    """``summarise`` and ``streak_of`` in one."""
+    summary = summarise(idle, job, buckets)
+    return None if summary is None else streak_of(job, summary, width_s=width_s, now=now)
 
 
 def due(idle: Idle, idle_minutes: float, done: Done) -> list[Step]:

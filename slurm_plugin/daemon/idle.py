@@ -1,13 +1,15 @@
 """The idle-GPU scan: running GPU jobs judged by their samples, warned, then acted on.
 
-Runs in the daemon's reconcile loop (``scan_idle_gpus``, one call with the queue that pass
-read), at most every ``[idle] scan_seconds``. One round:
+The reconcile loop hands it the queue that pass read (``scan_idle_gpus``, one call that never
+waits), at most every ``[idle] scan_seconds``; the round runs in the scan's own thread, at a
+lower CPU priority (``SCAN_NICE``) than the threads that decide submissions. One round:
 
 1. the running jobs of the queue, less the exempt ones (``policies.idle.exemption``);
-2. their samples per bucket, the idle events already logged for their runs and their
+2. their idle streaks from the samples, the idle events already logged for their runs and their
    reservations, read on the daemon's read-only connection beside the decision lock (never
    under it; only an in-memory store, in tests, is read under the lock);
-3. per job, the idle streak and what is due (``policies.idle.streak`` and ``due``);
+3. per job, the idle streak (``policies.idle.summarise``, computed in SQL by
+   ``db.idle.idle_summaries``) and what is due (``policies.idle.due``);
 4. each step: an action is confirmed with Slurm first (the job still runs the same run),
    then done through the Slurm client (``cancel`` / ``requeue``); then the event is written
    (``idle_warning`` / ``idle_action``, a short hold of the lock per event) and counted in
@@ -22,6 +24,7 @@ threshold_minutes (which threshold the event answers).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -38,7 +41,8 @@ from policies.idle import (
     due,
     event_message,
     exemption,
-    streak,
+    required_idle,
+    streak_of,
 )
 from policies.tags import parse_admin_comment
 
@@ -59,19 +63,51 @@ class IdleScan:
         self.last_scan: float | None = None
         """time.monotonic() of the last round (None: none yet)."""
         self._running = threading.Lock()
+        self._handoff = threading.Lock()
+        self._queue: Sequence[Job] | None = None
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def is_due(self) -> bool:
+        idle = self.daemon.policy.idle
+        return idle.enabled and (self.last_scan is None
+                                 or time.monotonic() - self.last_scan >= idle.scan_seconds)
+
+    def hand_over(self, jobs: Sequence[Job]) -> bool:
+        """Give the queue to the scan's own thread when a round is due (started on first
+        use); True when it was handed over. Returns at once: the caller (the reconcile pass)
+        never waits for a round."""
+        if not self.is_due():
+            return False
+        with self._handoff:
+            self._queue = jobs
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="idle_scan",
+                                                daemon=True)
+                self._thread.start()
+        self._wake.set()
+        return True
+
+    def _loop(self) -> None:
+        lower_this_threads_priority()
+        while not self.daemon.stopping.is_set():
+            if not self._wake.wait(1.0):
+                continue
+            self._wake.clear()
+            with self._handoff:
+                jobs, self._queue = self._queue, None
+            if jobs is not None:
+                self.maybe_scan(jobs)
 
     def maybe_scan(self, jobs: Sequence[Job], now: float | None = None) -> dict[str, int] | None:
         """A round when the policy enables the scan and ``scan_seconds`` have passed since
         the last; None otherwise. Never raises: a failed round is logged and counted."""
-        idle = self.daemon.policy.idle
-        mono = time.monotonic()
-        if not idle.enabled or (self.last_scan is not None
-                                and mono - self.last_scan < idle.scan_seconds):
+        if not self.is_due():
             return None
         if not self._running.acquire(blocking=False):
             return None  # another thread's round is under way
         try:
-            self.last_scan = mono
+            self.last_scan = time.monotonic()
             return self.scan(jobs, now)
         except Exception as exc:
             self.daemon.metrics.error("idle")
@@ -104,16 +140,18 @@ class IdleScan:
 
     def _read(self, store: Store, since: dict[int, float], runs: dict[int, float],
               jobs: dict[int, tuple[IdleJob, Job]]) -> tuple[Any, Any, Any]:
-        from db.idle import idle_events, job_buckets, live_reservations_of_jobs
+        from db.idle import idle_events, idle_summaries, live_reservations_of_jobs
 
         policy = self.daemon.policy
         cluster = policy.daemon.cluster
-        buckets = job_buckets(store, since, width_s=policy.nvml.sample_seconds,
-                              threshold_percent=policy.idle.threshold_percent)
+        wanted = {jid: (since[jid], required_idle(policy.idle, int(ij.gpus)), int(ij.gpus))
+                  for jid, (ij, _) in jobs.items()}
+        summaries = idle_summaries(store, wanted, width_s=policy.nvml.sample_seconds,
+                                   threshold_percent=policy.idle.threshold_percent)
         done = idle_events(store, cluster, runs)
         resv = live_reservations_of_jobs(store, cluster,
                                          {j.array_job_id or j.job_id for _, j in jobs.values()})
-        return buckets, done, resv
+        return summaries, done, resv
 
     def scan(self, jobs: Sequence[Job], now: float | None = None) -> dict[str, int]:
         """One round over ``jobs`` (Slurm's queue); returns counts: judged, exempt, idle
@@ -133,18 +171,22 @@ class IdleScan:
         if wanted:
             store = d.reader()
             if store is not None:
-                buckets, done_rows, resv = self._read(store, since, runs, wanted)
+                summaries, done_rows, resv = self._read(store, since, runs, wanted)
             else:
                 with d.lock:
-                    buckets, done_rows, resv = self._read(d.need_store(), since, runs, wanted)
+                    summaries, done_rows, resv = self._read(d.need_store(), since, runs,
+                                                            wanted)
             done: dict[tuple[int, int | None], set[tuple[str, float, bool]]] = {}
             for job_id, restart, kind, threshold, dry in done_rows:
                 if threshold is not None:
                     done.setdefault((job_id, restart), set()).add((kind, threshold, dry))
             first = min([*idle.warn_after_minutes, idle.act_after_minutes])
             for job_id, (ij, job) in wanted.items():
-                s = streak(idle, ij, buckets.get(job_id, ()), width_s=width, now=now)
-                if s is None or not s.fresh:
+                summary = summaries.get(job_id)
+                if summary is None:
+                    continue
+                s = streak_of(ij, summary, width_s=width, now=now)
+                if not s.fresh:
                     continue
                 if s.idle_minutes >= first:
                     counts["idle"] += 1
@@ -246,11 +288,28 @@ def idle_scan_of(daemon: DaemonState) -> IdleScan:
         return scan
 
 
-def scan_idle_gpus(daemon: DaemonState, jobs: Sequence[Job]) -> dict[str, int] | None:
-    """The reconcile loop's call: a round of the idle-GPU scan over the queue it read, when
-    one is due (``[idle] enabled``, ``scan_seconds``). Never raises."""
+SCAN_NICE = 10
+"""Nice value of the scan's thread: when CPUs are short the decisions come first."""
+
+
+def lower_this_threads_priority(nice: int = SCAN_NICE) -> None:
+    """Raise the calling thread's nice value to ``nice`` (Linux keeps one per thread; an
+    unprivileged process may raise but not lower it). Elsewhere, or when refused: as is."""
     try:
-        return idle_scan_of(daemon).maybe_scan(jobs)
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if current < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (AttributeError, OSError):
+        pass
+
+
+def scan_idle_gpus(daemon: DaemonState, jobs: Sequence[Job]) -> bool:
+    """The reconcile loop's call: hands the queue it read to the idle-GPU scan's thread when a
+    round is due (``[idle] enabled``, ``scan_seconds``); True when one was. Never raises and
+    never waits for the round."""
+    try:
+        return idle_scan_of(daemon).hand_over(jobs)
     except Exception as exc:  # the reconcile pass goes on whatever happens here
         daemon.log.write("idle_scan_error", error=repr(exc))
-        return None
+        return False

@@ -103,3 +103,57 @@ def test_an_older_database_upgrades_with_its_samples_untagged(tmp_path: Path) ->
         assert "gpu_samples_job_ts" in " ".join(str(r) for r in plan)
     finally:
         store.close()
+
+
+def test_the_streaks_sql_agrees_with_the_rule() -> None:
+    """db.idle.idle_summaries computes policies.idle.summarise in SQL: the same answer on
+    random samples (GPUs that skip buckets, several readings a bucket, busy blips, jobs
+    without samples, samples before the run's start)."""
+    import random
+
+    from db.idle import idle_summaries
+    from policies.config import Idle
+    from policies.idle import Bucket, IdleJob, required_idle, summarise
+
+    rng = random.Random(20270101)
+    width, threshold = 60.0, 5.0
+    store = open_store(":memory:")
+    try:
+        wanted: dict[int, tuple[float, int, int]] = {}
+        expected: dict[int, object] = {}
+        rows = []
+        for job_id in range(1, 160):
+            gpus = rng.choice((1, 2, 4, 8))
+            idle = Idle(min_idle_fraction=rng.choice((1.0, 0.5, 0.25, 0.125)))
+            since = rng.choice((0.0, 600.0, 1234.5))
+            readings: dict[tuple[int, int], list[float]] = {}
+            busy_bias = rng.random()
+            for k in range(rng.randint(0, 40)):
+                for g in range(gpus):
+                    if rng.random() < 0.15:
+                        continue  # this GPU did not report in this bucket
+                    for _ in range(rng.choice((1, 1, 2))):
+                        ts = k * width + rng.uniform(0, width - 1e-3)
+                        util = rng.uniform(10, 99) if rng.random() < busy_bias * 0.3 \
+                            else rng.choice((0.0, 1.0, 4.9))
+                        rows.append(("n", f"G{job_id}-{g}", ts, g, "a100", util, 0, None,
+                                     job_id))
+                        if ts >= since:
+                            readings.setdefault((k, g), []).append(util)
+            per_bucket: dict[int, list[int]] = {}
+            for (k, _g), utils in readings.items():
+                cell = per_bucket.setdefault(k, [0, 0])
+                cell[0] += 1
+                cell[1] += max(utils) < threshold
+            buckets = [Bucket(k, seen, idle_n) for k, (seen, idle_n) in per_bucket.items()]
+            job = IdleJob(cluster="c", job_id=job_id, restart_count=0, start_ts=since,
+                          gpus=gpus)
+            wanted[job_id] = (since, required_idle(idle, gpus), gpus)
+            expected[job_id] = summarise(idle, job, buckets)
+        store.conn.executemany("INSERT OR IGNORE INTO gpu_samples "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        got = idle_summaries(store, wanted, width_s=width, threshold_percent=threshold)
+    finally:
+        store.close()
+    assert {j: s for j, s in expected.items() if s is not None} == got
+    assert 20 < len(got) < 150  # both kinds of answer were tried

@@ -252,14 +252,38 @@ def test_the_reconcile_pass_runs_the_scan_at_its_cadence(
     fresh = running(slurm, minutes=130, now=now)
     samples(store, fresh, [0, 0, 0, 0], minutes=130, until=now)
     d = daemon(tmp_path, store, slurm, scan_seconds=3600)
-    d.reconcile_once()
-    assert [e["job_id"] for e in idle_events(store)] == [fresh.job_id]
-    d.reconcile_once()  # within scan_seconds: no second round
-    assert len(idle_events(store)) == 1
-    assert sum('"event": "idle_scan"' in line
-               for line in (tmp_path / "daemon.log").read_text().splitlines()) == 1
-    off = daemon(tmp_path, store, slurm, enabled=False)
-    assert scan_idle_gpus(off, slurm.jobs()) is None
+    try:
+        d.reconcile_once()  # hands the queue to the scan's thread and goes on
+        wait_for(lambda: idle_events(store), 10, 0.02, what="the round's warning")
+        assert [e["job_id"] for e in idle_events(store)] == [fresh.job_id]
+        assert [t.name for t in threading.enumerate()].count("idle_scan") >= 1
+        assert scan_idle_gpus(d, slurm.jobs()) is False  # within scan_seconds: no round
+        d.reconcile_once()
+        log = (tmp_path / "daemon.log").read_text().splitlines()
+        assert sum('"event": "idle_scan"' in line for line in log) == 1
+        off = daemon(tmp_path, store, slurm, enabled=False)
+        assert scan_idle_gpus(off, slurm.jobs()) is False
+    finally:
+        d.stopping.set()
+
+
+def test_the_scans_thread_yields_the_cpu_to_decisions() -> None:
+    import os
+
+    from slurm_plugin.daemon.idle import SCAN_NICE, lower_this_threads_priority
+
+    seen: list[int] = []
+
+    def worker() -> None:
+        lower_this_threads_priority()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(5)
+    assert seen == [max(before, SCAN_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
 
 def test_a_broken_round_is_logged_and_never_raises(
@@ -268,6 +292,6 @@ def test_a_broken_round_is_logged_and_never_raises(
     d = daemon(tmp_path, store, slurm)
     d.policy = make_policy(tmp_path.parent / "elsewhere-that-does-not-exist")
     store.close()  # the database went away under the daemon
-    assert scan_idle_gpus(d, slurm.jobs()) is None
+    assert IdleScan(d).maybe_scan(slurm.jobs()) is None
     assert '"idle_scan_error"' in (tmp_path / "daemon.log").read_text()
     assert d.metrics.errors.get("idle") == 1
