@@ -193,8 +193,15 @@ class IdleScan:
                 steps = due(idle, s.idle_minutes,
                             frozenset(done.get((job_id, ij.restart_count), ())))
                 for step in steps:
-                    if self.carry_out(step, ij, job, s, resv.get(job.array_job_id or job_id),
-                                      now):
+                    try:
+                        done_now = self.carry_out(step, ij, job, s,
+                                                  resv.get(job.array_job_id or job_id), now)
+                    except Exception as exc:  # one job's trouble never ends the round
+                        d.metrics.error("idle")
+                        d.log.write("idle_step_error", job_id=job_id, kind=step.kind,
+                                    error=repr(exc))
+                        break
+                    if done_now:
                         counts["warned" if step.kind != ACTION else "acted"] += 1
         elapsed = time.perf_counter() - t0
         d.metrics.idle_scan(elapsed, counts["idle"])

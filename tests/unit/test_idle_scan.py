@@ -295,3 +295,25 @@ def test_a_broken_round_is_logged_and_never_raises(
     assert IdleScan(d).maybe_scan(slurm.jobs()) is None
     assert '"idle_scan_error"' in (tmp_path / "daemon.log").read_text()
     assert d.metrics.errors.get("idle") == 1
+
+
+def test_one_jobs_trouble_does_not_end_the_round(
+        tmp_path: Path, store: Store, slurm: SyntheticSlurm,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    first = running(slurm, minutes=130)
+    second = running(slurm, minutes=130, node="gpu002")
+    for job in (first, second):
+        samples(store, job, [0, 0, 0, 0], minutes=130)
+    d = daemon(tmp_path, store, slurm)
+    scan = IdleScan(d)
+    real = scan.cost
+
+    def cost(ij: Any, *args: Any) -> float:
+        if ij.job_id == first.job_id:
+            raise RuntimeError("a reservation row the code did not expect")
+        return real(ij, *args)
+
+    monkeypatch.setattr(scan, "cost", cost)
+    assert scan.scan(slurm.jobs(), now=NOW)["warned"] == 1
+    assert [e["job_id"] for e in idle_events(store)] == [second.job_id]
+    assert '"idle_step_error"' in (tmp_path / "daemon.log").read_text()
