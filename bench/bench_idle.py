@@ -184,6 +184,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=6000)
     ap.add_argument("--block", type=int, default=500)
     ap.add_argument("--reservations", type=int, default=50_000)
+    ap.add_argument("--control", action="store_true",
+                    help="A/A run: the 'on' blocks hand nothing to the scan (the noise floor)")
     ap.add_argument("--serve", metavar="STATE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -229,7 +231,7 @@ def main() -> int:
         for b in range(blocks):
             mode = "on" if b % 2 else "off"
             flag = state / "scan-on"
-            if mode == "on":
+            if mode == "on" and not args.control:
                 flag.write_text("1")
                 time.sleep(0.2)  # the scan thread is under way
             else:
@@ -251,6 +253,7 @@ def main() -> int:
         inner["on" if (n // args.block) % 2 else "off"].append(d["latency_ms"])
     loaded_rounds = [e["seconds"] for e in log_lines(state, "idle_scan")]
     out = {
+        "control_run": args.control,
         "gpus": NODES * GPUS_PER_NODE, "nodes": NODES, "running_jobs": len(plans),
         "idle_jobs_planned": sum(p["kind"] == "idle" for p in plans),
         "sample_rows": rows, "hours_of_samples": args.hours,
