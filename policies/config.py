@@ -265,8 +265,8 @@ class Idle(_Model):
     """What happens at act_after_minutes: nothing beyond the warnings, scancel, or a requeue
     (the job waits in the queue again and its next run starts with a fresh count)."""
     scan_seconds: float = 900.0
-    """How often the daemon judges the running jobs (15 min in production; the scan runs in
-    the reconcile loop, so at most as often as daemon.reconcile_seconds)."""
+    """How often the daemon judges the running jobs (15 min in production). Each round works
+    on the queue a reconcile pass read, so it runs at most every daemon.reconcile_seconds."""
     dry_run: bool = False
     """Report only: the events say what would have happened, and nothing is cancelled or
     requeued."""
