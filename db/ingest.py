@@ -125,8 +125,8 @@ _NODE_UPSERT = _upsert_sql("run_nodes", NODE_COLUMNS,
                            ("cluster", "job_id", "restart_count", "node"))
 _SAMPLE_INSERT = (
     "INSERT OR IGNORE INTO gpu_samples "
-    "(node, gpu_uuid, ts, gpu_index, gpu_type, util, mem_used_bytes, power_w) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "(node, gpu_uuid, ts, gpu_index, gpu_type, util, mem_used_bytes, power_w, job_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -676,7 +676,8 @@ def _run_batch(store: IngestStore, policy: Policy, records: list[_Item],
         if kind == "gpu_sample":
             ts = float(rec["ts"])
             samples.append([(rec["node"], g["uuid"], ts, g["index"], g["gpu_type"],
-                             float(g["util"]), g["mem_used_bytes"], g.get("power_w"))
+                             float(g["util"]), g["mem_used_bytes"], g.get("power_w"),
+                             g.get("job_id"))
                             for g in rec["gpus"]])
         elif kind == "node_run":
             node_runs.append(rec)

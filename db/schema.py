@@ -18,6 +18,8 @@ version or untouched. Never edit a released migration; add the next number inste
   scan's cursor over the events (``alert_cursors``); see db/alert_log.py.
 - v8: ``run_progress``, the training progress (epoch, step) a job reported through the
   checkpoint helper, per run: a figure for the efficiency reports, never an amount.
+- v9: ``gpu_samples.job_id`` (the job holding the GPU, from the node agent's tag) and an index
+  by job and time, for the idle-GPU policy.
 """
 
 from __future__ import annotations
@@ -398,6 +400,14 @@ CREATE TABLE run_progress (
 ) WITHOUT ROWID;
 """
 
+# v9: which job held a sampled GPU (the agent tags each reading from the node's Prolog
+# baselines); the idle-GPU scan reads a running job's samples by job id and time. Samples of
+# older agents (and of GPUs no job holds) keep NULL, and stay out of the index.
+SCHEMA_V9 = """
+ALTER TABLE gpu_samples ADD COLUMN job_id INTEGER;
+CREATE INDEX gpu_samples_job_ts ON gpu_samples (job_id, ts) WHERE job_id IS NOT NULL;
+"""
+
 MIGRATIONS: list[tuple[int, Step]] = [
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
@@ -407,6 +417,7 @@ MIGRATIONS: list[tuple[int, Step]] = [
     (6, SCHEMA_V6),
     (7, SCHEMA_V7),
     (8, SCHEMA_V8),
+    (9, SCHEMA_V9),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -246,6 +246,63 @@ class Nvml(_Model):
     """How long raw utilisation samples are kept before only hourly rollups remain."""
 
 
+class Idle(_Model):
+    """The idle-GPU policy: a running job whose allocated GPUs stay below a utilisation
+    threshold is warned, then cancelled or requeued (rules: policies.idle)."""
+
+    enabled: bool = False
+    """Judge running GPU jobs by the node agent's samples (the agent must run on the nodes)."""
+    threshold_percent: float = 5.0
+    """A GPU is idle while its utilisation stays below this many percent."""
+    min_idle_fraction: float = 1.0
+    """A job is idle only while at least this fraction of its GPUs are idle (1.0: all of
+    them; 0.5: half of an 8-GPU job; 7 of 8 busy is never idle unless this is 1/8 or less)."""
+    warn_after_minutes: list[float] = [60.0, 105.0]
+    """Warn the job's user (an idle_warning event) when it has been idle this long; each
+    threshold once per run. Each must be below act_after_minutes."""
+    act_after_minutes: float = 120.0
+    """Apply ``action`` when the job has been idle this long (an idle_action event)."""
+    action: Literal["none", "cancel", "requeue"] = "cancel"
+    """What happens at act_after_minutes: nothing beyond the warnings, scancel, or a requeue
+    (the job waits in the queue again and its next run starts with a fresh count)."""
+    scan_seconds: float = 900.0
+    """How often the daemon judges the running jobs (15 min in production). Each round works
+    on the queue a reconcile pass read, so it runs at most every daemon.reconcile_seconds."""
+    dry_run: bool = False
+    """Report only: the events say what would have happened, and nothing is cancelled or
+    requeued."""
+    exempt_users: list[str] = []
+    """Users whose jobs are never judged."""
+    exempt_teams: list[str] = []
+    """Teams whose jobs are never judged (names from [teams])."""
+    exempt_partitions: list[str] = []
+    """Partitions whose jobs are never judged (e.g. an interactive or debug partition)."""
+    exempt_interactive: bool = True
+    """Jobs without a batch script (salloc, srun outside sbatch: Slurm's BatchFlag=0) are
+    never judged: a person sits behind them."""
+
+    @model_validator(mode="after")
+    def _thresholds_make_sense(self) -> Idle:
+        if not 0 < self.threshold_percent <= 100:
+            raise ValueError("threshold_percent must be above 0 and at most 100")
+        if not 0 < self.min_idle_fraction <= 1:
+            raise ValueError("min_idle_fraction must be above 0 and at most 1")
+        if self.act_after_minutes <= 0:
+            raise ValueError("act_after_minutes must be positive")
+        if self.scan_seconds <= 0:
+            raise ValueError("scan_seconds must be positive")
+        warns = self.warn_after_minutes
+        rising = all(a < b for a, b in zip(warns, warns[1:], strict=False))
+        if any(w <= 0 for w in warns) or not rising:
+            raise ValueError("warn_after_minutes must be positive and increasing, e.g. "
+                             "[60, 105]")
+        if warns and warns[-1] >= self.act_after_minutes:
+            raise ValueError(f"warn_after_minutes ({warns[-1]:g}) must be below "
+                             f"act_after_minutes ({self.act_after_minutes:g}): the warning "
+                             "comes before the action")
+        return self
+
+
 class Export(_Model):
     out_dir: str = defaults.EXPORT_DIR
     """Where nightly exports are written."""
@@ -313,6 +370,7 @@ class Policy(_Model):
     alerts: Alerts = Alerts()
     """Mail and webhook alerts (policies/alerts.py); off by default."""
     reports: Reports = Reports()
+    idle: Idle = Idle()
 
     @model_validator(mode="after")
     def _references_exist(self) -> Policy:
@@ -330,6 +388,15 @@ class Policy(_Model):
                         f"account '{account}' belongs to both teams '{seen[account]}' and '{name}'"
                     )
                 seen[account] = name
+        return self
+
+    @model_validator(mode="after")
+    def _idle_exemptions_exist(self) -> Policy:
+        unknown = [t for t in self.idle.exempt_teams if t not in self.teams]
+        if unknown:
+            raise ValueError(
+                f"idle.exempt_teams names team(s) {', '.join(unknown)}, not defined; "
+                f"defined teams: {', '.join(sorted(self.teams)) or '(none)'}")
         return self
 
     # -- lookups used on the decision path -------------------------------------------------

@@ -15,7 +15,10 @@ and ``written_at`` (the spool fills the last two). ``FIELDS`` lists each kind's 
 ``(name, type, required)``: type ``int``, ``num`` (a finite int or float), ``str`` or ``list``.
 A field that is not required may be absent or null; a required string must not be empty.
 Counts, times, sizes and energies must not be negative; utilisations are percentages (0-100).
-A ``gpus`` list holds objects (``GPU_FIELDS``) whose ``uuid`` is unique in the record.
+A ``gpus`` list holds objects (``GPU_FIELDS``) whose ``uuid`` is unique in the record. A
+gpu_sample's GPU may carry ``job_id``, the job whose Prolog baseline on that node lists the
+GPU (the agent's tag; the idle-GPU policy reads it); a daemon that predates the field
+ignores it.
 
 ``flags`` (node_run: what was degraded, e.g. ``no_baseline``) is informational and not
 checked: the ingest only looks for ``no_baseline`` in it and keeps it in its events.
@@ -69,6 +72,7 @@ GPU_FIELDS: dict[str, Spec] = {
     "gpu_sample": (
         ("uuid", "str", True), ("index", "int", True), ("gpu_type", "str", True),
         ("util", "num", True), ("mem_used_bytes", "int", True), ("power_w", "num", False),
+        ("job_id", "int", False),
     ),
 }
 NON_NEGATIVE = frozenset({"job_id", "restart_count", "node_count", "uid", "energy_j",
@@ -253,7 +257,8 @@ def _quick_gpu_sample(rec: dict[str, Any]) -> bool:
         q = gpu.get
         uuid = q("uuid")
         if not (_word(uuid) and _uint(q("index")) and _word(q("gpu_type")) and _pct(q("util"))
-                and _uint(q("mem_used_bytes")) and _opt_nn(q("power_w"))):
+                and _uint(q("mem_used_bytes")) and _opt_nn(q("power_w"))
+                and _opt_uint(q("job_id"))):
             return False
         uuids.add(uuid)
     return len(uuids) == len(gpus)
@@ -344,10 +349,15 @@ def jobcomp_record(*, cluster: str, job_id: int, state: str, restart_count: int 
 
 
 def sample_gpu(*, uuid: str, index: int, gpu_type: str, util: float, mem_used_bytes: int,
-               power_w: float | None) -> dict[str, Any]:
-    """One GPU's reading in a gpu_sample."""
-    return {"uuid": uuid, "index": index, "gpu_type": gpu_type, "util": util,
-            "mem_used_bytes": mem_used_bytes, "power_w": power_w}
+               power_w: float | None, job_id: int | None = None) -> dict[str, Any]:
+    """One GPU's reading in a gpu_sample. ``job_id``: the job holding the GPU (from the
+    node's Prolog baselines), written only when known, so an untagged reading keeps its
+    bytes."""
+    gpu = {"uuid": uuid, "index": index, "gpu_type": gpu_type, "util": util,
+           "mem_used_bytes": mem_used_bytes, "power_w": power_w}
+    if job_id is not None:
+        gpu["job_id"] = job_id
+    return gpu
 
 
 def gpu_sample_record(*, cluster: str, node: str, ts: float,

@@ -9,7 +9,8 @@ documented on these pages (docstrings checked against PySlurm/pyslurm tag v25.11
   ``Job(job_id)``, ``Job.load(job_id)``, ``hold(mode=None)``, ``release()``,
   ``requeue(hold=False)``, ``cancel()``, ``modify(JobSubmitDescription)``,
   ``get_resource_layout_per_node()``; attributes ``id``, ``state``, ``state_reason``,
-  ``nice``, ``priority``, ``requeue_count``, ``gres_per_node`` (dict), ``tres_per_node`` /
+  ``nice``, ``priority``, ``requeue_count``, ``is_batch_job``, ``gres_per_node`` (dict),
+  ``tres_per_node`` /
   ``tres_per_job`` / ``tres_per_task`` / ``tres_per_socket`` (TrackableResources or None,
   25.11.1+), ``gpus``, ``allocated_nodes``, ``num_nodes``, ...
 - https://pyslurm.github.io/25.11/reference/jobsubmitdescription/ -- ``JobSubmitDescription``
@@ -155,7 +156,8 @@ _JOB_DEFAULTS: dict[str, Any] = {
     "state": "PENDING", "state_reason": "None", "nice": 0, "priority": 1000, "comment": None,
     "admin_comment": None, "system_comment": None, "allocated_nodes": None, "num_nodes": 1,
     "excluded_nodes": None, "submit_time": None, "start_time": None, "end_time": None,
-    "time_limit": 60, "requeue_count": 0, "is_requeueable": True, "exit_code": 0,
+    "time_limit": 60, "requeue_count": 0, "is_requeueable": True, "is_batch_job": True,
+    "exit_code": 0,
     "exit_code_signal": 0, "cpus": 1, "ntasks": 1, "sockets_per_node": None,
     "working_directory": "/tmp", "tres_per_node_str": None, "tres_per_job_str": None,
     "tres_per_task_str": None, "tres_per_socket_str": None, "tres_req_str": None,

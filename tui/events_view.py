@@ -19,7 +19,8 @@ LIMIT = 500
 COLUMNS = (("time", "Time (UTC)"), ("kind", "Kind"), ("job", "Job"), ("node", "Node"),
            ("team", "Team"), ("user", "User"), ("actor", "By"), ("message", "Message"))
 KIND_STYLE = {"node_fail": "bold red", "drain": "red", "reject": "yellow",
-              "quarantine": "yellow", "admin_action": "cyan", "requeue": "magenta"}
+              "quarantine": "yellow", "admin_action": "cyan", "requeue": "magenta",
+              "idle_warning": "yellow", "idle_action": "bold magenta"}
 
 
 def event_cells(e: dict[str, Any]) -> tuple[str | Text, ...]:

@@ -35,6 +35,10 @@ Series:
 | slurmgate_alert_sends_total | counter | kind, channel (mail, webhook), result (sent; error: |
 | | | an attempt failed, retried; failed: given up; dry_run; dropped) |
 | slurmgate_start_time_seconds | gauge | |
+| slurmgate_idle_warnings_total | counter | dry_run (true, false): idle_warning events |
+| slurmgate_idle_actions_total | counter | action (cancel, requeue), dry_run: idle_action events |
+| slurmgate_idle_jobs | gauge | jobs idle past their first warning at the last idle scan |
+| slurmgate_idle_scan_seconds | gauge | how long the last idle scan took |
 """
 
 from __future__ import annotations
@@ -181,6 +185,10 @@ class Metrics:
         self.errors: dict[str, int] = {}
         self.reloads: dict[str, int] = {"ok": 0, "failed": 0}
         self.alert_sends: dict[tuple[str, str, str], int] = {}
+        self.idle_warnings: dict[str, int] = {}
+        self.idle_actions: dict[tuple[str, str], int] = {}
+        self.idle_jobs: int | None = None
+        self.idle_scan_s: float | None = None
 
     # -- what the daemon calls ---------------------------------------------------------------
 
@@ -240,6 +248,22 @@ class Metrics:
         with self._lock:
             key = (kind, channel, result)
             self.alert_sends[key] = self.alert_sends.get(key, 0) + 1
+    def idle_event(self, kind: str, action: str, dry_run: bool) -> None:
+        """One idle_warning or idle_action event (policies.idle)."""
+        dry = "true" if dry_run else "false"
+        with self._lock:
+            if kind == "idle_warning":
+                self.idle_warnings[dry] = self.idle_warnings.get(dry, 0) + 1
+            else:
+                key = (action, dry)
+                self.idle_actions[key] = self.idle_actions.get(key, 0) + 1
+
+    def idle_scan(self, seconds: float, idle_jobs: int) -> None:
+        """One idle-GPU scan round: how long it took, how many jobs were idle past their
+        first warning threshold."""
+        with self._lock:
+            self.idle_scan_s = max(0.0, float(seconds))
+            self.idle_jobs = max(0, int(idle_jobs))
 
     def on_scrape(self, collector: Callable[[], None]) -> None:
         """Call ``collector`` before every render (it sets gauges, e.g. the spool backlog)."""
@@ -309,6 +333,18 @@ class Metrics:
                     for (k, c, r), n in sorted(self.alert_sends.items())])
             family("slurmgate_start_time_seconds", "gauge", "When the daemon started (epoch).",
                    single("slurmgate_start_time_seconds", self.start_time))
+            family("slurmgate_idle_warnings_total", "counter",
+                   "Idle-GPU warnings (idle_warning events), dry runs apart.",
+                   labelled("slurmgate_idle_warnings_total", "dry_run", self.idle_warnings))
+            family("slurmgate_idle_actions_total", "counter",
+                   "Jobs cancelled or requeued for idle GPUs (idle_action events).",
+                   [f'slurmgate_idle_actions_total{{action="{_label(a)}",dry_run="{d}"}} '
+                    f"{n}" for (a, d), n in sorted(self.idle_actions.items())])
+            family("slurmgate_idle_jobs", "gauge",
+                   "Running jobs idle past their first warning at the last idle scan.",
+                   single("slurmgate_idle_jobs", self.idle_jobs))
+            family("slurmgate_idle_scan_seconds", "gauge", "How long the last idle scan took.",
+                   single("slurmgate_idle_scan_seconds", self.idle_scan_s))
         return "\n".join(out) + "\n"
 
 

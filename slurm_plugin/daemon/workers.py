@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from policies.defaults import FINISHED_STATES
 from policies.reservations import job_vanished, release_reason, vanished_grace
 from policies.tags import parse_admin_comment
+from slurm_plugin.daemon.idle import scan_idle_gpus
 from slurm_plugin.daemon.recheck import Recheck
 from slurm_plugin.daemon.state import DaemonState
 
@@ -291,6 +292,7 @@ class Workers(DaemonState):
         extra.update(checked, unchecked_waiting=self.unchecked_waiting)
         if checked["decided"] or self.unchecked_waiting:
             self.log.write("unchecked_pass", waiting=self.unchecked_waiting, **checked)
+        scan_idle_gpus(self, jobs)  # idle-GPU policy, when due (daemon/idle.py)
         return {"bound": bound, "released": released, **{k: v for k, v in extra.items() if v}}
 
     def bind_and_release(self, store: Store, seen: dict[str, int], now: float,

@@ -4,6 +4,11 @@ Every ``nvml.sample_seconds`` it reads each GPU once and drops one ``gpu_sample`
 the spool's node/ (then nudges the daemon; a sample the shared spool cannot take waits in the
 node's fallback spool, which each round forwards first), so the TUI can show live utilisation
 and the daemon can keep raw samples for ``nvml.raw_retention_days`` and hourly rollups beyond.
+
+Each reading of a GPU some job holds carries that job's id (``job_id``), read each round from
+the node's Prolog baselines (``hooks.gpu_holders``): the daemon's idle-GPU policy judges a job
+by the samples of its own GPUs. The agent must run as the user the Prolog runs as (root) to
+read them; without them the samples go untagged.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import time
 from typing import Any
 
 from policies.records import gpu_sample_record, sample_gpu
-from slurm_plugin.node.hooks import HookConfigError, emit, load_settings
+from slurm_plugin.node.hooks import HookConfigError, emit, gpu_holders, load_settings
 from slurm_plugin.node.nvml import open_backend
 from slurm_plugin.protocol import nudge
 
 
 def sample_once(settings: Any, node: str, backend: Any) -> dict[str, Any]:
     now = time.time()
+    holders = gpu_holders(settings.state_dir, node)
     gpus = []
     for dev in backend.devices():
         r = backend.read(dev.uuid)
@@ -31,7 +37,7 @@ def sample_once(settings: Any, node: str, backend: Any) -> dict[str, Any]:
             uuid=dev.uuid, index=dev.index, gpu_type=dev.gpu_type,
             util=float(r.util_gpu) if r.util_gpu is not None else 0.0,
             mem_used_bytes=int(r.mem_used or 0),
-            power_w=r.power_w,
+            power_w=r.power_w, job_id=holders.get(dev.uuid),
         ))
     return gpu_sample_record(cluster=settings.cluster, node=node, ts=now, gpus=gpus)
 

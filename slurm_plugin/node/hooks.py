@@ -279,6 +279,46 @@ def _read_baseline(path: str) -> tuple[dict[str, Any] | None, str | None]:
     return data, None
 
 
+GPU_HOLDERS_MAX_FILES = 4096
+"""Baselines ``gpu_holders`` reads at most per call (a node runs far fewer jobs at once)."""
+
+
+def gpu_holders(state_dir: str, node: str) -> dict[str, int]:
+    """GPU uuid -> id of the job whose Prolog baseline on ``node`` lists it: which job holds
+    which GPU, for the agent to tag its samples with.
+
+    Read from the baselines themselves (the Prolog resolved SLURM_JOB_GPUS to NVML uuids, see
+    nvml.select_allocated), each opened like the Epilog opens its own (``_load_baseline``:
+    no symlinks, our own regular file, size cap). A baseline an Epilog never removed may
+    still name a GPU a later job holds: the newest baseline (by its start) wins, and the
+    daemon only reads tags of jobs Slurm says are running. Unreadable files are skipped."""
+    directory = os.path.join(spool.state_path(state_dir), "baseline")
+    prefix = f"{spool.name_part(node)}."
+    try:
+        with os.scandir(directory) as entries:
+            names = [e.name for e in entries
+                     if e.name.startswith(prefix) and e.name.endswith(".json")]
+    except OSError:
+        return {}
+    newest: dict[str, tuple[float, int]] = {}
+    for name in sorted(names)[:GPU_HOLDERS_MAX_FILES]:
+        id_text = name[len(prefix):-len(".json")]
+        if not id_text.isdigit():
+            continue
+        job_id = int(id_text)
+        base, why = _read_baseline(os.path.join(directory, name))
+        if base is None or why or base.get("job_id") != job_id:
+            continue
+        start = base.get("start_ts")
+        started = float(start) if isinstance(start, int | float) else 0.0
+        for gpu in base.get("gpus", []):
+            uuid = gpu.get("uuid") if isinstance(gpu, dict) else None
+            if isinstance(uuid, str) and uuid and (uuid not in newest
+                                                   or newest[uuid][0] <= started):
+                newest[uuid] = (started, job_id)
+    return {uuid: job_id for uuid, (_, job_id) in newest.items()}
+
+
 def _epilog_restart(env: Env, base: dict[str, Any] | None) -> tuple[int, bool]:
     """SLURM_JOB_RESTART_COUNT comes from the job credential and may be missing in an
     epilog: then take the prolog's (or 0), and say so."""

@@ -148,7 +148,8 @@ def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
 
     Field names are the same in openapi v0.0.38 (22.05) and data_parser v0.0.39 to v0.0.44
     (23.02 to 25.11): account, admin_comment, array_job_id, array_task_id, array_max_tasks,
-    array_task_string, comment, cpus (minimum CPUs; allocated once running), cpus_per_task,
+    array_task_string, batch_flag, comment, cpus (minimum CPUs; allocated once running),
+    cpus_per_task,
     features, max_nodes, memory_per_cpu, memory_per_node (MB), node_count, partition, tasks,
     tasks_per_node, time_limit (minutes), tres_per_job/node/socket/task, user_id, user_name.
     v0.0.38 writes plain numbers (null or the raw sentinel when unset), later ones
@@ -213,6 +214,7 @@ def job_from_squeue(rec: Mapping[str, Any], shards_per_gpu: int = 8) -> Job:
         cluster=read_text(rec.get("cluster")),
         exc_nodes=read_text(rec.get("excluded_nodes")),
         gpu_request_error=gpu_error,
+        batch=rec.get("batch_flag") is not False,
     )
 
 

@@ -143,6 +143,10 @@ class Job:
     """--constraint, e.g. "h100|a100"."""
     array_task_string: str | None = None
     array_max_tasks: int | None = None
+    batch: bool = True
+    """False for a job without a batch script: an allocation made by salloc, or by srun
+    outside sbatch (Slurm's BatchFlag=0; squeue's ``batch_flag``, pyslurm's
+    ``is_batch_job``). The idle-GPU policy leaves such interactive jobs alone."""
 
     @property
     def finished(self) -> bool:

@@ -261,6 +261,7 @@ class PySlurm:
             cluster=_text(getattr(pj, "cluster", None)),
             exc_nodes=_text(getattr(pj, "excluded_nodes", None)),
             gpu_request_error=error,
+            batch=getattr(pj, "is_batch_job", True) is not False,
         )
 
     @staticmethod

@@ -79,8 +79,10 @@ def test_a_v1_database_upgrades_and_keeps_every_row(tmp_path: Path) -> None:
     _v1_database(path)
     raw = sqlite3.connect(path)
     v1_columns = [r[1] for r in raw.execute("PRAGMA table_info(runs)")]
+    v1_sample_columns = ", ".join(r[1] for r in raw.execute("PRAGMA table_info(gpu_samples)"))
     before = {t: _rows(raw, t) for t in ("reservations", "run_nodes", "events", "approvals",
-                                         "gpu_samples", "gpu_samples_hourly")}
+                                         "gpu_samples_hourly")}
+    before_samples = _rows(raw, "gpu_samples", v1_sample_columns)
     before_runs = _rows(raw, "runs", ", ".join(f'"{c}"' for c in v1_columns))
     raw.close()
 
@@ -90,6 +92,9 @@ def test_a_v1_database_upgrades_and_keeps_every_row(tmp_path: Path) -> None:
     for table, rows in before.items():
         assert _rows(conn, table) == rows, table
     assert _rows(conn, "runs", ", ".join(f'"{c}"' for c in v1_columns)) == before_runs
+    # v6: samples keep every value; the job holding the GPU is unknown for old ones
+    assert _rows(conn, "gpu_samples", v1_sample_columns) == before_samples
+    assert _rows(conn, "gpu_samples", "job_id") == [(None,)]
 
     # v2: idle cost backfilled where a utilisation was measured
     idle = dict(((r[0], r[1]), r[2]) for r in conn.execute(

@@ -59,6 +59,7 @@ BASES = [
     node_run(start_ts=None, flags=["no_baseline"],
              gpus=[dict(g, gpu_seconds=None, energy_j=None) for g in node_run()["gpus"]]),
     node_run(gpus=[]), gpu_sample(gpus=[]),
+    gpu_sample(gpus=[dict(g, job_id=4242) for g in gpu_sample()["gpus"]]),  # the agent's tag
     jobcomp(start_ts=0, end_ts=0, submit_ts=None, nodes=None, node_count=None,
             source="reconcile", restart_count=3, array_job_id=40, array_task_id=2),
     {k: v for k, v in jobcomp().items() if v is not None or k == "restart_count"},
@@ -133,6 +134,17 @@ def test_the_fast_path_accepts_exactly_what_the_full_check_accepts() -> None:
                 and isinstance(rec.get("kind"), str) and rec["kind"] in QUICK):
             assert QUICK[rec["kind"]](rec) == (full is None), (full, rec)
     assert valid > 500 and invalid > 2000, (valid, invalid)
+
+
+def test_a_samples_job_tag_is_checked_on_both_paths() -> None:
+    def tagged(job_id: Any) -> dict[str, Any]:
+        return gpu_sample(gpus=[dict(gpu_sample()["gpus"][0], job_id=job_id)])
+
+    assert validate(tagged(12)) is None and validate(tagged(None)) is None
+    assert explain(tagged(-1)) == "gpus[0].job_id must not be negative, got -1"
+    assert explain(tagged("12")) == "gpus[0].job_id must be an integer or null, got '12'"
+    for bad in (-1, "12", 1.5, True):
+        assert QUICK["gpu_sample"](tagged(bad)) is False
 
 
 def test_every_field_is_in_the_fast_path() -> None:
@@ -210,6 +222,9 @@ def test_constructors_keep_the_records_bytes() -> None:
                                   "written_at"]
     assert list(gpu_sample()["gpus"][0]) == ["uuid", "index", "gpu_type", "util",
                                              "mem_used_bytes", "power_w"]
+    tagged = records.sample_gpu(uuid="GPU-0", index=0, gpu_type="a100", util=1.0,
+                                mem_used_bytes=0, power_w=None, job_id=7)
+    assert list(tagged)[-1] == "job_id" and tagged["job_id"] == 7
     for rec in (node_run(), jobcomp(), gpu_sample()):
         assert validate(json.loads(json.dumps(rec))) is None
 

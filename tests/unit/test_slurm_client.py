@@ -296,6 +296,13 @@ def test_pyslurm_reads_jobs_in_one_rpc(fake: Any):
     assert [j.job_id for j in client.jobs([103, 999])] == [103]
 
 
+def test_pyslurm_reads_whether_a_job_has_a_batch_script(fake: Any):
+    fake.add_job(104, state="RUNNING", allocated_nodes="node2", start_time=1000,
+                 is_batch_job=False)  # salloc
+    jobs = {j.job_id: j for j in PySlurm(module=fake).jobs()}
+    assert jobs[104].batch is False and jobs[101].batch is True
+
+
 def test_pyslurm_falls_back_to_the_documented_dict_attributes(fake: Any):
     # "gres/gpu:a100:3" has no '=': tres_per_node (TrackableResources) is None, while
     # gres_per_node (a dict in every 25.11.x) still reads it

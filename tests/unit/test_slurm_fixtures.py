@@ -19,7 +19,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures/slurm"
 VERSIONS = ("22.05", "24.11", "26.05")
 JOB_FIELDS = ("state", "held", "gpus", "gpu_type", "partition", "time_limit_min", "num_tasks",
               "node_count", "cpus", "min_mem_per_cpu", "reason", "exit_code", "user", "account",
-              "array_task_string", "array_max_tasks")
+              "array_task_string", "array_max_tasks", "batch")
 
 
 def _load(version: str, name: str) -> Any:
@@ -70,6 +70,17 @@ def test_the_recorded_jobs_read_as_submitted():
     assert shape["array"]["array_task_string"] == "2-3%2"
     assert shape["array"]["array_max_tasks"] == 2
     assert (shape["array[0]"]["array"], shape["array[1]"]["array"]) == ((0, 0), (0, 1))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_allocation_without_a_batch_script_reads_as_interactive(version: str):
+    """salloc and srun outside sbatch: Slurm's BatchFlag=0 (squeue's batch_flag false); the
+    idle-GPU policy leaves such jobs alone."""
+    ids = _load(version, "jobs.json")
+    rec = next(r for r in _load(version, "squeue.json")["jobs"]
+               if job_from_squeue(r).job_id == ids["running"])
+    assert job_from_squeue(rec).batch is True
+    assert job_from_squeue(dict(rec, batch_flag=False)).batch is False
 
 
 def _nodes(version: str) -> list[dict[str, Any]]:

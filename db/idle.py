@@ -1,0 +1,115 @@
+"""What the idle-GPU scan reads: running jobs' samples per bucket, the idle events already
+logged for their runs, and their reservations. Reads only; the daemon writes the events.
+
+The heavy part runs inside SQLite (which releases the GIL while it steps a statement), so a
+scan over 1,000 GPUs sampled every minute leaves the daemon's decision threads alone: the
+samples of the wanted jobs are found through ``gpu_samples_job_ts`` (job id, time) and
+reduced to one row per idle job (its streak) before Python sees them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from db.store import Store
+from policies.idle import EVENT_KINDS, Summary
+
+_CHUNK = 2000
+"""Jobs per statement (up to four parameters each; SQLite allows 32,766)."""
+
+
+def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i:i + _CHUNK]
+
+
+def idle_summaries(store: Store, wanted: dict[int, tuple[float, int, int]], *,
+                   width_s: float, threshold_percent: float) -> dict[int, Summary]:
+    """Per job id, its idle streak (``policies.idle.summarise``, computed here in SQL) from
+    its samples at or after ``since``, where ``wanted[job_id] = (since, need, allocated)``:
+    the run's start (or the start of the window that matters), how many GPUs must be idle,
+    how many it has. Jobs that are not idle now are left out.
+
+    Per bucket of ``width_s`` seconds a GPU is idle when every reading of it there is below
+    ``threshold_percent``; the bucket is idle (1) with at least ``need`` idle GPUs, busy (-1)
+    when more GPUs were busy than ``max(allocated, seen) - need``, else unknown (0); the
+    streak is the idle buckets after the job's last busy one."""
+    out: dict[int, Summary] = {}
+    items = sorted(wanted.items())
+    for part in _chunks(items):
+        values = ", ".join("(?, ?, ?, ?)" for _ in part)
+        params: list[Any] = [v for job_id, (since, need, allocated) in part
+                             for v in (job_id, since, need, allocated)]
+        rows = store.conn.execute(
+            f"WITH wanted(job_id, since, need, allocated) AS (VALUES {values}), "
+            "per_gpu AS (SELECT s.job_id AS job_id, CAST(s.ts / ? AS INTEGER) AS bucket, "
+            "max(s.util) < ? AS idle FROM wanted w JOIN gpu_samples s "
+            "ON s.job_id = w.job_id AND s.ts >= w.since "
+            "GROUP BY s.job_id, s.gpu_uuid, bucket), "
+            "per_bucket AS (SELECT job_id, bucket, count(*) AS seen, total(idle) AS idle "
+            "FROM per_gpu GROUP BY job_id, bucket), "
+            "judged AS (SELECT b.job_id AS job_id, b.bucket AS bucket, b.seen AS seen, "
+            "b.idle AS idle, CASE WHEN b.idle >= w.need THEN 1 "
+            "WHEN b.seen - b.idle > max(w.allocated, b.seen) - w.need THEN -1 ELSE 0 END "
+            "AS state FROM per_bucket b JOIN wanted w ON w.job_id = b.job_id), "
+            "last_busy AS (SELECT job_id, max(bucket) AS bucket FROM judged "
+            "WHERE state = -1 GROUP BY job_id) "
+            # one max() in the select: SQLite takes idle and seen from the row holding it
+            "SELECT j.job_id, count(*), max(j.bucket), j.idle, j.seen FROM judged j "
+            "LEFT JOIN last_busy l ON l.job_id = j.job_id "
+            "WHERE j.state = 1 AND (l.bucket IS NULL OR j.bucket > l.bucket) "
+            "GROUP BY j.job_id", [*params, width_s, threshold_percent]).fetchall()
+        for job_id, count, last, idle, seen in rows:
+            out[int(job_id)] = Summary(int(count), int(last), int(idle), int(seen))
+    return out
+
+
+def idle_events(store: Store, cluster: str, since: dict[int, float]
+                ) -> list[tuple[int, int | None, str, float | None, bool]]:
+    """(job_id, restart_count, kind, threshold_minutes, dry_run) of the idle_warning and
+    idle_action events of ``cluster`` logged for these jobs at or after ``since[job_id]``
+    (the run's start: an earlier job with the same id is not this one)."""
+    if not since:
+        return []
+    out: list[tuple[int, int | None, str, float | None, bool]] = []
+    kinds = ", ".join("?" for _ in EVENT_KINDS)
+    oldest = min(since.values())
+    for part in _chunks(sorted(since)):
+        marks = ", ".join("?" for _ in part)
+        rows = store.conn.execute(
+            f"SELECT job_id, restart_count, kind, ts, detail FROM events "
+            f"WHERE kind IN ({kinds}) AND ts >= ? AND cluster = ? AND job_id IN ({marks})",
+            [*EVENT_KINDS, oldest, cluster, *part]).fetchall()
+        for job_id, restart, kind, ts, detail in rows:
+            if ts < since[job_id]:
+                continue
+            try:
+                d = json.loads(detail or "{}")
+            except ValueError:
+                d = {}
+            d = d if isinstance(d, dict) else {}
+            threshold = d.get("threshold_minutes")
+            out.append((job_id, restart, kind,
+                        float(threshold) if isinstance(threshold, int | float) else None,
+                        d.get("dry_run") is True))
+    return out
+
+
+def live_reservations_of_jobs(store: Store, cluster: str, job_ids: Iterable[int]
+                              ) -> dict[int, dict[str, Any]]:
+    """The newest live (reserved or bound) reservation bound to each of ``job_ids``
+    (an array's job id for its tasks): gpu_type, gpus, cpus, mem_mb, partition,
+    time_limit_min, est_cost, tasks."""
+    ids = sorted(set(job_ids))
+    out: dict[int, dict[str, Any]] = {}
+    for part in _chunks(ids):
+        marks = ", ".join("?" for _ in part)
+        for row in store._query(
+                "SELECT job_id, gpu_type, gpus, cpus, mem_mb, \"partition\", time_limit_min, "
+                "est_cost, tasks FROM reservations WHERE cluster = ? AND job_id IN "
+                f"({marks}) AND state IN ('reserved', 'bound') ORDER BY created_at",
+                [cluster, *part]):
+            out[row["job_id"]] = row
+    return out
