@@ -102,6 +102,25 @@ def apply_rollup_delta(conn: sqlite3.Connection,
             conn.executemany(prune, removed)
 
 
+# -- reading them ----------------------------------------------------------------------------
+
+
+def team_spend_by_day(store: RollupStore, start_ts: float, end_ts: float
+                      ) -> dict[str, dict[int, float]]:
+    """Net settled spend (cost minus credits) per team per UTC day, from ``usage_daily_team``:
+    team ('' for runs without one) -> {day number (``ts // 86400``): net}, for every UTC day
+    that overlaps [start_ts, end_ts). Budget periods start at UTC midnight, so a period's
+    days are read whole; days with no settled run are absent. Summed over clusters."""
+    rows = store.conn.execute(
+        "SELECT team, day, total(cost) - total(credit) FROM usage_daily_team "
+        "WHERE day >= ? AND day < ? GROUP BY team, day ORDER BY team, day",
+        (math.floor(start_ts / DAY), math.ceil(end_ts / DAY))).fetchall()
+    out: dict[str, dict[int, float]] = {}
+    for team, day, net in rows:
+        out.setdefault(team, {})[int(day)] = float(net)
+    return out
+
+
 # -- checking and rebuilding them ----------------------------------------------------------------
 
 TOLERANCE = 1e-6

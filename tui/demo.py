@@ -156,13 +156,13 @@ def _finished_runs(store: Store, policy: Policy, nodes: list[Any],
 
 
 def _gpu_samples(nodes: list[Any], rng: random.Random) -> list[dict[str, Any]]:
-    """One sample a minute for 30 minutes; node 2's first allocated GPU sits idle."""
+    """One sample a minute for the last hour; node 2's first allocated GPU sits idle."""
     records = []
     for n_i, node in enumerate(nodes):
         gpu_type, total = next(iter(node.gpus_total.items()))
         used = node.gpus_used.get(gpu_type, 0)
-        for step in range(30):
-            ts = DEMO_NOW - (29 - step) * 60.0
+        for step in range(60):
+            ts = DEMO_NOW - (59 - step) * 60.0
             gpus = []
             for g in range(total):
                 busy = g < used and not (n_i == 1 and g == 0)
@@ -195,6 +195,15 @@ def _events(nodes: list[Any]) -> list[dict[str, Any]]:
          "user": "dave", "message": "team speech is over its hard limit ($1,500.00)"},
         {"ts": DEMO_NOW - 0.5 * h, "kind": "quarantine", "cluster": CLUSTER,
          "message": "node_run.demo.99.0.gpu002.json: end_ts is before start_ts"},
+        {"ts": DEMO_NOW - 0.3 * h, "kind": "idle_warning", "cluster": CLUSTER, "job_id": 1003,
+         "node": nodes[1].name, "team": "nlp", "user": "bob", "actor": "slurmgate",
+         "message": "job 1003: 1 of 4 GPUs below 10% for 60 min; idle cost so far $12.40"},
+        {"ts": DEMO_NOW - 0.2 * h, "kind": "idle_action", "cluster": CLUSTER, "job_id": 998,
+         "node": nodes[3].name, "team": "vision", "user": "carol", "actor": "slurmgate",
+         "message": "job 998 cancelled: 2 of 2 GPUs below 10% for 120 min"},
+        {"ts": DEMO_NOW - 0.1 * h, "kind": "alert_failed", "cluster": CLUSTER, "team": "nlp",
+         "actor": "slurmgate",
+         "message": "budget_80 mail to nlp leads: smtp.example.org:587 unreachable, gave up"},
     ]
 
 

@@ -1,4 +1,8 @@
-"""Events view: the daemon's event log, newest first, filterable by kind (``k``/``K``)."""
+"""Events view: the daemon's event log, newest first, filterable by kind (``k``/``K``).
+
+No kind is filtered out: the kinds to cycle through are those the log holds (idle-GPU
+warnings and actions, failed alert deliveries and any kind added later included).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ COLUMNS = (("time", "Time (UTC)"), ("kind", "Kind"), ("job", "Job"), ("node", "N
            ("team", "Team"), ("user", "User"), ("actor", "By"), ("message", "Message"))
 KIND_STYLE = {"node_fail": "bold red", "drain": "red", "reject": "yellow",
               "quarantine": "yellow", "admin_action": "cyan", "requeue": "magenta",
-              "idle_warning": "yellow", "idle_action": "bold magenta"}
+              "idle_warning": "yellow", "idle_action": "bold magenta",
+              "alert_failed": "bold red"}
+"""Kinds not named here are shown unstyled: the view lists every kind the log holds."""
 
 
 def event_cells(e: dict[str, Any]) -> tuple[str | Text, ...]:

@@ -1,6 +1,8 @@
-"""Nodes/GPUs view: node states, GPUs allocated vs total, utilisation with a trend of recent
-samples, failures in the last 7 days; drain/resume. GPUs that are allocated but show no
-utilisation stand out in red.
+"""Nodes/GPUs view: node states, GPUs allocated vs total, utilisation with a trend of the last
+hour's samples, failures in the last 7 days; drain/resume. GPUs that are allocated but show no
+utilisation stand out in red. Under the highlighted node's GPU table, one sparkline per GPU
+(tui.util_sparkline: textual's Sparkline on a 0-100 % scale) shows its utilisation minute by
+minute over the last hour, from the gpu_samples table (Store.gpu_samples, in the worker).
 
 Slurm 22.05's node record says how many GPUs of a type are allocated, not which: a node whose
 busy GPUs (utilisation >= IDLE_PCT in the newest sample) are fewer than its allocated ones
@@ -16,6 +18,7 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Static
 
 from db.reports import node_failures
@@ -25,18 +28,21 @@ from tui import format as fmt
 from tui.confirm import ConfirmScreen
 from tui.keyed_table import KeyedTable, Row
 from tui.sources import Sources
+from tui.util_sparkline import UtilisationSparkline
 from tui.view import View
 
-WINDOW_S = 30 * 60.0
-"""Utilisation trend window."""
+WINDOW_S = 60 * 60.0
+"""Utilisation trend window: the last hour."""
 TREND_SLOTS = 16
+MINUTES = 60
+"""The per-GPU sparklines' slots: one a minute."""
 IDLE_PCT = 5.0
 FAILURE_DAYS = 7
 NODE_COLUMNS = (("node", "Node"), ("state", "State"), ("gpus", "GPUs used"),
-                ("util", "Util"), ("trend", "Trend 30m"), ("idle", "Idle alloc"),
+                ("util", "Util"), ("trend", "Trend 1h"), ("idle", "Idle alloc"),
                 ("fail", "Fail 7d"), ("reason", "Reason"))
 GPU_COLUMNS = (("gpu", "GPU"), ("type", "Type"), ("util", "Util"), ("mem", "Mem GiB"),
-               ("trend", "Trend 30m"), ("note", "Note"))
+               ("note", "Note"))
 STATE_STYLE = {"idle": "green", "mixed": "cyan", "allocated": "blue", "down": "bold red",
                "drained": "red", "draining": "yellow", "drain": "red"}
 
@@ -48,6 +54,8 @@ class GpuTrend:
     util: float | None = None
     mem_bytes: int | None = None
     slots: list[float | None] = field(default_factory=lambda: [None] * TREND_SLOTS)
+    minutes: list[float | None] = field(default_factory=lambda: [None] * MINUTES)
+    """Mean utilisation per minute of the window, oldest first (None: no sample)."""
 
 
 @dataclass
@@ -83,6 +91,7 @@ def trends(samples: list[dict[str, Any]], now: float) -> dict[str, list[GpuTrend
     start = now - WINDOW_S
     slot_s = WINDOW_S / TREND_SLOTS
     sums: dict[tuple[str, int], list[list[float]]] = {}
+    per_minute: dict[tuple[str, int], list[list[float]]] = {}
     out: dict[str, dict[int, GpuTrend]] = {}
     for s in samples:  # ordered by ts
         node, idx = s["node"], s["gpu_index"] if s["gpu_index"] is not None else -1
@@ -90,12 +99,17 @@ def trends(samples: list[dict[str, Any]], now: float) -> dict[str, list[GpuTrend
         if g is None:
             g = out[node][idx] = GpuTrend(idx, s["gpu_type"])
             sums[(node, idx)] = [[] for _ in range(TREND_SLOTS)]
+            per_minute[(node, idx)] = [[] for _ in range(MINUTES)]
         g.util, g.mem_bytes = s["util"], s["mem_used_bytes"]
         slot = min(TREND_SLOTS - 1, max(0, int((s["ts"] - start) / slot_s)))
+        minute = min(MINUTES - 1, max(0, int((s["ts"] - start) / (WINDOW_S / MINUTES))))
         if s["util"] is not None:
             sums[(node, idx)][slot].append(s["util"])
+            per_minute[(node, idx)][minute].append(s["util"])
     for (node, idx), slots in sums.items():
         out[node][idx].slots = [sum(v) / len(v) if v else None for v in slots]
+        out[node][idx].minutes = [sum(v) / len(v) if v else None
+                                  for v in per_minute[(node, idx)]]
     return {n: sorted(gs.values(), key=lambda g: g.index) for n, gs in out.items()}
 
 
@@ -132,8 +146,7 @@ def gpu_cells(info: NodeInfo, g: GpuTrend) -> tuple[str | Text, ...]:
     util = Text("-" if g.util is None else f"{g.util:.0f}%", justify="right",
                 style="bold red" if flagged else "")
     mem = "-" if g.mem_bytes is None else f"{g.mem_bytes / 2**30:.1f}"
-    return (str(g.index), g.gpu_type or "-", util, Text(mem, justify="right"),
-            fmt.sparkline(g.slots, TREND_SLOTS), note)
+    return (str(g.index), g.gpu_type or "-", util, Text(mem, justify="right"), note)
 
 
 class NodesView(View):
@@ -152,6 +165,7 @@ class NodesView(View):
         yield KeyedTable(id="nodes-table")
         yield Static("", id="gpus-title")
         yield KeyedTable(id="gpus-table")
+        yield Vertical(id="gpu-sparklines")
 
     def on_mount(self) -> None:
         self.table.set_columns(NODE_COLUMNS)
@@ -209,9 +223,28 @@ class NodesView(View):
         if info is None:
             title.update("")
             table.sync([])
+            self._show_sparklines([])
             return
-        title.update(Text(f"GPUs of {info.node.name} ({gpus_text(info.node)})", style="bold"))
+        title.update(Text(f"GPUs of {info.node.name} ({gpus_text(info.node)}); "
+                          "utilisation, last hour, 0-100 %", style="bold"))
         table.sync([(str(g.index), gpu_cells(info, g)) for g in info.gpus])
+        self._show_sparklines(info.gpus)
+
+    def _show_sparklines(self, gpus: list[GpuTrend]) -> None:
+        """One row per GPU: its label and its last hour; rows are kept and reused."""
+        box = self.query_one("#gpu-sparklines", Vertical)
+        have = list(box.children)
+        for extra in have[len(gpus):]:
+            extra.remove()
+        for i, g in enumerate(gpus):
+            util = "-" if g.util is None else f"{g.util:.0f}%"
+            label = f"GPU {g.index} {util:>4}"
+            if i < len(have):
+                have[i].query_one(Static).update(label)
+                have[i].query_one(UtilisationSparkline).set_slots(g.minutes)
+            else:
+                box.mount(Horizontal(Static(label, classes="gpu-label"),
+                                     UtilisationSparkline(g.minutes), classes="gpu-spark"))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return action != "node" or self.sources.viewer.admin

@@ -148,3 +148,30 @@ def test_cli_has_the_flag() -> None:
     args = build_parser().parse_args(["doctor", "--rollups"])
     assert args.rollups is True
     assert build_parser().parse_args(["doctor"]).rollups is False
+
+
+def test_team_spend_by_day_reads_the_team_rollup(policy: Policy) -> None:
+    store = settled_store(":memory:", policy)
+    day = int(T0 // 86400)
+    nlp = store.run("c1", 1, 0)["cost"]
+    assert nlp > 0
+    got = rollups.team_spend_by_day(store, day * 86400.0, (day + 30) * 86400.0)
+    assert got == {"nlp": {day: pytest.approx(nlp)},
+                   "vision": {day + 1: pytest.approx(0.0)}}  # the node failure: credited
+    # every day that overlaps the range, read whole; the days after it are not
+    assert rollups.team_spend_by_day(store, day * 86400.0 + 3600, day * 86400.0 + 7200) == {
+        "nlp": {day: pytest.approx(nlp)}}
+    assert rollups.team_spend_by_day(store, (day + 2) * 86400.0, (day + 9) * 86400.0) == {}
+    # the same money as the ledger's read over whole days
+    whole = store.spend_by_team(day * 86400.0, (day + 2) * 86400.0)
+    assert {t: sum(d.values()) for t, d in got.items()} == pytest.approx(whole)
+
+
+def test_team_spend_by_day_through_a_reader(tmp_path: Path, policy: Policy) -> None:
+    settled_store(tmp_path / "sg.db", policy).close()
+    reader = open_store(tmp_path / "sg.db", readonly=True)
+    try:
+        got = rollups.team_spend_by_day(reader, 0.0, T0 + 7 * 86400)
+        assert set(got) == {"nlp", "vision"}
+    finally:
+        reader.close()

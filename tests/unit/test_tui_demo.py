@@ -74,7 +74,7 @@ def test_allocated_but_idle_gpus_are_flagged(demo) -> None:  # noqa: ANN001
         nodes.table.select_key("gpu002")
         await pilot.pause()
         gpus = rows(app.main.query_one("#gpus-table"))
-        assert gpus["0"][2] == "0%" and gpus["0"][5] == "allocated but idle?"
+        assert gpus["0"][2] == "0%" and gpus["0"][4] == "allocated but idle?"
         assert "1 allocated but idle" in app.screen_text()
         assert column(nodes.table, "fail")[2] == "2"  # gpu003: two node failures this week
 
@@ -123,7 +123,8 @@ def test_events_newest_first_and_by_kind(demo) -> None:  # noqa: ANN001
         ids = [int(k) for k in events.table.keys]
         assert ids == sorted(ids, reverse=True)
         kinds = set(column(events.table, "kind"))
-        assert {"node_fail", "reject", "drain"} <= kinds
+        assert {"node_fail", "reject", "drain", "idle_warning", "idle_action",
+                "alert_failed"} <= kinds
         while events.kind != "reject":
             await pilot.press("k")
         await until(pilot, lambda: not events.fetcher.in_flight
