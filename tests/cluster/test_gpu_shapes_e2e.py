@@ -43,9 +43,10 @@ def runs_for(cluster: Cluster, job_id: int) -> list[dict]:
     try:
         runs = store._query("SELECT * FROM runs WHERE (job_id = ? AND array_job_id IS NULL) "
                             "OR array_job_id = ?", (job_id, job_id))
-        for run in runs:
-            run["node_rows"] = store.run_nodes(run["cluster"], run["job_id"],
-                                               run["restart_count"])
+        for run in runs:  # as test_accounting_e2e's expected_cost reads them: gpus as JSON text
+            run["node_rows"] = store._query(
+                "SELECT * FROM run_nodes WHERE cluster = ? AND job_id = ? AND restart_count = ?",
+                (run["cluster"], run["job_id"], run["restart_count"]))
         return runs
     finally:
         store.close()

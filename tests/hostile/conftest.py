@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -181,6 +182,20 @@ def events_of(cluster: Cluster, kind: str, job_id: int | None = None) -> list[di
         store.close()
 
 
+def _forgotten_lately(cluster: Cluster, job_id: int, now: float, grace: float) -> bool:
+    """Whether the job's last run ended in a state Slurm may requeue from, within MinJobAge
+    plus ``grace`` of now (the daemon keeps such a reservation until the job has vanished)."""
+    from policies.reservations import REQUEUE_STATES
+
+    runs = runs_of(cluster, job_id)
+    if not runs or runs[-1]["state"] not in REQUEUE_STATES or runs[-1]["end_ts"] is None:
+        return False
+    conf = (cluster.dir / "etc/slurm.conf").read_text()
+    m = re.search(r"^MinJobAge=(\d+)", conf, re.M)
+    min_job_age = int(m.group(1)) if m else 300
+    return now - runs[-1]["end_ts"] <= min_job_age + grace
+
+
 def ledger_problems(cluster: Cluster) -> list[str]:
     """What breaks the ledger invariant now (empty: it holds).
 
@@ -188,9 +203,13 @@ def ledger_problems(cluster: Cluster) -> list[str]:
        job id) in ``squeue --json``; or unbound and named by a listed job's admin comment (the
        reconcile has not bound it yet); or unbound and young (within the reconcile grace plus
        a few passes: a submission Slurm has not listed yet, or one it dropped, which the
-       reconcile releases after the grace). The grace counts from the reservation's creation
-       or from the daemon's start, whichever is later: a daemon that restarts cannot know how
-       long a job has been gone, and waits a whole grace again (its documented rule).
+       reconcile releases after the grace); or bound to a job whose last run ended in a state
+       Slurm may requeue from (NODE_FAIL, PREEMPTED ...: the reservation stays live for the
+       next run) no longer ago than Slurm's MinJobAge plus that grace (Slurm forgets the job
+       after MinJobAge, the reconcile releases it a grace later). The grace counts from the
+       reservation's creation or from the daemon's start, whichever is later: a daemon that
+       restarts cannot know how long a job has been gone, and waits a whole grace again (its
+       documented rule).
     2. Per team, what the database's live reservations still hold (est_cost less what runs
        already settled against them cost: the daemon's own rule) equals the daemon's
        ``quota`` "reserved" (asked as root), within 1e-6.
@@ -213,7 +232,8 @@ def ledger_problems(cluster: Cluster) -> list[str]:
     held: dict[str, float] = {}
     for r in live:
         what = f"reservation {r['rid']} (team {r['team']}, {r['est_cost']:.2f})"
-        if r["job_id"] is not None and r["job_id"] not in listed:
+        if r["job_id"] is not None and r["job_id"] not in listed \
+                and not _forgotten_lately(cluster, r["job_id"], now, young):
             problems.append(f"{what} is bound to job {r['job_id']}, which Slurm no longer "
                             "lists")
         elif r["job_id"] is None and r["rid"] not in named and \
