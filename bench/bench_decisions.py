@@ -65,6 +65,12 @@ def policy_text(state: Path, teams: int, user_limits: int | None = None,
     return "\n".join(lines) + "\n"
 
 
+ALERTS = "\n".join([
+    "[alerts]", "enabled = true", "dry_run = true", 'mail_domain = "example.org"',
+    "scan_seconds = 1", "budget_thresholds = [0.001, 50, 80, 90, 100]", ""])
+"""The alert scan at its shortest cadence (``--alerts``): dry run, so nothing is sent."""
+
+
 def fill(db_path: Path, teams: int, reservations: int) -> None:
     store = open_store(db_path)
     now = time.time()
@@ -272,6 +278,8 @@ def main() -> int:
                     help="... and/or holds N idle connections")
     ap.add_argument("--user-limits", type=int, default=None, metavar="M",
                     help="max_user_connections and max_connections_per_user for the bench")
+    ap.add_argument("--alerts", action="store_true",
+                    help="with the alert scan on (dry run, a round every second)")
     args = ap.parse_args()
     load = args.hammer_estimate or args.idle_connections > 0
     if load and os.geteuid() != 0:
@@ -284,7 +292,7 @@ def main() -> int:
     if load:
         members.append(unprivileged_user().pw_name)
     (state / "policy.toml").write_text(policy_text(state, args.teams, args.user_limits,
-                                                   members))
+                                                   members) + (ALERTS if args.alerts else ""))
     t0 = time.perf_counter()
     fill(state / "sg.db", args.teams, args.reservations)
     fill_s = time.perf_counter() - t0
