@@ -225,7 +225,9 @@ def cost_so_far(policy: Policy, *, seconds: float, gpu_type: str | None, gpus: f
         return 0.0
 
 
-def _minutes(value: float) -> str:
+def format_minutes(value: float) -> str:
+    """Idle minutes as people read them: whole minutes from 10 on, else one decimal (a test
+    policy's 0.2-minute threshold must not read "0")."""
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}".rstrip("0").rstrip(".")
 
 
@@ -234,13 +236,13 @@ def event_message(step: Step, job: IdleJob, s: Streak, *, threshold_percent: flo
     """The event's message: written for the job's user, who must act."""
     what = (f"job {job.job_id} ({job.user or 'unknown user'}): {s.gpus_idle} of "
             f"{s.gpus_allocated} GPU{'s' if s.gpus_allocated != 1 else ''} below "
-            f"{threshold_percent:g}% utilisation for {_minutes(s.idle_minutes)} min, "
+            f"{threshold_percent:g}% utilisation for {format_minutes(s.idle_minutes)} min, "
             f"{format_money(cost, currency)} so far")
     verb = {"cancel": "cancelled", "requeue": "requeued"}.get(step.action, "")
     prefix = "[dry run] " if step.dry_run else ""
     if step.kind == WARNING:
         if verb:
-            then = (f"it will be {verb} after {_minutes(act_after_minutes)} idle minutes"
+            then = (f"it will be {verb} after {format_minutes(act_after_minutes)} idle minutes"
                     + (" (dry run: it would be)" if step.dry_run else ""))
         else:
             then = "please use the GPUs or end the job"

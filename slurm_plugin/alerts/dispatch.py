@@ -39,6 +39,8 @@ EVENTS_CURSOR = "events"
 MAX_BACKOFF_S = 3600.0
 EVENT_BATCH = 500
 SENDS_PER_ROUND = 100
+TICK_S = 1.0
+"""How often the alert thread looks for a reloaded policy."""
 
 
 @dataclass(frozen=True)
@@ -83,15 +85,27 @@ class Dispatcher:
         self.on_error = on_error
         self.clock = clock
         self._checked: Policy | None = None
+        self._enabled: bool | None = None
+        """Whether the last round found alerts on (None: no round yet)."""
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, stopping: threading.Event) -> None:
-        """Rounds until ``stopping`` is set; an error costs one round, never the thread."""
+        """Rounds until ``stopping`` is set; an error costs one round, never the thread.
+
+        A round every ``alerts.scan_seconds``, and at once (within ``TICK_S``) after every
+        policy reload: turning alerts on, or shortening scan_seconds, takes effect without
+        waiting out the old interval (alerts off still means the default 30 s)."""
+        seen: Policy | None = None
+        next_round = 0.0
         while not stopping.is_set():
-            self.round()
-            wait = self.policy().alerts.scan_seconds
-            if stopping.wait(wait if wait >= 1.0 else 1.0):
+            policy = self.policy()
+            if policy is not seen:
+                seen, next_round = policy, 0.0
+            if time.monotonic() >= next_round:
+                self.round()
+                next_round = time.monotonic() + max(TICK_S, policy.alerts.scan_seconds)
+            if stopping.wait(TICK_S):
                 break
 
     def round(self) -> dict[str, int]:
@@ -99,15 +113,32 @@ class Dispatcher:
         out: dict[str, int] = {}
         policy = self.policy()
         if not policy.alerts.enabled:
+            if self._enabled is not False:
+                self.write_log("alerts_off")
+            self._enabled = False
             return out
-        for name, step in (("check", self.check_config), ("scan", self.scan),
-                           ("deliver", self.deliver)):
+        steps: list[tuple[str, Callable[[Policy], dict[str, int] | None]]] = [
+            ("check", self.check_config), ("scan", self.scan), ("deliver", self.deliver)]
+        if self._enabled is False:  # turned on by a reload: what happened while off is past
+            steps.insert(0, ("cursor", self.restart_cursor))
+        self._enabled = True
+        for name, step in steps:
             try:
                 out.update(step(policy) or {})
             except Exception as exc:  # logged; the next round tries again
                 self.on_error("alerts")
                 self.write_log("alerts_error", step=name, error=repr(exc))
         return out
+
+    def restart_cursor(self, policy: Policy) -> dict[str, int]:
+        """Move the events cursor to the newest event: alerts were turned off and on again
+        in this daemon, and the events of the time in between are not alerted late."""
+        now = self.clock()
+        with self.lock:
+            top = self.log.last_event_id()
+            self.log.set_cursor(EVENTS_CURSOR, top, now=now)
+        self.write_log("alerts_cursor_started", event_id=top, reason="alerts turned on")
+        return {}
 
     def check_config(self, policy: Policy) -> dict[str, int]:
         """Log every problem of the [alerts] section once per policy (at start and after each

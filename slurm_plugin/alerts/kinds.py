@@ -18,6 +18,7 @@ from db.alert_log import NewAlert, NewSend
 from policies.alerts import EVENT_KINDS, recipients
 from policies.config import Policy
 from policies.cost import format_money
+from policies.idle import format_minutes
 from slurm_plugin.alerts.webhook import describe, slack_escape
 
 PREFIX = "[slurmgate]"
@@ -105,7 +106,8 @@ def event_content(policy: Policy, kind: str, event: dict[str, Any], *, user: str
         cur = _text(d.get("currency"), 8) or policy.rates.currency
         idle, alloc = _number(d.get("gpus_idle")), _number(d.get("gpus_allocated"))
         action = _text(d.get("action"), 100)
-        minutes_text = f"{minutes:.0f} minutes" if minutes is not None else "a while"
+        minutes_text = (f"{format_minutes(minutes)} minutes" if minutes is not None
+                        else "a while")
         cost_text = format_money(cost, cur) if cost is not None else "unknown"
         gpus = (f"{idle:g} of {alloc:g} allocated GPUs" if idle is not None and alloc
                 else "its allocated GPUs")
