@@ -73,6 +73,8 @@ class QueueView(View):
         """The store's picture of jobs shown in the detail pane, by (job id, restarts, state);
         entries not in ``fresh`` are shown and read again (after each queue refresh)."""
         self.fresh: set[tuple[int, int, str]] = set()
+        self.ledger_reads = 0
+        """Ledger reads started and not yet shown (the detail pane may still change)."""
         self.generation = 0
         self.last_apply_s = 0.0
         self._search_timer: Timer | None = None
@@ -206,6 +208,7 @@ class QueueView(View):
         # the store has runs of a job only once one ended: a requeued or a finished job
         if q and key and key not in self.fresh and (q.job.restart_count > 0 or q.job.finished):
             self.fresh.add(key)
+            self.ledger_reads += 1
             self.run_worker(partial(self._load_ledger, q, key), thread=True,
                             group="queue-runs", exclusive=True, exit_on_error=False)
 
@@ -213,11 +216,12 @@ class QueueView(View):
         try:
             with self.sources.store() as store:
                 ledger = job_ledger(store, self.sources.policy, q)
-        except (StoreError, DatabaseError):
+        except Exception:  # noqa: BLE001 - the pane shows no figures rather than failing
             ledger = JobLedger()
         call_ui(self.app, self._ledger_loaded, key, ledger)
 
     def _ledger_loaded(self, key: tuple[int, int, str], ledger: JobLedger) -> None:
+        self.ledger_reads -= 1
         self.ledgers[key] = ledger
         q = self.selected()
         if q and self._ledger_key(q) == key:
