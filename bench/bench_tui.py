@@ -99,6 +99,8 @@ async def _screenshots() -> list[str]:
                 await pilot.press(str(n))
                 poller = app.view(view).fetcher
                 await _until(pilot, lambda p=poller: p.renders >= 1 and not p.in_flight)
+                queue = app.view("queue")  # the detail pane's ledger read, when it made one
+                await _until(pilot, lambda q=queue: q.ledger_reads == 0)
                 await pilot.pause(0.2)
                 suffix = "" if size == (80, 24) else f"-{size[0]}x{size[1]}"
                 path = SCREENSHOTS / f"{n}-{view}{suffix}.svg"

@@ -131,13 +131,19 @@ def _finished_runs(store: Store, policy: Policy, nodes: list[Any],
         start = end - hours * 3600
         job_id = 100 + i
         state = "NODE_FAIL" if i % 23 == 5 else rng.choice(("COMPLETED",) * 5 + ("FAILED",))
+        cost_center = policy.teams[team].cost_center
         store.add_reservation({
             "rid": f"rdemo{i:04d}", "cluster": CLUSTER, "job_id": job_id, "team": team,
-            "project": project, "cost_center": policy.teams[team].cost_center, "user": user,
+            "project": project, "cost_center": cost_center, "user": user,
             "account": team, "partition": "gpu", "gpu_type": gpu_type, "gpus": gpus,
             "cpus": gpus * 8, "time_limit_min": int(hours * 60), "est_cost": 0.0,
             "period": period_bounds("month", start)[2],
+            "tags": {"project": project, "cost_center": cost_center,
+                     "experiment": f"{project}-e{i % 5 + 1}"},
         }, now=start - 400)  # made at submit, before the job was queued
+        if i % 4 != 3:  # most training jobs report epochs through the checkpoint helper
+            store.record_progress(CLUSTER, job_id, 0, uid=1000 + i,
+                                  epoch=max(1, int(hours * 3)), now=end - 60)
         util = rng.choice((95.0, 88.0, 72.0, 40.0, 8.0))
         gpu_list = [{"index": g, "minor": g, "uuid": f"GPU-{node.name}-{g}",
                      "gpu_type": gpu_type, "energy_j": 300.0 * util / 100 * hours * 3600,
@@ -152,6 +158,53 @@ def _finished_runs(store: Store, policy: Policy, nodes: list[Any],
                                nodes=node.name, node_count=1, partition="gpu", uid=1000 + i,
                                user=user, account=team, exit_code="0:0", derived_ec="0:0",
                                time_limit_min=int(hours * 60) + 30, work_dir=f"/home/{user}"))
+    return records
+
+
+_QUEUE_UTIL = (35.0, 92.0, 61.0, 4.0, 78.0)
+"""Mean utilisation of the first GPU of the finished queue jobs' runs, in job-id order; a
+job's other GPUs alternate between the same and idle (2 of 4 used)."""
+
+
+def _finished_queue_runs(store: Store, policy: Policy, queue: list[Any],
+                         rng: random.Random) -> list[dict[str, Any]]:
+    """The settled runs of the finished jobs Slurm still lists (their reservation made at
+    submit, node_run and jobcomp records at the end), so the job detail has figures."""
+    records: list[dict[str, Any]] = []
+    period = period_bounds(policy.budgets.period, DEMO_NOW)[2]
+    done = [q for q in queue if q.job.finished and q.admin.get("rid") and q.job.start_ts
+            and q.job.end_ts and q.job.end_ts <= DEMO_NOW and q.job.nodes]
+    for n, q in enumerate(done):
+        j = q.job
+        node = j.nodes.split(",")[0]
+        seconds = j.end_ts - j.start_ts
+        gpus = max(1, int(j.gpus))
+        util = _QUEUE_UTIL[n % len(_QUEUE_UTIL)]
+        tags = {"project": q.project or "", "experiment": f"{q.project}-e1", "ckpt": "yes"}
+        store.add_reservation({
+            "rid": q.admin["rid"], "cluster": CLUSTER, "job_id": j.job_id, "team": q.team,
+            "project": q.project, "user": j.user, "account": j.account,
+            "partition": j.partition, "gpu_type": j.gpu_type, "gpus": j.gpus,
+            "time_limit_min": j.time_limit_min, "est_cost": q.est_cost or 0.0,
+            "period": period, "tags": tags,
+        }, now=j.submit_ts or j.start_ts)
+        gpu_list = []
+        for g in range(gpus):
+            u = util if g % 2 == 0 else 0.0
+            gpu_list.append({"index": g, "minor": g, "uuid": f"GPU-{node}-{g}",
+                             "gpu_type": j.gpu_type, "energy_j": 300.0 * u / 100 * seconds,
+                             "util_mean": u, "util_max": min(100.0, u + 5),
+                             "mem_max_bytes": (20 if u else 1) * 2**30, "gpu_seconds": seconds})
+        records.append(_record("node_run", j.end_ts, rng, job_id=j.job_id, restart_count=0,
+                               node=node, user=j.user, account=j.account, start_ts=j.start_ts,
+                               end_ts=j.end_ts, gpus=gpu_list))
+        records.append(_record("jobcomp", j.end_ts, rng, job_id=j.job_id, restart_count=0,
+                               state=j.state, submit_ts=j.submit_ts, start_ts=j.start_ts,
+                               end_ts=j.end_ts, nodes=j.nodes, node_count=1,
+                               partition=j.partition, uid=j.uid, user=j.user,
+                               account=j.account, exit_code="0:0", derived_ec="0:0",
+                               time_limit_min=j.time_limit_min, work_dir=f"/home/{j.user}"))
+        store.record_progress(CLUSTER, j.job_id, 0, uid=j.uid, epoch=3 + n, now=j.end_ts)
     return records
 
 
@@ -212,15 +265,17 @@ def fill(store: Store, policy: Policy, slurm: SlurmClient) -> None:
     rng = random.Random(20231114)
     nodes = sorted(slurm.nodes(), key=lambda n: n.name)
     store.add_events(_events(nodes))
+    estimator = CostEstimator(policy)
+    queue = annotate(slurm.jobs(), policy, {}, estimator)
     records = _finished_runs(store, policy, nodes, rng) + _gpu_samples(nodes, rng)
+    records += _finished_queue_runs(store, policy, queue, random.Random(1001))
     result = ingest_records(store, records, policy, now=DEMO_NOW)
     if result.errors:
         raise RuntimeError(f"demo data did not ingest: {result.errors[0][1]}")
     for key in result.settled:  # the daemon's failure handler confirms node failures
         store.confirm_failure_credit(*key, now=DEMO_NOW)
-    estimator = CostEstimator(policy)
     period = period_bounds(policy.budgets.period, DEMO_NOW)[2]
-    for q in annotate(slurm.jobs(), policy, {}, estimator):
+    for q in queue:
         if q.job.finished or not q.admin.get("rid"):
             continue
         store.add_reservation({

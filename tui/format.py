@@ -77,5 +77,10 @@ def budget_bar(spent: float, reserved: float, budget: float, soft: float, hard: 
     return bar
 
 
+def share(fraction: float | None) -> str:
+    """A fraction as a whole percentage (``72%``); ``-`` when unknown."""
+    return "-" if fraction is None else f"{fraction * 100:.0f}%"
+
+
 def percent(part: float, whole: float) -> str:
     return "-" if whole <= 0 else f"{part / whole * 100:.0f}%"

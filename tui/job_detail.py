@@ -1,17 +1,72 @@
-"""Detail pane of the selected job: tags, reservation, restarts, checkpoint directory."""
+"""Detail pane of the selected job: tags, reservation, restarts, checkpoint directory and,
+once a run of it is settled, its efficiency and the job report's advice.
+
+The ledger part (``job_ledger``) is read in a worker thread: db.jobs.load_job, then the figures
+and advice of policies.efficiency, the same numbers `slurmgate job` prints.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.text import Text
 from textual.widgets import Static
 
+from db.jobs import load_job
+from db.store import Store
 from policies.config import Policy
 from policies.decision import checkpoint_dir as job_checkpoint_dir
+from policies.efficiency import AdviceRules, JobFigures, advice, job_figures
 from policies.tags import parse_tags
 from tui import format as fmt
 from tui.queue_model import QueueJob
+
+ADVICE_LINES = 2
+"""Advice items the pane shows (most money first); `slurmgate job` prints them all."""
+
+
+@dataclass(frozen=True)
+class JobLedger:
+    """What the store holds of a queue job: its runs (oldest first) and, once one of them is
+    priced, the job's figures and advice."""
+
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    figures: JobFigures | None = None
+    advice: list[str] = field(default_factory=list)
+
+
+def job_ledger(store: Store, policy: Policy, q: QueueJob) -> JobLedger:
+    """The ledger picture of ``q`` (blocking: call from a worker thread). Empty when the store
+    knows no run of it, or when its newest runs belong to another user (a job id Slurm
+    reused)."""
+    job = load_job(store, policy.daemon.cluster, q.job.job_id)
+    runs = list(job["runs"]) if job else []
+    if not job or not runs or (q.job.user and runs[-1].get("user") not in (None, q.job.user)):
+        return JobLedger()
+    if all(r.get("cost") is None for r in runs):
+        return JobLedger(runs)
+    rules = AdviceRules.from_policy(policy.reports)
+    figures = job_figures(job, experiment_tag=policy.reports.experiment_tag,
+                          gpu_used_percent=rules.gpu_used_percent)
+    return JobLedger(runs, figures, advice(figures, rules, policy.rates.currency))
+
+
+def efficiency_text(f: JobFigures, currency: str) -> str:
+    """One line: GPU efficiency, GPUs used, net and idle cost, cost per epoch."""
+    if f.gpu_efficiency is None:
+        gpu = "GPU use not measured"
+    else:
+        gpu = f"GPU {fmt.share(f.gpu_efficiency)} busy"
+        if f.gpus_measured:
+            gpu += f", {f.gpus_used}/{f.gpus_measured} used"
+    money = (f"net {fmt.money(f.net, currency)}{'' if f.settled else ' so far'}, idle "
+             f"{fmt.money(f.cost_idle, currency)}")
+    parts = [gpu, money]
+    if f.epochs is not None:
+        per = f", {fmt.money(f.cost_per_epoch, currency)}/epoch" if f.cost_per_epoch else ""
+        parts.append(f"{f.epochs} epoch{'s' * (f.epochs != 1)}{per}")
+    return " | ".join(parts)
 
 
 def checkpoint_dir(q: QueueJob, tags: dict[str, str], policy: Policy) -> str:
@@ -31,12 +86,13 @@ def checkpoint_dir(q: QueueJob, tags: dict[str, str], policy: Policy) -> str:
     return "-"
 
 
-def describe(q: QueueJob, reservation: dict[str, Any] | None, runs: list[dict[str, Any]] | None,
+def describe(q: QueueJob, reservation: dict[str, Any] | None, ledger: JobLedger | None,
              policy: Policy, now: float) -> Text:
     j = q.job
+    runs = ledger.runs if ledger else None
     cur = policy.rates.currency
     tags, _ = parse_tags(j.comment)
-    out = Text()
+    out = Text(no_wrap=True, overflow="ellipsis")  # one row a line: the pane's height is fixed
     out.append(f"Job {q.label}", style="bold")
     out.append(f" {j.user or '?'} ({q.team or 'no team'}) {j.state}")
     if j.reason:
@@ -51,6 +107,8 @@ def describe(q: QueueJob, reservation: dict[str, Any] | None, runs: list[dict[st
     if reservation:
         out.append(f"{reservation['rid']} {fmt.money(reservation.get('est_cost'), cur)} "
                    f"{reservation.get('state')}")
+    elif q.admin.get("rid") and ledger and ledger.figures and ledger.figures.settled:
+        out.append(f"{q.admin['rid']} settled")
     elif q.admin.get("rid"):
         out.append(f"{q.admin['rid']} (not live in the store)")
     else:
@@ -66,6 +124,15 @@ def describe(q: QueueJob, reservation: dict[str, Any] | None, runs: list[dict[st
     out.append("\n")
     out.append("Checkpoint: ", style="bold")
     out.append(checkpoint_dir(q, tags, policy))
+    if ledger and ledger.figures:
+        out.append("\nEfficiency: ", style="bold")
+        out.append(efficiency_text(ledger.figures, cur))
+        for n, line in enumerate(ledger.advice[:ADVICE_LINES]):
+            out.append("\nAdvice: " if n == 0 else "\n        ", style="bold")
+            out.append(line)
+        if len(ledger.advice) > ADVICE_LINES:
+            out.append(f" (+{len(ledger.advice) - ADVICE_LINES} more: slurmgate job "
+                       f"{j.job_id})", style="dim")
     return out
 
 
@@ -73,8 +140,8 @@ class JobDetail(Static):
     """Shows ``describe`` of the highlighted job; empty when nothing is selected."""
 
     def show(self, q: QueueJob | None, reservation: dict[str, Any] | None,
-             runs: list[dict[str, Any]] | None, policy: Policy, now: float) -> None:
+             ledger: JobLedger | None, policy: Policy, now: float) -> None:
         if q is None:
             self.update(Text("No job selected.", style="dim"))
             return
-        self.update(describe(q, reservation, runs, policy, now))
+        self.update(describe(q, reservation, ledger, policy, now))

@@ -16,7 +16,7 @@ from textual.widgets import DataTable, Input, Static
 from db.store import DatabaseError, StoreError
 from tui.confirm import ConfirmScreen
 from tui.filter_screen import Filters, FilterScreen
-from tui.job_detail import JobDetail
+from tui.job_detail import JobDetail, JobLedger, job_ledger
 from tui.keyed_table import KeyedTable, Row
 from tui.queue_model import (
     COLUMN_KEYS,
@@ -69,7 +69,12 @@ class QueueView(View):
         self.reservations: dict[str, dict[str, Any]] = {}
         self.result: QueueResult | None = None
         self.by_key: dict[str, QueueJob] = {}
-        self.runs: dict[int, list[dict[str, Any]]] = {}
+        self.ledgers: dict[tuple[int, int, str], JobLedger] = {}
+        """The store's picture of jobs shown in the detail pane, by (job id, restarts, state);
+        entries not in ``fresh`` are shown and read again (after each queue refresh)."""
+        self.fresh: set[tuple[int, int, str]] = set()
+        self.ledger_reads = 0
+        """Ledger reads started and not yet shown (the detail pane may still change)."""
         self.generation = 0
         self.last_apply_s = 0.0
         self._search_timer: Timer | None = None
@@ -130,6 +135,7 @@ class QueueView(View):
     # -- rendering (UI thread) -------------------------------------------------------------
 
     def _show_data(self, snap: QueueSnapshot) -> None:
+        self.fresh.clear()
         self.jobs = snap.jobs
         self.reservations = snap.reservations
         self.gate.report("reservations", snap.store_error)
@@ -187,30 +193,38 @@ class QueueView(View):
     def _highlighted(self) -> None:
         self._show_detail()
 
+    @staticmethod
+    def _ledger_key(q: QueueJob) -> tuple[int, int, str]:
+        return q.job.job_id, q.job.restart_count, q.job.state
+
     def _show_detail(self) -> None:
         q = self.selected()
         resv = self.reservations.get(q.admin.get("rid", "")) if q else None
-        runs = self.runs.get(q.job.job_id) if q else None
+        key = self._ledger_key(q) if q else None
+        ledger = self.ledgers.get(key) if key else None
         detail = self.query_one("#job-detail", JobDetail)
         now = self.result.now if self.result else self.sources.clock()
-        detail.show(q, resv, runs, self.sources.policy, now)
-        if q and q.job.restart_count > 0 and (
-                runs is None or len(runs) <= q.job.restart_count):
-            self.run_worker(partial(self._load_runs, q.job.job_id), thread=True,
+        detail.show(q, resv, ledger, self.sources.policy, now)
+        # the store has runs of a job only once one ended: a requeued or a finished job
+        if q and key and key not in self.fresh and (q.job.restart_count > 0 or q.job.finished):
+            self.fresh.add(key)
+            self.ledger_reads += 1
+            self.run_worker(partial(self._load_ledger, q, key), thread=True,
                             group="queue-runs", exclusive=True, exit_on_error=False)
 
-    def _load_runs(self, job_id: int) -> None:
+    def _load_ledger(self, q: QueueJob, key: tuple[int, int, str]) -> None:
         try:
             with self.sources.store() as store:
-                runs = store.runs_of_job(self.sources.policy.daemon.cluster, job_id)
-        except (StoreError, DatabaseError):
-            runs = []
-        call_ui(self.app, self._runs_loaded, job_id, runs)
+                ledger = job_ledger(store, self.sources.policy, q)
+        except Exception:  # noqa: BLE001 - the pane shows no figures rather than failing
+            ledger = JobLedger()
+        call_ui(self.app, self._ledger_loaded, key, ledger)
 
-    def _runs_loaded(self, job_id: int, runs: list[dict[str, Any]]) -> None:
-        self.runs[job_id] = runs
+    def _ledger_loaded(self, key: tuple[int, int, str], ledger: JobLedger) -> None:
+        self.ledger_reads -= 1
+        self.ledgers[key] = ledger
         q = self.selected()
-        if q and q.job.job_id == job_id:
+        if q and self._ledger_key(q) == key:
             self._show_detail()
 
     # -- keys ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.unit.test_tui_support import loaded
+from tests.unit.test_tui_support import loaded, until
 from tui.app import SlurmgateApp
 from tui.demo import DemoSources
 
@@ -48,7 +48,9 @@ def test_queue_sorted_by_cost_with_a_hold_dialog(demo_app: SlurmgateApp, snap_co
         queue = await loaded(pilot, "queue")
         queue.set_query(sort="cost", reverse=True)
         await pilot.pause(0.2)
-        await pilot.press("down", "h")
+        await pilot.press("down")
+        await until(pilot, lambda: queue.ledger_reads == 0, 10, "the job's ledger")
+        await pilot.press("h")
 
     assert snap_compare(demo_app, run_before=run_before)
 

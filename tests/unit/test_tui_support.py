@@ -55,9 +55,11 @@ async def loaded(pilot: Pilot, view: str, renders: int = 1, timeout: float = 30.
 
     def started() -> bool:  # the app is composed and the queue (the first view) has data
         try:
-            return app.view("queue").fetcher.renders >= 1
+            queue = app.view("queue")
         except NoMatches:
             return False
+        # ... and its detail pane shows the ledger of the selected job
+        return queue.fetcher.renders >= 1 and queue.ledger_reads == 0
 
     await until(pilot, started, timeout, "the app to start")
     app.action_show(view)
