@@ -17,7 +17,7 @@ from db.store import Store
 from policies.idle import EVENT_KINDS, Summary
 
 _CHUNK = 2000
-"""Jobs per statement (up to four parameters each; SQLite allows 32,766)."""
+"""Jobs per statement (up to five parameters each; SQLite allows 32,766)."""
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
@@ -26,7 +26,8 @@ def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
 
 
 def idle_summaries(store: Store, wanted: dict[int, tuple[float, int, int]], *,
-                   width_s: float, threshold_percent: float) -> dict[int, Summary]:
+                   width_s: float, threshold_percent: float,
+                   nodes: dict[int, list[str]] | None = None) -> dict[int, Summary]:
     """Per job id, its idle streak (``policies.idle.summarise``, computed here in SQL) from
     its samples at or after ``since``, where ``wanted[job_id] = (since, need, allocated)``:
     the run's start (or the start of the window that matters), how many GPUs must be idle,
@@ -35,18 +36,23 @@ def idle_summaries(store: Store, wanted: dict[int, tuple[float, int, int]], *,
     Per bucket of ``width_s`` seconds a GPU is idle when every reading of it there is below
     ``threshold_percent``; the bucket is idle (1) with at least ``need`` idle GPUs, busy (-1)
     when more GPUs were busy than ``max(allocated, seen) - need``, else unknown (0); the
-    streak is the idle buckets after the job's last busy one."""
+    streak is the idle buckets after the job's last busy one. ``nodes[job_id]``, when given,
+    are the nodes Slurm runs the job on now: samples tagged with the job's id on any other
+    node (a baseline left behind by a run that failed there) are not the job's."""
     out: dict[int, Summary] = {}
     items = sorted(wanted.items())
     for part in _chunks(items):
-        values = ", ".join("(?, ?, ?, ?)" for _ in part)
-        params: list[Any] = [v for job_id, (since, need, allocated) in part
-                             for v in (job_id, since, need, allocated)]
+        values = ", ".join("(?, ?, ?, ?, ?)" for _ in part)
+        params: list[Any] = [
+            v for job_id, (since, need, allocated) in part
+            for v in (job_id, since, need, allocated,
+                      json.dumps(nodes[job_id]) if nodes and job_id in nodes else None)]
         rows = store.conn.execute(
-            f"WITH wanted(job_id, since, need, allocated) AS (VALUES {values}), "
+            f"WITH wanted(job_id, since, need, allocated, nodes) AS (VALUES {values}), "
             "per_gpu AS (SELECT s.job_id AS job_id, CAST(s.ts / ? AS INTEGER) AS bucket, "
             "max(s.util) < ? AS idle FROM wanted w JOIN gpu_samples s "
-            "ON s.job_id = w.job_id AND s.ts >= w.since "
+            "ON s.job_id = w.job_id AND s.ts >= w.since AND (w.nodes IS NULL OR s.node IN "
+            "(SELECT value FROM json_each(w.nodes))) "
             "GROUP BY s.job_id, s.gpu_uuid, bucket), "
             "per_bucket AS (SELECT job_id, bucket, count(*) AS seen, total(idle) AS idle "
             "FROM per_gpu GROUP BY job_id, bucket), "

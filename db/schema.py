@@ -20,6 +20,7 @@ version or untouched. Never edit a released migration; add the next number inste
   checkpoint helper, per run: a figure for the efficiency reports, never an amount.
 - v9: ``gpu_samples.job_id`` (the job holding the GPU, from the node agent's tag) and an index
   by job and time, for the idle-GPU policy.
+- v10: an index of runs by array job and task.
 """
 
 from __future__ import annotations
@@ -408,6 +409,13 @@ ALTER TABLE gpu_samples ADD COLUMN job_id INTEGER;
 CREATE INDEX gpu_samples_job_ts ON gpu_samples (job_id, ts) WHERE job_id IS NOT NULL;
 """
 
+# v10: array tasks by (cluster, array job, task): `slurmgate job 123_4` and the job report's
+# newest-job lookup read them by that, at a user's request rate.
+SCHEMA_V10 = """
+CREATE INDEX runs_array ON runs (cluster, array_job_id, array_task_id)
+    WHERE array_job_id IS NOT NULL;
+"""
+
 MIGRATIONS: list[tuple[int, Step]] = [
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
@@ -418,6 +426,7 @@ MIGRATIONS: list[tuple[int, Step]] = [
     (7, SCHEMA_V7),
     (8, SCHEMA_V8),
     (9, SCHEMA_V9),
+    (10, SCHEMA_V10),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -63,8 +63,11 @@ def describe(hook: Webhook) -> str:
 
 
 def slack_escape(text: str) -> str:
-    """Slack's three control characters, so a job name cannot @-mention a channel."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Slack's three control characters, so a job name cannot @-mention a channel, and a
+    zero-width joiner after every ``@``, so text a user wrote cannot mention anyone on
+    Mattermost-style hooks either (``@channel``, ``@all``, ``@here``)."""
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("@", "@\u2060"))
 
 
 def post(hook: Webhook, body: dict[str, Any], *, timeout: float) -> int:

@@ -45,6 +45,7 @@ from policies.idle import (
     streak_of,
 )
 from policies.tags import parse_admin_comment
+from slurm_plugin.slurm.hostlist import expand
 
 if TYPE_CHECKING:
     from db.store import Store
@@ -146,8 +147,12 @@ class IdleScan:
         cluster = policy.daemon.cluster
         wanted = {jid: (since[jid], required_idle(policy.idle, int(ij.gpus)), int(ij.gpus))
                   for jid, (ij, _) in jobs.items()}
+        # only the samples of the nodes Slurm runs the job on now: a node the job failed on
+        # may still tag its GPUs with the job's id (its baseline was never cleared)
+        on_nodes = {jid: expand(job.nodes) for jid, (_, job) in jobs.items() if job.nodes}
         summaries = idle_summaries(store, wanted, width_s=policy.nvml.sample_seconds,
-                                   threshold_percent=policy.idle.threshold_percent)
+                                   threshold_percent=policy.idle.threshold_percent,
+                                   nodes=on_nodes)
         done = idle_events(store, cluster, runs)
         resv = live_reservations_of_jobs(store, cluster,
                                          {j.array_job_id or j.job_id for _, j in jobs.values()})

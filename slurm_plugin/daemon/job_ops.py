@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 PROGRESS_PENDING_MAX = 10_000
 """Runs with progress waiting for the next flush; beyond it reports are refused (busy)."""
+PROGRESS_PENDING_PER_UID = 256
+"""Runs one user may have waiting to be written: one user cannot fill the queue for all."""
+PROGRESS_FLUSH_CHUNK = 500
+"""Reports written per transaction, the decision lock let go between them."""
 PROGRESS_MAX = 10 ** 15
 """The store's bound (db.store.Store.PROGRESS_MAX; a unit test keeps them equal), checked
 here so that a bad value is refused to the user at once, not dropped at the flush."""
@@ -117,6 +121,10 @@ class JobOps(DaemonState):
                        " (you see your own jobs, and your team's if you lead it)")}
         team = j.get("team")
         if team and team in policy.teams and team in self.visible_teams(peer):
+            now = time.time()
+            if self.ledger.period != period_bounds(policy.budgets.period, now)[2]:
+                with self.lock:  # a new period: the picture is this period's, as in quota
+                    self.refresh_ledger(policy, now)
             report["budget"] = budget_picture(team_budget(policy, self.ledger, team))
             report["period"] = period_bounds(policy.budgets.period, time.time())[2]
         return {"ok": True, "report": report}
@@ -154,10 +162,21 @@ class JobOps(DaemonState):
         if owner["runs"].get(restart):
             return {"ok": False, "error": f"progress for job {job_id} run {restart}: that run "
                                           "has finished and is settled; nothing recorded"}
+        # the run must be the job's current one (Slurm's count), or the next after the runs
+        # the ledger has: a user cannot make rows for restart counts that never ran
+        current = owner.get("restart")
+        newest = max(owner["runs"], default=-1)
+        if (current is not None and restart != current) or \
+                (current is None and restart > newest + 1):
+            return {"ok": False, "error": f"progress for job {job_id}: run {restart} is not "
+                                          "the job's current run; nothing recorded"}
         key = (cluster, job_id, restart)
         lock, pending = self._progress_queue()
         with lock:
-            if key not in pending and len(pending) >= PROGRESS_PENDING_MAX:
+            if key not in pending and (
+                    len(pending) >= PROGRESS_PENDING_MAX
+                    or sum(1 for e in pending.values() if e["uid"] == peer.uid)
+                    >= PROGRESS_PENDING_PER_UID):
                 return {"ok": False, "error": "slurmgate is busy recording progress; "
                                               "try again in a few seconds"}
             entry = pending.setdefault(key, {"uid": peer.uid, "epoch": None, "step": None})
@@ -182,7 +201,7 @@ class JobOps(DaemonState):
         if job is None or job.finished or (job.cluster and
                                            job.cluster != self.policy.daemon.cluster):
             return None
-        return {"user": job.user, "uid": job.uid, "runs": {}}
+        return {"user": job.user, "uid": job.uid, "runs": {}, "restart": job.restart_count}
 
     def flush_progress(self) -> int:
         """Write the queued progress reports (the ingest loop calls this); returns how many
@@ -194,14 +213,17 @@ class JobOps(DaemonState):
         if not batch or self.store is None:
             return 0
         written = 0
-        with self.lock, self.store.transaction():
-            for (cluster, job_id, restart), e in batch.items():
-                try:
-                    self.store.record_progress(cluster, job_id, restart, uid=e["uid"],
-                                               epoch=e["epoch"], step=e["step"], now=e["ts"])
-                    written += 1
-                except ValueError as exc:
-                    self.log.write("progress_dropped", job_id=job_id, error=str(exc))
+        items = list(batch.items())
+        for start in range(0, len(items), PROGRESS_FLUSH_CHUNK):  # the lock is let go between
+            with self.lock, self.store.transaction():
+                for (cluster, job_id, restart), e in items[start:start + PROGRESS_FLUSH_CHUNK]:
+                    try:
+                        self.store.record_progress(cluster, job_id, restart, uid=e["uid"],
+                                                   epoch=e["epoch"], step=e["step"],
+                                                   now=e["ts"])
+                        written += 1
+                    except ValueError as exc:
+                        self.log.write("progress_dropped", job_id=job_id, error=str(exc))
         return written
 
 

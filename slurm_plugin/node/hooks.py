@@ -283,6 +283,18 @@ GPU_HOLDERS_MAX_FILES = 4096
 """Baselines ``gpu_holders`` reads at most per call (a node runs far fewer jobs at once)."""
 
 
+def _boot_time() -> float:
+    """When this host booted (``btime`` in /proc/stat); 0 when it cannot be read."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 def gpu_holders(state_dir: str, node: str) -> dict[str, int]:
     """GPU uuid -> id of the job whose Prolog baseline on ``node`` lists it: which job holds
     which GPU, for the agent to tag its samples with.
@@ -291,7 +303,10 @@ def gpu_holders(state_dir: str, node: str) -> dict[str, int]:
     nvml.select_allocated), each opened like the Epilog opens its own (``_load_baseline``:
     no symlinks, our own regular file, size cap). A baseline an Epilog never removed may
     still name a GPU a later job holds: the newest baseline (by its start) wins, and the
-    daemon only reads tags of jobs Slurm says are running. Unreadable files are skipped."""
+    daemon only reads tags of jobs Slurm says are running (and only on the nodes Slurm runs
+    them on). A baseline from before this boot names no running job and is skipped, as are
+    unreadable files."""
+    booted = _boot_time()
     directory = os.path.join(spool.state_path(state_dir), "baseline")
     prefix = f"{spool.name_part(node)}."
     try:
@@ -311,6 +326,8 @@ def gpu_holders(state_dir: str, node: str) -> dict[str, int]:
             continue
         start = base.get("start_ts")
         started = float(start) if isinstance(start, int | float) else 0.0
+        if started < booted:
+            continue
         for gpu in base.get("gpus", []):
             uuid = gpu.get("uuid") if isinstance(gpu, dict) else None
             if isinstance(uuid, str) and uuid and (uuid not in newest

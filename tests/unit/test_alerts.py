@@ -599,3 +599,15 @@ def test_a_budget_snapshot_source_without_a_daemon_works_too(tmp_path: Path, smt
     d.round()
     assert [m.rcpt_tos for m in smtp.received()] == [["nils@example.org",
                                                        "hpc-ops@example.org"]]
+
+
+def test_webhook_text_cannot_mention_a_channel() -> None:
+    """User text (a job name, a comment echoed in a held job's reason) reaches webhook text:
+    neither Slack's <!channel> nor Mattermost's @channel/@all/@here survive it."""
+    from slurm_plugin.alerts.webhook import slack_escape
+
+    text = slack_escape("<!channel> @channel @all @here see <http://x|y> & more")
+    assert "<!channel>" not in text and "<http" not in text and "&amp; more" in text
+    for mention in ("@channel", "@all", "@here"):
+        assert mention not in text
+    assert text.replace("\u2060", "").count("@") == 3  # still readable as written

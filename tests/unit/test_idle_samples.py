@@ -7,6 +7,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from db import ingest_records, open_store
 from db.schema import LATEST_VERSION, migrate
 from policies.config import parse_policy
@@ -25,6 +27,12 @@ def sample(cfg: Path, now: float = T0 + 60) -> dict:
 
 def tags(record: dict) -> dict[int, int | None]:
     return {g["index"]: g.get("job_id") for g in record["gpus"]}
+
+
+@pytest.fixture(autouse=True)
+def booted_long_ago(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baselines here start at T0 (2025): this host booted before that, for these tests."""
+    monkeypatch.setattr(hooks, "_boot_time", lambda: 0.0)
 
 
 def prolog(cfg: Path, job_id: int, gpus: str, now: float) -> None:
@@ -54,6 +62,40 @@ def test_a_left_over_baseline_loses_to_the_newer_job_on_the_same_gpu(tmp_path: P
     other = tmp_path / "state" / "baseline" / "node9.99.json"
     other.write_bytes((tmp_path / "state" / "baseline" / "node2.70.json").read_bytes())
     assert tags(sample(cfg))[1] == 71
+
+
+def test_a_baseline_from_before_this_boot_tags_nothing(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that died under a job and came back still has that job's baseline (no Epilog
+    ran): it must not tag the node's now idle GPUs with a job running elsewhere."""
+    cfg = write_config(tmp_path)
+    prolog(cfg, 72, "0,1", T0 - 600)
+    prolog(cfg, 73, "2", T0 + 60)
+    monkeypatch.setattr(hooks, "_boot_time", lambda: T0)
+    assert tags(sample(cfg)) == {0: None, 1: None, 2: 73, 3: None}
+
+
+def test_samples_from_a_node_the_job_no_longer_runs_on_are_not_its(tmp_path: Path) -> None:
+    """The requeued job runs busy on node B; node A, where it failed, still reports idle
+    GPUs tagged with its id: with Slurm's nodes given, only node B's samples count."""
+    from db.idle import idle_summaries
+
+    store = open_store(":memory:")
+    try:
+        rows = [(node, f"{node}-{g}", T0 + k * 60 + 1, g, "a100", util, 0, None, 5)
+                for k in range(10) for node, util in (("nodeA", 0.0), ("nodeB", 90.0))
+                for g in range(4)]
+        store.conn.executemany("INSERT INTO gpu_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               rows)
+        wanted = {5: (T0, 4, 4)}
+        anywhere = idle_summaries(store, wanted, width_s=60, threshold_percent=5)
+        assert 5 in anywhere  # without the nodes, node A's idle GPUs make the job look idle
+        assert idle_summaries(store, wanted, width_s=60, threshold_percent=5,
+                              nodes={5: ["nodeB"]}) == {}
+        assert 5 in idle_summaries(store, wanted, width_s=60, threshold_percent=5,
+                                   nodes={5: ["nodeA"]})
+    finally:
+        store.close()
 
 
 def test_a_baseline_that_is_not_the_prologs_own_file_is_not_read(tmp_path: Path) -> None:

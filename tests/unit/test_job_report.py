@@ -154,6 +154,28 @@ def test_progress_only_from_the_owner_of_a_running_job() -> None:
     assert d.store.run("c1", 42, 0)["cost"] is None
 
 
+def test_progress_only_for_the_jobs_current_run_and_bounded_per_user(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user cannot make rows for restart counts that never ran, nor fill the queue."""
+    from slurm_plugin.daemon import job_ops
+
+    d = daemon_with_jobs()
+    report = d.handlers["progress"]
+    # job 42 has run 0 (unsettled) in the ledger: 0, or the next run (1), never beyond
+    for restart, ok in ((0, True), (1, True), (2, False), (100_000, False)):
+        resp = report({"op": "progress", "job_id": 42, "restart_count": restart, "epoch": 1},
+                      OWNER)
+        assert resp["ok"] is ok, (restart, resp)
+    assert "not the job's current run" in report(
+        {"op": "progress", "job_id": 42, "restart_count": 7, "epoch": 1}, OWNER)["error"]
+    monkeypatch.setattr(job_ops, "PROGRESS_PENDING_PER_UID", 2)
+    busy = report({"op": "progress", "job_id": 41, "restart_count": 1, "epoch": 1}, OWNER)
+    assert busy["ok"] is False and "busy" in busy["error"]  # two runs of this uid wait
+    assert d.flush_progress() == 2
+    assert report({"op": "progress", "job_id": 41, "restart_count": 1, "epoch": 1},
+                  OWNER)["ok"] is True
+
+
 def test_text_report_shows_the_figures_and_the_advice() -> None:
     d = daemon_with_jobs()
     report = d.handlers["job"]({"op": "job", "job_id": 41}, OWNER)["report"]
