@@ -157,14 +157,15 @@ class AlertLog:
         return rows, int(top)
 
     def job_owner(self, cluster: str | None, job_id: int) -> tuple[str | None, str | None]:
-        """(user, team) of a job, from its latest run, else its reservation."""
-        rows = self.store._query(
-            'SELECT "user", team FROM runs WHERE cluster IS ? AND job_id = ? '
-            "ORDER BY restart_count DESC LIMIT 1", (cluster, job_id))
-        if not rows:
-            rows = self.store._query(
-                'SELECT "user", team FROM reservations WHERE cluster IS ? AND job_id = ? '
-                "ORDER BY created_at DESC LIMIT 1", (cluster, job_id))
+        """(user, team) of a job: its newest reservation or run, whichever began later (after
+        the job id counter wraps, an old job's runs must not name a new job's owner)."""
+        runs = self.store._query(
+            'SELECT "user", team, coalesce(start_ts, submit_ts, end_ts, 0) AS at FROM runs '
+            "WHERE cluster IS ? AND job_id = ? ORDER BY at DESC LIMIT 1", (cluster, job_id))
+        resv = self.store._query(
+            'SELECT "user", team, created_at AS at FROM reservations WHERE cluster IS ? '
+            "AND job_id = ? ORDER BY created_at DESC LIMIT 1", (cluster, job_id))
+        rows = sorted(runs + resv, key=lambda r: r["at"] or 0.0, reverse=True)
         return (rows[0]["user"], rows[0]["team"]) if rows else (None, None)
 
     # -- delivering -------------------------------------------------------------------------

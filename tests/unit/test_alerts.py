@@ -611,3 +611,21 @@ def test_webhook_text_cannot_mention_a_channel() -> None:
     for mention in ("@channel", "@all", "@here"):
         assert mention not in text
     assert text.replace("\u2060", "").count("@") == 3  # still readable as written
+
+
+def test_an_alert_names_the_current_owner_of_a_reused_job_id(tmp_path: Path) -> None:
+    """After the job id counter wraps, an old job's runs must not name the new job's user."""
+    from tests.unit.test_db_ingest import make_jobcomp, make_node_run, reserve
+    from tests.unit.test_db_ingest import make_policy as ingest_policy
+
+    store = open_store(tmp_path / "sg.db")
+    try:
+        ingest_records(store, [make_node_run(7, user="old"), make_jobcomp(7, user="old")],
+                       ingest_policy())
+        log = AlertLog(store)
+        assert log.job_owner("c1", 7)[0] == "old"
+        rid = reserve(store, None, created_at=T0 + 90 * 86400)
+        store.bind_reservation(rid, 7, "c1")
+        assert log.job_owner("c1", 7)[0] == "vera"  # the reservation's user, made later
+    finally:
+        store.close()
