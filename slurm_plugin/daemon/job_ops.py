@@ -40,6 +40,14 @@ PROGRESS_PENDING_PER_UID = 256
 """Runs one user may have waiting to be written: one user cannot fill the queue for all."""
 PROGRESS_FLUSH_CHUNK = 500
 """Reports written per transaction, the decision lock let go between them."""
+SLURM_LOOKUPS_PER_S = 2.0
+SLURM_LOOKUP_BURST = 5.0
+"""Progress for a job the ledger does not know yet asks Slurm who owns it: at most this many
+asks a second (bursts of SLURM_LOOKUP_BURST) for all users together, so no user can turn the
+daemon into a stream of squeue calls at slurmctld; beyond it the report is refused (busy)."""
+SLURM_OWNER_TTL_S = 30.0
+SLURM_OWNER_CACHE_MAX = 4096
+"""Slurm's answer (owner, or none) is kept this long per job id, for this many job ids."""
 PROGRESS_MAX = 10 ** 15
 """The store's bound (db.store.Store.PROGRESS_MAX; a unit test keeps them equal), checked
 here so that a bad value is refused to the user at once, not dropped at the flush."""
@@ -150,7 +158,11 @@ class JobOps(DaemonState):
                                          "jobs; nothing recorded"}
         owner = self._read(lambda store: _owner(store, cluster, job_id))
         if owner is None:
-            owner = self._slurm_owner(job_id)
+            asked = self._slurm_owner(job_id)
+            if asked == "busy":
+                return {"ok": False, "error": "slurmgate is busy recording progress; "
+                                              "try again in a few seconds"}
+            owner = asked if isinstance(asked, dict) else None
         if owner is None:
             return refusal
         name = user_name(peer.uid)
@@ -187,12 +199,37 @@ class JobOps(DaemonState):
         return {"ok": True, "recorded": {"job_id": job_id, "restart_count": restart,
                                          "epoch": epoch, "step": step}}
 
-    def _slurm_owner(self, job_id: int) -> dict[str, Any] | None:
+    def _slurm_owner(self, job_id: int) -> dict[str, Any] | None | str:
         """The owner Slurm names for a job the ledger does not know yet (its reservation is
         bound at the next reconcile pass); None without a Slurm client or when Slurm does not
-        know it either, or it has finished."""
+        know it either, or it has finished; "busy" when Slurm may not be asked now (the
+        lookup budget, SLURM_LOOKUPS_PER_S). Answers are kept SLURM_OWNER_TTL_S per job."""
         if self.slurm is None:
             return None
+        now = time.monotonic()
+        lock = self.__dict__.setdefault("_owner_lock", threading.Lock())
+        cache: dict[int, tuple[float, dict[str, Any] | None]] = \
+            self.__dict__.setdefault("_owner_cache", {})
+        with lock:
+            hit = cache.get(job_id)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+            tokens, last = self.__dict__.get("_owner_tokens", (SLURM_LOOKUP_BURST, now))
+            tokens = min(SLURM_LOOKUP_BURST, tokens + (now - last) * SLURM_LOOKUPS_PER_S)
+            if tokens < 1.0:
+                self.__dict__["_owner_tokens"] = (tokens, now)
+                return "busy"
+            self.__dict__["_owner_tokens"] = (tokens - 1.0, now)
+        owner = self._ask_slurm_owner(job_id)
+        with lock:
+            if len(cache) >= SLURM_OWNER_CACHE_MAX:
+                for key in [k for k, (exp, _) in cache.items() if exp <= now] or list(cache):
+                    del cache[key]
+            cache[job_id] = (now + SLURM_OWNER_TTL_S, owner)
+        return owner
+
+    def _ask_slurm_owner(self, job_id: int) -> dict[str, Any] | None:
+        assert self.slurm is not None
         try:
             job = self.slurm.job(job_id)
         except Exception as exc:  # Slurm unreachable: the report is refused, nothing else

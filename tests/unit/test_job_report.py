@@ -176,6 +176,44 @@ def test_progress_only_for_the_jobs_current_run_and_bounded_per_user(
                   OWNER)["ok"] is True
 
 
+class CountingSlurm:
+    """Slurm's view of running jobs 500-599 (all the OWNER's), counting every question."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def job(self, job_id: int) -> Any:
+        from slurm_plugin.slurm.client import Job
+
+        self.asked.append(job_id)
+        if 500 <= job_id < 600:
+            return Job(job_id=job_id, state="RUNNING", user="daemon", uid=1, restart_count=0)
+        return None
+
+
+def test_progress_for_jobs_the_ledger_does_not_know_asks_slurm_sparingly() -> None:
+    """Unknown job ids send the daemon to Slurm: at most a burst of SLURM_LOOKUP_BURST, then
+    SLURM_LOOKUPS_PER_S for all users together, and each answer is kept for a while, so no
+    user can turn progress reports into a stream of squeue calls at slurmctld."""
+    from slurm_plugin.daemon import job_ops
+
+    d = daemon_with_jobs()
+    slurm = CountingSlurm()
+    d.slurm = slurm  # type: ignore[assignment]
+    report = d.handlers["progress"]
+    answers = [report({"op": "progress", "job_id": 10_000 + i, "epoch": 1}, STRANGER)
+               for i in range(50)]
+    assert len(slurm.asked) == job_ops.SLURM_LOOKUP_BURST  # the rest were not asked about
+    assert all(a["ok"] is False for a in answers)
+    assert sum("busy" in a["error"] for a in answers) == 50 - len(slurm.asked)
+    wait_for(lambda: report({"op": "progress", "job_id": 500, "epoch": 1}, OWNER)["ok"],
+             5, 0.1, what="a lookup allowed again")
+    asked = len(slurm.asked)
+    for epoch in range(2, 12):  # the same job again: Slurm's answer is remembered
+        assert report({"op": "progress", "job_id": 500, "epoch": epoch}, OWNER)["ok"] is True
+    assert len(slurm.asked) == asked
+
+
 def test_text_report_shows_the_figures_and_the_advice() -> None:
     d = daemon_with_jobs()
     report = d.handlers["job"]({"op": "job", "job_id": 41}, OWNER)["report"]
