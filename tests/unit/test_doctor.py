@@ -89,6 +89,10 @@ class Install:
         wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, 20,
                  what="temporary daemon socket")
         assert self.proc.poll() is None
+        # the socket is up before the ingest thread lays out the spool: wait for that too,
+        # or a test that changes the spool's mode races the daemon's start
+        wait_for(lambda: (self.spool / "ctld" / "tmp").is_dir() or self.proc.poll() is not None,
+                 20, what="the daemon's spool layout")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -198,7 +202,6 @@ def test_spool_database_and_policy_problems(inst: Install) -> None:
     assert spool.status == "FAIL" and "more open than 0775" in spool.detail
     assert "install -d -m 0775 -o root" in spool.fix and "/ctld" in spool.fix
     os.chmod(inst.spool, 0o775)
-    wait_for(lambda: (inst.spool / "ctld").is_dir(), 10, what="the daemon's ctld/")
     os.chmod(inst.spool / "ctld", 0o777)
     spool = check(inst.doctor(), "spool")
     assert spool.status == "FAIL" and "ctld has mode 0777" in spool.detail
