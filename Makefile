@@ -92,7 +92,7 @@ venv:
 # Non-editable on purpose (see venv). The second pip run replaces only our own package, so
 # code changes always land even when the version number did not change.
 install: venv
-	umask 022 && $(VENV)/bin/pip install -q '.[dev,parquet]' && \
+	umask 022 && $(VENV)/bin/pip install -q '.[dev,parquet,postgresql]' && \
 		$(VENV)/bin/pip install -q --force-reinstall --no-deps .
 	@chmod -R a+rX $(VENV)
 

@@ -1,13 +1,15 @@
-"""The accounting store: one SQLite file, one writer (the daemon), many readers.
+"""The accounting store: the ledger, on SQLite (one file, one writer: the daemon, many
+readers) or on PostgreSQL (one server, a daemon on every controller host); db/backend.py.
 
-``open_store(path)`` opens the writer: WAL, ``synchronous=NORMAL``, migrations applied.
-``open_store(path, readonly=True)`` opens a reader (CLI, TUI, exports): ``mode=ro``, never
-migrates, ``query_only``. Every connection waits up to 5 s on a lock (``busy_timeout``).
+``open_store(target)`` opens the writer and applies migrations; ``target`` is a file path
+(SQLite: WAL, ``synchronous=NORMAL``, every connection waits up to 5 s on a lock) or a
+``postgresql://`` URL. ``open_store(target, readonly=True)`` opens a reader (CLI, TUI,
+exports): it never migrates and cannot write (SQLite ``mode=ro`` + ``query_only``, a
+PostgreSQL session whose transactions are read-only).
 
-Write several things atomically with ``with store.transaction(): ...``. Prefer it to
-``with store.db.conn:``: Python's sqlite3 only opens a transaction at the first INSERT, so a
-sqlite-utils call made first would commit on its own; ``transaction()`` issues
-``BEGIN IMMEDIATE`` up front (nested calls become savepoints).
+Write several things atomically with ``with store.transaction(): ...`` (SQLite:
+``BEGIN IMMEDIATE``; nested calls become savepoints). Outside a transaction every statement
+commits on its own.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
-
+from db.backend import Connection, SQLiteConnection, connect_postgresql, database_errors, \
+    is_postgresql, redact
 from db.ingest import resettle_runs
 from db.rollups import apply_rollup_delta
 from db.schema import LATEST_VERSION, current_version, migrate
@@ -52,9 +54,10 @@ class StoreError(RuntimeError):
     """The store cannot be opened or used as asked; the message says what to do."""
 
 
-DatabaseError = sqlite3.Error
-"""SQLite's own error (locked, corrupt, I/O), named here so that code outside db can catch it
-without importing sqlite3 (only db runs SQL)."""
+DatabaseError = database_errors()
+"""The servers' own errors (locked, corrupt, I/O, connection lost), named here so that code
+outside db can catch them (``except DatabaseError``) without importing a driver (only db
+runs SQL)."""
 
 
 def _decode_tags(row: dict[str, Any]) -> dict[str, Any]:
@@ -70,19 +73,19 @@ def _decode_tags(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class Store:
-    """A thin wrapper over ``sqlite_utils.Database`` (``.db``) with the daemon's operations."""
+    """The daemon's operations over one ledger connection (``.conn``, db/backend.py)."""
 
-    def __init__(self, db: sqlite_utils.Database, *, path: str, readonly: bool) -> None:
-        self.db = db
+    def __init__(self, conn: Connection, *, path: str, readonly: bool) -> None:
+        self.conn = conn
         self.path = path
         self.readonly = readonly
 
     @property
-    def conn(self) -> sqlite3.Connection:
-        return self.db.conn
+    def dialect(self) -> str:
+        return self.conn.dialect
 
     def close(self) -> None:
-        self.db.close()
+        self.conn.close()
 
     def __enter__(self) -> Store:
         return self
@@ -96,28 +99,17 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Store]:
-        """One write transaction (``BEGIN IMMEDIATE``); nested use becomes a savepoint."""
+        """One write transaction; nested use becomes a savepoint."""
         if self.readonly:
-            raise StoreError(f"{self.path}: opened read-only; only the daemon writes")
-        if self.conn.in_transaction:
-            with self.db.atomic():
-                yield self
-            return
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+            raise StoreError(f"{redact(self.path)}: opened read-only; only the daemon writes")
+        with self.conn.transaction():
             yield self
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
 
-    def _query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        """Rows of one SQL statement as dicts. Private to db: code outside db asks the store
-        for what it needs by name (the import-linter contract "only db runs SQL")."""
-        cur = self.conn.execute(sql, params)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    def _query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        """Rows of one SQL statement (named ``:parameters``) as dicts. Private to db: code
+        outside db asks the store for what it needs by name (the import-linter contract
+        "only db runs SQL")."""
+        return self.conn.query(sql, params)
 
     # -- reservations -----------------------------------------------------------------------
 
@@ -620,13 +612,16 @@ def _configure(conn: sqlite3.Connection, *, writer: bool) -> None:
 
 
 def open_store(path: str | Path, *, readonly: bool = False) -> Store:
-    """Open the store at ``path`` (``":memory:"`` for tests).
+    """Open the ledger at ``path``: a SQLite file (``":memory:"`` for tests) or a
+    ``postgresql://`` URL.
 
-    The writer creates the file and applies migrations. A reader opens with ``mode=ro``,
-    never migrates, and refuses a missing file or one older than this code (the daemon
+    The writer creates the file (or the tables) and applies migrations. A reader never
+    migrates, and refuses a missing file or a schema older than this code (the daemon
     upgrades it when it starts).
     """
     spath = str(path)
+    if is_postgresql(spath):
+        return _open_postgresql(spath, readonly=readonly)
     if readonly:
         if spath == ":memory:":
             raise StoreError("a read-only store needs a database file")
@@ -637,30 +632,53 @@ def open_store(path: str | Path, *, readonly: bool = False) -> Store:
         try:
             # autocommit: a reader never holds a transaction open (and so never pins an old
             # snapshot of the WAL) between its queries
-            conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True,
-                                   check_same_thread=False, isolation_level=None)
-            _configure(conn, writer=False)
+            raw = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True,
+                                  check_same_thread=False, isolation_level=None)
+            _configure(raw, writer=False)
+            conn = SQLiteConnection(raw, spath)
             version = current_version(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"{p}: cannot open read-only: {exc}") from exc
-        if version < LATEST_VERSION:
-            conn.close()
-            raise StoreError(
-                f"{p}: database schema is version {version}, this slurmgate needs "
-                f"{LATEST_VERSION}; start the daemon (the only writer) once to upgrade it"
-            )
-        return Store(sqlite_utils.Database(conn), path=spath, readonly=True)
+        _refuse_older(conn, version, spath)
+        return Store(conn, path=spath, readonly=True)
     try:
         with _private_umask():
-            conn = sqlite3.connect(spath, check_same_thread=False)
-            _configure(conn, writer=True)
+            raw = sqlite3.connect(spath, check_same_thread=False, isolation_level=None)
+            _configure(raw, writer=True)
+            conn = SQLiteConnection(raw, spath)
             migrate(conn)
         make_private(spath)
     except sqlite3.Error as exc:
         raise StoreError(f"{spath}: cannot open the database for writing: {exc}") from exc
     except OSError as exc:
         raise StoreError(f"{spath}: cannot make the database private (0640): {exc}") from exc
-    return Store(sqlite_utils.Database(conn), path=spath, readonly=False)
+    return Store(conn, path=spath, readonly=False)
+
+
+def _refuse_older(conn: Connection, version: int, target: str) -> None:
+    if version < LATEST_VERSION:
+        conn.close()
+        raise StoreError(
+            f"{redact(target)}: database schema is version {version}, this slurmgate needs "
+            f"{LATEST_VERSION}; start the daemon (the only writer) once to upgrade it"
+        )
+
+
+def _open_postgresql(url: str, *, readonly: bool) -> Store:
+    errors = database_errors()
+    try:
+        conn = connect_postgresql(url, readonly=readonly)
+    except errors as exc:
+        raise StoreError(f"{redact(url)}: cannot connect: {str(exc).strip()}") from exc
+    try:
+        if readonly:
+            _refuse_older(conn, current_version(conn), url)
+        else:
+            migrate(conn)
+    except errors as exc:
+        conn.close()
+        raise StoreError(f"{redact(url)}: cannot open the ledger: {str(exc).strip()}") from exc
+    return Store(conn, path=url, readonly=readonly)
 
 
 PRIVATE_UMASK = 0o027

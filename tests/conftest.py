@@ -226,3 +226,27 @@ def daemon_stopped(cluster: Cluster):
         cluster.ctl("daemon", "start")
         wait_for(lambda: call(cluster.socket, {"op": "ping"}, timeout=2)["ok"], 20,
                  what="the daemon back")
+
+
+# -- the ledger on both backends --------------------------------------------------------------
+
+@pytest.fixture
+def pg_url() -> Any:
+    """A fresh, empty PostgreSQL database on the session's test server (tests/postgres.py)."""
+    from tests.postgres import server
+
+    with server().database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Where a test's ledger lives, once per backend: a SQLite file, then a fresh
+    PostgreSQL database. Pass it to ``open_store``."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "ledger.db")
+        return
+    from tests.postgres import server
+
+    with server().database() as url:
+        yield url

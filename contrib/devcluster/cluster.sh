@@ -34,7 +34,7 @@ NODE2_PORT="${DEVCLUSTER_NODE2_PORT:-6819}"
 NODES=(node1 node2)
 RESEARCHERS=(alice bob carol mallory)
 SLURM_USER=slurm
-PACKAGES=(slurmctld slurmd slurm-client munge lua-socket lua-cjson lua5.1 python3-venv)
+PACKAGES=(slurmctld slurmd slurm-client munge lua-socket lua-cjson lua5.1 python3-venv postgresql)
 
 SLURM_RELEASE=""   # e.g. 22.05.8; set by detect_slurm_release
 
