@@ -371,8 +371,14 @@ class Store:
             if row.get("detail") is not None and not isinstance(row["detail"], str):
                 row["detail"] = json.dumps(row["detail"], sort_keys=True, default=str)
             rows.append(row)
+        cols = ("ts", "kind") + tuple(f for f in _EVENT_FIELDS if f != "ts")
+        unknown = {k for r in rows for k in r} - set(cols)
+        if unknown:
+            raise ValueError(f"unknown event field(s): {', '.join(sorted(unknown))}")
+        sql = (f"INSERT INTO events ({', '.join(_q(c) for c in cols)}) "
+               f"VALUES ({', '.join(':' + c for c in cols)})")
         with self.transaction():
-            self.db.table("events").insert_all(rows, batch_size=1000)
+            self.conn.executemany(sql, [{c: r.get(c) for c in cols} for r in rows])
         return len(rows)
 
     def has_event(self, kind: str, cluster: str, job_id: int,
@@ -477,11 +483,13 @@ class Store:
         ts = time.time() if now is None else now
         aid = approval_id or uuid.uuid4().hex[:12]
         with self.transaction():
-            self.db.table("approvals").insert({
-                "id": aid, "team": team, "amount": amount, "gpu_hours": gpu_hours,
-                "used": 0.0, "expires_at": expires_at, "reason": reason,
-                "created_by": created_by, "created_at": ts, "revoked": 0,
-            })
+            self.conn.execute(
+                "INSERT INTO approvals (id, team, amount, gpu_hours, used, expires_at, reason, "
+                "created_by, created_at, revoked) VALUES (:id, :team, :amount, :gpu_hours, "
+                "0.0, :expires_at, :reason, :created_by, :created_at, 0)",
+                {"id": aid, "team": team, "amount": amount, "gpu_hours": gpu_hours,
+                 "expires_at": expires_at, "reason": reason, "created_by": created_by,
+                 "created_at": ts})
             self.add_event("approval", ts=ts, team=team, actor=created_by, message=reason,
                            detail={"approval_id": aid, "amount": amount,
                                    "gpu_hours": gpu_hours, "expires_at": expires_at})
