@@ -251,7 +251,8 @@ def database_errors() -> tuple[type[BaseException], ...]:
 
 
 def connect_postgresql(url: str, *, readonly: bool, connect_timeout: float = 5.0,
-                       application_name: str = "slurmgate") -> PostgresConnection:
+                       application_name: str = "slurmgate",
+                       extra: Mapping[str, Any] | None = None) -> PostgresConnection:
     """A connection to the PostgreSQL ledger at ``url``. A reader's transactions are
     read-only on the server; every statement is bounded by ``statement_timeout`` so that a
     stuck server never stalls a decision past the fail-mode deadline."""
@@ -264,7 +265,8 @@ def connect_postgresql(url: str, *, readonly: bool, connect_timeout: float = 5.0
     if readonly:
         options += " -c default_transaction_read_only=on"
     raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout)),
-                          options=options, application_name=application_name)
+                          options=options, application_name=application_name,
+                          **dict(extra or {}))
     # sum() over BIGINT is NUMERIC on PostgreSQL: read it as a float, as SQLite's arithmetic
     # gives (the ledger stores no NUMERIC column; amounts are DOUBLE PRECISION on both)
     from psycopg.types.numeric import FloatLoader

@@ -27,11 +27,19 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LedgerConfigError(ValueError):
+    """The ledger's location cannot be read from the policy; the message names the field."""
+
+
 class DaemonSettings(_Model):
     socket: str = defaults.SOCKET
     """Unix socket the daemon listens on (job_submit.lua, hooks and the CLI connect here)."""
     database: str = defaults.DATABASE
-    """SQLite database; the daemon is its only writer."""
+    """The ledger: a SQLite file (one controller; the daemon is its only writer) or a
+    ``postgresql://`` URL (a daemon on every controller host, one ledger; db/backend.py)."""
+    database_url_file: str = ""
+    """A file holding the ``postgresql://`` URL (with its password), readable only by the
+    service user; when set it replaces ``database``."""
     spool_dir: str = defaults.SPOOL_DIR
     """Where hooks drop records when the daemon is unreachable (may be shared storage)."""
     log_file: str = ""
@@ -77,6 +85,22 @@ class DaemonSettings(_Model):
     """A job accepted unchecked (fail-open) that is already running when the daemon is back
     and fails the policy: left to finish and charged ("finish"), or requeued and held."""
 
+
+    def ledger(self) -> str:
+        """Where the ledger is: ``database_url_file``'s URL when set, else ``database``.
+        Raises LedgerConfigError (naming the file) when that file cannot be read."""
+        if not self.database_url_file:
+            return self.database
+        try:
+            with open(self.database_url_file, encoding="utf-8") as f:
+                url = f.read().strip()
+        except OSError as exc:
+            raise LedgerConfigError(f"daemon.database_url_file: cannot read "
+                                    f"{self.database_url_file}: {exc.strerror}") from exc
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise LedgerConfigError(f"daemon.database_url_file: {self.database_url_file} "
+                                    "must hold one postgresql:// URL")
+        return url
 
 class AllowedValues(_Model):
     values: list[str] = []
@@ -176,6 +200,9 @@ class Budgets(_Model):
     """Where jobs over the soft limit are moved (low priority, preemptible)."""
     array_concurrency: Literal["all", "throttle"] = "throttle"
     """Arrays reserve every task ('all') or only as many as the % throttle lets run."""
+    scope: Literal["cluster", "global"] = "cluster"
+    """With several clusters on one ledger: a team's budget is spent per cluster (each
+    cluster's runs and reservations count against its own budget) or once across all."""
 
 
 class Fairshare(_Model):

@@ -192,7 +192,7 @@ def _job_report_from_db(args: argparse.Namespace, job_id: int, task: int | None)
     from slurm_plugin.job_report import build_report, job_spec_text
 
     policy = _policy(args)
-    path = args.db or policy.daemon.database
+    path = args.db or policy.daemon.ledger()
     try:
         store = open_store(path, readonly=True)
     except StoreError as exc:
@@ -264,7 +264,7 @@ def _read_store(args: argparse.Namespace):
     from db.store import StoreError, open_store
 
     try:
-        return open_store(_policy(args).daemon.database, readonly=True)
+        return open_store(_policy(args).daemon.ledger(), readonly=True)
     except StoreError as exc:
         raise SystemExit(f"slurmgate: {exc}") from exc
 
@@ -357,7 +357,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     show = not args.quiet and sys.stderr.isatty()
     for p in periods:
         try:
-            res = export_period(policy.daemon.database, p, args.out or policy.export.out_dir,
+            res = export_period(policy.daemon.ledger(), p, args.out or policy.export.out_dir,
                                 mode=policy.budgets.mode, currency=policy.rates.currency,
                                 jobs=args.jobs, parquet=False if args.no_parquet else None,
                                 progress=terminal_progress(p.label) if show else None)

@@ -71,7 +71,7 @@ class Sources:
         return self.slurm.nodes()
 
     def open_store(self) -> Store:
-        return open_store(self.policy.daemon.database, readonly=True)
+        return open_store(self.policy.daemon.ledger(), readonly=True)
 
     @contextmanager
     def store(self) -> Iterator[Store]:

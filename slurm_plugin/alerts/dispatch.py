@@ -75,6 +75,7 @@ class Dispatcher:
                  write_log: Callable[..., None], lock: threading.RLock | None = None,
                  on_send: Callable[[str, str, str], None] = _noop,
                  on_error: Callable[[str], None] = _noop,
+                 leading: Callable[[], bool] = lambda: True,
                  clock: Callable[[], float] = time.time) -> None:
         self.log = log
         self.policy = policy
@@ -83,6 +84,9 @@ class Dispatcher:
         self.lock = lock or threading.RLock()
         self.on_send = on_send
         self.on_error = on_error
+        self.leading = leading
+        """Whether this daemon sends (db/leader.py): with two daemons on one ledger only the
+        leader scans and sends; the other's rounds wait until it leads."""
         self.clock = clock
         self._checked: Policy | None = None
         self._enabled: bool | None = None
@@ -102,7 +106,7 @@ class Dispatcher:
             policy = self.policy()
             if policy is not seen:
                 seen, next_round = policy, 0.0
-            if time.monotonic() >= next_round:
+            if time.monotonic() >= next_round and self.leading():
                 self.round()
                 next_round = time.monotonic() + max(TICK_S, policy.alerts.scan_seconds)
             if stopping.wait(TICK_S):

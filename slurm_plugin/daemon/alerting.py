@@ -39,7 +39,8 @@ def make_dispatcher(daemon: Daemon) -> Dispatcher | None:
         return None
     return Dispatcher(AlertLog(daemon.store), lambda: daemon.policy, ledger_spend(daemon),
                       write_log=daemon.log.write, lock=daemon.lock,
-                      on_send=daemon.metrics.alert_sent, on_error=daemon.metrics.error)
+                      on_send=daemon.metrics.alert_sent, on_error=daemon.metrics.error,
+                      leading=daemon.leadership.check)
 
 
 def start_alerts(daemon: Daemon) -> threading.Thread | None:

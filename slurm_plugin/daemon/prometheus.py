@@ -28,6 +28,7 @@ Series:
 | slurmgate_spool_backlog_records | gauge | records waiting in the spool |
 | slurmgate_reservations | gauge | live reservations |
 | slurmgate_reserved_amount | gauge | money reserved by them |
+| slurmgate_leader | gauge | 1 while this daemon does the cluster's once-only work (db/leader.py) |
 | slurmgate_budget_used | gauge | team: net spend in the current budget period |
 | slurmgate_budget_limit | gauge | team: budget of the period (0: none) |
 | slurmgate_errors_total | counter | where (ingest, reconcile, request, metrics, alerts) |
@@ -180,6 +181,7 @@ class Metrics:
         self.backlog: int | None = None
         self.reservations: int | None = None
         self.reserved_amount: float | None = None
+        self.leader: int | None = None
         self.budget_used: dict[str, float] = {}
         self.budget_limit: dict[str, float] = {}
         self.errors: dict[str, int] = {}
@@ -215,6 +217,10 @@ class Metrics:
     def set_spool_backlog(self, records: int) -> None:
         with self._lock:
             self.backlog = max(0, int(records))
+
+    def set_leader(self, leader: bool) -> None:
+        with self._lock:
+            self.leader = 1 if leader else 0
 
     def set_reservations(self, count: int, amount: float | None = None) -> None:
         with self._lock:
@@ -316,6 +322,9 @@ class Metrics:
             family("slurmgate_reserved_amount", "gauge",
                    "Money held by live reservations (rate card currency).",
                    single("slurmgate_reserved_amount", self.reserved_amount))
+            family("slurmgate_leader", "gauge",
+                   "1 while this daemon does the cluster's once-only work, 0 while another does.",
+                   single("slurmgate_leader", self.leader))
             family("slurmgate_budget_used", "gauge",
                    "Net spend of a team in the current budget period (rate card currency).",
                    labelled("slurmgate_budget_used", "team", self.budget_used))

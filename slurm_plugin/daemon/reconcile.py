@@ -73,7 +73,7 @@ def run(policy: Policy, *, repair: bool = False, as_json: bool = False) -> int:
     from slurm_plugin.slurm.factory import open_client
 
     try:
-        store = open_store(policy.daemon.database, readonly=True)
+        store = open_store(policy.daemon.ledger(), readonly=True)
     except StoreError as exc:
         raise SystemExit(f"slurmgate reconcile: {exc}") from exc
     jobs = open_client(policy).jobs()

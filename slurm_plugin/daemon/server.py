@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Any
 
-from policies.config import PolicyError, load_policy
+from policies.config import LedgerConfigError, PolicyError, load_policy
 from slurm_plugin.daemon.alerting import start_alerts
 from slurm_plugin.daemon.connections import ConnectionServer, raise_fd_limit
 from slurm_plugin.daemon.prometheus import MetricsError, MetricsServer, spool_backlog
@@ -30,19 +30,27 @@ def serve(config_path: str) -> int:
     except PolicyError as exc:
         print(f"slurmgate daemon: {exc}", file=sys.stderr)
         return 2
+    from db.backend import is_postgresql
     from db.store import PRIVATE_UMASK, StoreError, open_store
 
     # Everything the daemon creates (database, -wal/-shm, log, lock) is at most 0640,
     # whatever umask it was started with (systemd's UMask=0027 or a shell's 022).
     os.umask(PRIVATE_UMASK)
     try:
-        os.makedirs(os.path.dirname(policy.daemon.database) or ".", exist_ok=True)
-        lock_fd = lock_database(policy.daemon.database)
-    except (DaemonRunning, OSError) as exc:
+        target = policy.daemon.ledger()
+    except LedgerConfigError as exc:
         print(f"slurmgate daemon: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    lock_fd = None
+    if not is_postgresql(target):  # a SQLite file has one writer: this daemon
+        try:
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            lock_fd = lock_database(target)
+        except (DaemonRunning, OSError) as exc:
+            print(f"slurmgate daemon: {exc}", file=sys.stderr)
+            return 1
     try:
-        store = open_store(policy.daemon.database)
+        store = open_store(target)
     except (StoreError, OSError) as exc:
         print(f"slurmgate daemon: {exc}", file=sys.stderr)
         return 2
@@ -94,7 +102,8 @@ def serve(config_path: str) -> int:
     except MetricsError as exc:  # never served unauthenticated: off, said loudly
         daemon.log.write("metrics_disabled", error=str(exc))
         print(f"slurmgate daemon: metrics disabled: {exc}", file=sys.stderr)
-    daemon.log.write("daemon_started", pid=os.getpid(), socket=path, config=config_path)
+    daemon.log.write("daemon_started", pid=os.getpid(), socket=path, config=config_path,
+                     ledger=store.dialect)
     for target in (daemon.ingest_loop, daemon.reconcile_loop):
         threading.Thread(target=target, daemon=True, name=target.__name__).start()
     start_alerts(daemon)
@@ -103,6 +112,7 @@ def serve(config_path: str) -> int:
         server.serve_forever(poll_interval=0.5)
     finally:
         daemon.stopping.set()
+        daemon.leadership.release()
         if metrics_server:
             metrics_server.stop()
         server.server_close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +37,10 @@ from slurm_plugin.protocol import (
 if TYPE_CHECKING:
     from db.store import Store
     from slurm_plugin.slurm.client import SlurmClient
+
+
+class LedgerUnavailable(RuntimeError):
+    """A shared ledger could not be reached for a decision; the submission is not decided."""
 
 
 class Daemon(AdminOps, Workers, JobOps):
@@ -66,6 +71,15 @@ class Daemon(AdminOps, Workers, JobOps):
         """Recent submit replies by (peer uid, request id): a resent request gets the same
         decision and no second reservation."""
         self.readers = threading.local()
+        from db.leader import Leadership
+
+        self.shared_ledger = store is not None and store.dialect == "postgresql"
+        """The ledger is shared with other daemons (PostgreSQL): each decision locks its
+        team's row of the budget and reads the team's standing fresh (decide_shared)."""
+        self.leadership = Leadership(store.path if store is not None else "",
+                                     policy.daemon.cluster, on_change=self.leader_changed)
+        """Whether this daemon does the cluster's once-only work (db/leader.py)."""
+        self.metrics.set_leader(self.leadership.is_leader)
         self.failures = None
         if store is not None and slurm is not None:
             from slurm_plugin.daemon.requeue import FailureHandler
@@ -187,7 +201,10 @@ class Daemon(AdminOps, Workers, JobOps):
                         "error": "request arrived after its deadline; not decided"}
             job, decision = self.submission(raw)
             if job is not None:
-                decision = self.decide_and_record(job, origin="submit")
+                try:
+                    decision = self.decide_and_record(job, origin="submit")
+                except LedgerUnavailable as exc:  # no verdict: the shim's fail mode decides
+                    return {"ok": False, "unavailable": True, "error": str(exc)}
             else:
                 self.record_safely(None, decision, self.policy)
             resp = self.submit_response(decision)
@@ -226,8 +243,43 @@ class Daemon(AdminOps, Workers, JobOps):
     def decide_and_record(self, job: JobRequest, *, origin: str) -> SubmitDecision:
         with self.lock:
             policy = self.policy
+            if self.shared_ledger:
+                return self.decide_shared(job, policy, origin=origin)
             decision = self.decide(job, policy)
             self.record_safely(job, decision, policy, origin=origin)
+        return decision
+
+    def decide_shared(self, job: JobRequest, policy: Policy, *, origin: str) -> SubmitDecision:
+        """A decision against a ledger other daemons write too: in one transaction, the
+        team's budget lock (db/shared_ledger.py), the team's spend and live reservations as
+        the ledger has them now, the decision, and its reservation. Two daemons deciding for
+        one team at once are serialised by the lock, so neither can spend what the other just
+        reserved. A ledger that cannot be reached raises LedgerUnavailable: the submission
+        gets no verdict and job_submit.lua follows its fail mode."""
+        from db.shared_ledger import lock_team, team_standing
+        from db.store import DatabaseError
+
+        team = policy.team_for(job.account, job.user)
+        assert self.store is not None
+        try:
+            with self.store.transaction():
+                now = time.time()
+                self.roll_period(policy, now)
+                if team:
+                    start, end, period = period_bounds(policy.budgets.period, now)
+                    cluster = policy.daemon.cluster if policy.budgets.scope == "cluster" \
+                        else None
+                    lock_team(self.store, team, cluster)
+                    net, reserved = team_standing(self.store, team, start, end, cluster=cluster)
+                    self.ledger.spent[team] = net
+                    self.ledger.reserved[team] = reserved
+                decision = self.decide(job, policy)
+                self.record(job, decision, policy, origin=origin)
+        except DatabaseError as exc:
+            self.metrics.error("ledger")
+            self.log.write("ledger_unavailable", op="submit", team=team,
+                           error=str(exc).strip()[:300])
+            raise LedgerUnavailable(f"ledger unreachable: {str(exc).strip()[:200]}") from exc
         return decision
 
     def decide(self, job: JobRequest, policy: Policy) -> SubmitDecision:
@@ -319,14 +371,14 @@ class Daemon(AdminOps, Workers, JobOps):
         """This thread's read-only connection to the database, for user requests: they read
         beside the decisions (SQLite WAL) instead of waiting for the decision lock. None for
         an in-memory store (tests); callers then read under the lock."""
-        if self.store is None or self.policy.daemon.database in ("", ":memory:"):
+        if self.store is None or self.store.path in ("", ":memory:"):
             return None
         store = getattr(self.readers, "store", None)
         if store is None:
             from db.store import StoreError, open_store
 
             try:
-                store = open_store(self.policy.daemon.database, readonly=True)
+                store = open_store(self.store.path, readonly=True)
             except (StoreError, OSError):
                 return None
             self.readers.store = store
@@ -407,6 +459,26 @@ class Daemon(AdminOps, Workers, JobOps):
         self.require_controller(peer, "nudge")
         self.ingest_wakeup.set()
         return {"ok": True}
+
+    # -- leadership -------------------------------------------------------------------------
+
+    def leader_changed(self, leader: bool, why: str) -> None:
+        """This daemon took or lost the cluster's once-only work (db/leader.py)."""
+        self.metrics.set_leader(leader)
+        self.log.write("leader_acquired" if leader else "leader_lost", reason=why,
+                       cluster=self.policy.daemon.cluster, pid=os.getpid())
+        if leader and self.store is not None:
+            from db.store import DatabaseError
+
+            try:
+                with self.lock:
+                    self.store.add_event("leader", cluster=self.policy.daemon.cluster,
+                                         actor=socket.gethostname(),
+                                         message=f"daemon pid {os.getpid()} on "
+                                                 f"{socket.gethostname()} leads: {why}")
+            except DatabaseError as exc:
+                self.log.write("ledger_unavailable", op="leader_event", error=repr(exc))
+            self.ingest_wakeup.set()
 
     # -- ledger -----------------------------------------------------------------------------
 

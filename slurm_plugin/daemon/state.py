@@ -17,6 +17,7 @@ from slurm_plugin.daemon.prometheus import Metrics
 from slurm_plugin.protocol import Peer
 
 if TYPE_CHECKING:
+    from db.leader import Leadership
     from db.store import Store
     from slurm_plugin.daemon.eventlog import EventLog
     from slurm_plugin.daemon.requeue import FailureHandler
@@ -39,6 +40,9 @@ class DaemonState:
     ingest_wakeup: threading.Event
     missing_since: dict[str, float]
     last_bind_read: float
+    leadership: Leadership
+    """Whether this daemon does the cluster's once-only work (always, on SQLite)."""
+    shared_ledger: bool
     unchecked_waiting: int = 0
     """Jobs accepted unchecked (fail-open) still waiting for their decision after the last
     reconcile pass (an array counts once); kept by workers.py for ping and metrics."""

@@ -230,24 +230,32 @@ class Workers(DaemonState):
                 self.store.add_event("quarantine", message=f"{item.path.name}: {reason}"[:2000])
 
     def ingest_loop(self) -> None:
-        try:
-            self.spool_startup()
-        except Exception as exc:
-            self.metrics.error("ingest")
-            self.log.write("ingest_error", error=repr(exc))
+        """The spool ingest, on the cluster's leader only (db/leader.py): every 2 s, or at
+        once after a hook's nudge. A daemon that becomes the leader sets the spool up first."""
+        started = False
         while not self.stopping.is_set():
+            if self.leadership.check():
+                if not started:
+                    started = True
+                    try:
+                        self.spool_startup()
+                    except Exception as exc:
+                        self.metrics.error("ingest")
+                        self.log.write("ingest_error", error=repr(exc))
+                try:
+                    self.spool_maintenance()
+                    rounds = 0  # batches are capped in records and bytes: go on while more
+                    while rounds < 100 and self.ingest_once() > 0:
+                        rounds += 1
+                    self.flush_progress()
+                except Exception as exc:  # keep the records; try again on the next round
+                    self.metrics.error("ingest")
+                    self.log.write("ingest_error", error=repr(exc))
+                    self.stopping.wait(5.0)
+            else:
+                started = False  # leading again later: recover tmp/ and the layout first
             self.ingest_wakeup.wait(2.0)
             self.ingest_wakeup.clear()
-            try:
-                self.spool_maintenance()
-                rounds = 0  # batches are capped in records and bytes: go on while there is more
-                while rounds < 100 and self.ingest_once() > 0:
-                    rounds += 1
-                self.flush_progress()
-            except Exception as exc:  # keep the records; try again on the next round
-                self.metrics.error("ingest")
-                self.log.write("ingest_error", error=repr(exc))
-                self.stopping.wait(5.0)
 
     def rechecker(self) -> Recheck | None:
         """The one Recheck of this daemon (its memory of decided jobs must not be split)."""
@@ -338,7 +346,10 @@ class Workers(DaemonState):
         once), then one every ``daemon.reconcile_seconds``."""
         while not self.stopping.is_set():
             try:
-                self.reconcile_once()
+                if self.leadership.check():
+                    self.reconcile_once()
+                else:  # another daemon leads: keep this one's picture of the ledger fresh
+                    self.refresh_ledger()
             except Exception as exc:
                 self.metrics.error("reconcile")
                 self.log.write("reconcile_error", error=repr(exc))
