@@ -440,6 +440,13 @@ def cmd_tui(args: argparse.Namespace) -> int:
     return run(config_path(args), demo=args.demo)
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    from slurm_plugin.db_migrate import cmd_db as run_db
+
+    policy = _policy(args)
+    return run_db(args, policy.daemon.database)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -544,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exit 1 when [alerts] has problems (they never stop the daemon)")
     sp = add("tui", cmd_tui, "open the admin terminal UI")
     sp.add_argument("--demo", action="store_true", help="show a fixed sample dataset")
+    from slurm_plugin.db_migrate import add_parser as add_db
+
+    add_db(sub, cmd_db)
     sub.add_parser("hook", help="Slurm hooks: prolog | epilog | jobcomp (wired in slurm.conf)")
     return p
 

@@ -304,18 +304,39 @@ class Doctor:
             return
         self._daemon_up = True
         uptime = float(resp.get("uptime") or 0.0)
+        role = ""
+        if resp.get("ledger") == "postgresql":
+            role = ("; leads the cluster's once-only work" if resp.get("leader")
+                    else "; standby: another daemon leads the once-only work")
+            if resp.get("ledger_error"):
+                self.add("daemon", "FAIL", f"answers on {self.socket} (pid {resp.get('pid')}) "
+                         f"but cannot reach the ledger: {resp['ledger_error']}; submissions "
+                         "follow the fail mode until it is back",
+                         "see the database check")
+                return
         self.add("daemon", "OK", f"answers on {self.socket} (pid {resp.get('pid')}, up "
-                 f"{uptime / 3600:.1f} h, {resp.get('decisions', 0)} decisions)")
+                 f"{uptime / 3600:.1f} h, {resp.get('decisions', 0)} decisions{role})")
 
     # -- database ----------------------------------------------------------------------------
 
     def check_database(self) -> None:
         if not self._needs_policy("database"):
             return
+        from db.backend import is_postgresql
         from db.schema import LATEST_VERSION
         from db.store import StoreError, open_store
+        from policies.config import LedgerConfigError
 
-        path = self._policy.daemon.database
+        try:
+            path = self._policy.daemon.ledger()
+        except LedgerConfigError as exc:
+            self.add("database", "FAIL", str(exc),
+                     "write the postgresql:// URL into that file (mode 0600, owned by the "
+                     "daemon's user)")
+            return
+        if is_postgresql(path):
+            self._check_shared_database(path, LATEST_VERSION)
+            return
         try:
             store = open_store(path, readonly=True)
         except StoreError as exc:
@@ -340,6 +361,43 @@ class Doctor:
             return
         self.add("database", "OK", f"{path}: schema v{version} (current {LATEST_VERSION}), "
                  f"{runs:,} runs, mode {mode:04o}")
+
+    def _check_shared_database(self, url: str, latest: int) -> None:
+        """A PostgreSQL ledger: reachable, at this schema, its URL file private."""
+        from db.backend import redact
+        from db.store import StoreError, open_store
+
+        d = self._policy.daemon
+        shown = redact(url)
+        try:
+            store = open_store(url, readonly=True)
+        except StoreError as exc:
+            self.add("database", "FAIL",
+                     f"{exc}; until it is back the daemons cannot decide, and job_submit.lua "
+                     "follows its fail mode (see the job_submit check) for every submission",
+                     "check the server (pg_isready -h HOST -p PORT), the network, and the "
+                     "role's password in [daemon] database_url_file")
+            return
+        try:
+            runs = store.run_count()
+            version = store.schema_version
+            server = store.conn.scalar("SHOW server_version")
+        finally:
+            store.close()
+        if d.database_url_file:
+            mode = _mode(d.database_url_file)
+            if mode & 0o077:
+                self.add("database", "FAIL", f"{d.database_url_file} (the ledger's URL and "
+                         f"password) has mode {mode:04o}: others can read it",
+                         f"chmod 0600 {d.database_url_file}")
+                return
+        elif ":" in url.split("://", 1)[1].split("@", 1)[0]:
+            self.add("database", "WARN", f"{shown}: the password is in the policy file, "
+                     "which every user can read",
+                     "move the URL into [daemon] database_url_file (mode 0600)")
+            return
+        self.add("database", "OK", f"{shown}: PostgreSQL {server}, schema v{version} (current "
+                 f"{latest}), {runs:,} runs, cluster {d.cluster}")
 
     def check_rollups(self) -> None:
         """The daily rollups (what budgets, fairshare and chargeback read) against a

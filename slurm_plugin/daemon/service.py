@@ -80,6 +80,8 @@ class Daemon(AdminOps, Workers, JobOps):
                                      policy.daemon.cluster, on_change=self.leader_changed)
         """Whether this daemon does the cluster's once-only work (db/leader.py)."""
         self.metrics.set_leader(self.leadership.is_leader)
+        self.ledger_error = ""
+        """The last shared-ledger error of a decision ("" since one succeeded)."""
         self.failures = None
         if store is not None and slurm is not None:
             from slurm_plugin.daemon.requeue import FailureHandler
@@ -168,9 +170,17 @@ class Daemon(AdminOps, Workers, JobOps):
             return {"ok": False, "error": f"internal error in slurmgate daemon: {exc!r}"}
 
     def op_ping(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        return {"ok": True, "pid": os.getpid(), "uptime": time.time() - self.started,
-                "decisions": self.decisions, "you": user_name(peer.uid),
-                "unchecked_waiting": getattr(self, "unchecked_waiting", 0)}
+        out = {"ok": True, "pid": os.getpid(), "uptime": time.time() - self.started,
+               "decisions": self.decisions, "you": user_name(peer.uid),
+               "unchecked_waiting": getattr(self, "unchecked_waiting", 0)}
+        if self.store is not None:
+            out["ledger"] = self.store.dialect
+            out["leader"] = self.leadership.is_leader
+            error = self.ledger_error or self.leadership.last_error
+            if error:  # the server's words for admins; users learn only that it is down
+                out["ledger_error"] = error if self.is_admin(peer) or \
+                    self.is_controller(peer) else "unreachable"
+        return out
 
     ANSWERED_MAX = 4096
     """Submit replies kept for resends (a few seconds of submissions at any rate)."""
@@ -275,7 +285,9 @@ class Daemon(AdminOps, Workers, JobOps):
                     self.ledger.reserved[team] = reserved
                 decision = self.decide(job, policy)
                 self.record(job, decision, policy, origin=origin)
+            self.ledger_error = ""
         except DatabaseError as exc:
+            self.ledger_error = str(exc).strip()[:300]
             self.metrics.error("ledger")
             self.log.write("ledger_unavailable", op="submit", team=team,
                            error=str(exc).strip()[:300])
