@@ -17,6 +17,7 @@ on a daemon that is not the leader.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import zlib
@@ -101,10 +102,8 @@ class Leadership:
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # the session is gone either way; the lock too
                 conn.close()
-            except Exception:  # the session is gone either way; so is the lock
-                pass
 
     def _set(self, leader: bool, why: str) -> None:
         if leader == self._leader:

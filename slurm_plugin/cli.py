@@ -18,6 +18,8 @@ from policies import defaults
 if TYPE_CHECKING:  # argparse itself is imported only when a command line is parsed
     import argparse
 
+    from policies.config import Policy
+
 
 
 def config_path(args: argparse.Namespace) -> str:
@@ -337,6 +339,28 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return run(_policy(args), repair=args.repair, as_json=args.json)
 
 
+def _this_host_leads(args: argparse.Namespace, policy: Policy) -> bool:
+    """With ``--if-leader``: whether this host's daemon leads its cluster's once-only work.
+    A SQLite ledger has one daemon, which always leads; on a shared ledger a standby, or a
+    daemon that does not answer, leaves the export to the leading host (said on stderr)."""
+    from db.backend import is_postgresql
+    from slurm_plugin.protocol import DaemonUnavailable, call
+
+    if not is_postgresql(policy.daemon.ledger()):
+        return True
+    sock = args.socket or policy.daemon.socket
+    try:
+        leads = bool(call(sock, {"op": "ping"}, timeout=5).get("leader"))
+    except (DaemonUnavailable, OSError, ValueError) as exc:
+        print(f"slurmgate export: this host's daemon does not answer ({exc}); the leading "
+              "controller exports", file=sys.stderr)
+        return False
+    if not leads:
+        print("slurmgate export: another controller's daemon leads; it exports",
+              file=sys.stderr)
+    return leads
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from datetime import date, timedelta
 
@@ -354,6 +378,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise SystemExit("slurmgate export: --catch-up goes with --date (a day)")
         day = date.fromisoformat(period.label)
         periods = [day_period(day - timedelta(days=n)) for n in range(args.catch_up, -1, -1)]
+    if args.if_leader and not _this_host_leads(args, policy):
+        return 0
     show = not args.quiet and sys.stderr.isatty()
     for p in periods:
         try:
@@ -529,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="export directory (default [export] out_dir)")
     sp.add_argument("--jobs", type=int, help="worker processes for big periods (default: CPUs)")
     sp.add_argument("--no-parquet", action="store_true", help="skip Parquet even with pyarrow")
+    sp.add_argument("--if-leader", action="store_true",
+                    help="controller pairs on one ledger: export only where this host's "
+                         "daemon leads (the systemd timer runs on both)")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sp = add("report", cmd_report, "monthly statement per team (text, --json, --html FILE)")
     sp.add_argument("--month", default="last", help="2026-10, last (default) or this")
