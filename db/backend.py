@@ -50,12 +50,15 @@ def redact(target: str) -> str:
 class Cursor(Protocol):
     """The part of a DB-API cursor the store reads (sqlite3's and psycopg's both are one)."""
 
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
     @property
     def description(self) -> Any: ...
 
     def fetchone(self) -> Any: ...
+
+    def fetchmany(self, size: int = ...) -> list[Any]: ...
 
     def fetchall(self) -> list[Any]: ...
 
@@ -80,6 +83,8 @@ def _positional(sql: str, params: Any) -> tuple[str, Mapping[str, Any]]:
 
 
 def _check(params: Params) -> Mapping[str, Any]:
+    if type(params) is dict:
+        return params
     if params is None:
         return {}
     if not isinstance(params, Mapping):
@@ -105,6 +110,10 @@ class Connection:
         raise NotImplementedError
 
     def executemany(self, sql: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def executescript_statement(self, sql: str) -> None:
+        """One DDL statement of a migration, as written (no parameters)."""
         raise NotImplementedError
 
     @property
@@ -147,7 +156,7 @@ class SQLiteConnection(Connection):
 
     def executemany(self, sql: str, rows: Iterable[Mapping[str, Any]]) -> None:
         if TRANSITION_POSITIONAL:
-            self.raw.executemany(sql, rows)  # type: ignore[arg-type]
+            self.raw.executemany(sql, rows)
             return
         self.raw.executemany(sql, (_check(r) for r in rows))
 
@@ -212,7 +221,7 @@ class PostgresConnection(Connection):
         if TRANSITION_POSITIONAL and isinstance(params, (tuple, list)):
             sql, params = _positional(sql, params)
         p = _check(params)
-        return self.raw.execute(_pg_sql(sql), p if p else None)  # type: ignore[no-any-return]
+        return self.raw.execute(_pg_sql(sql), p if p else None)
 
     def executemany(self, sql: str, rows: Iterable[Mapping[str, Any]]) -> None:
         batch = list(rows)
@@ -229,10 +238,10 @@ class PostgresConnection(Connection):
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
-        return self.raw.info.transaction_status != TransactionStatus.IDLE  # type: ignore[no-any-return]
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
-        return self.raw.transaction()  # type: ignore[no-any-return]
+        return self.raw.transaction()
 
     def close(self) -> None:
         self.raw.close()

@@ -37,20 +37,20 @@ def serve(config_path: str) -> int:
     # whatever umask it was started with (systemd's UMask=0027 or a shell's 022).
     os.umask(PRIVATE_UMASK)
     try:
-        target = policy.daemon.ledger()
+        ledger = policy.daemon.ledger()
     except LedgerConfigError as exc:
         print(f"slurmgate daemon: {exc}", file=sys.stderr)
         return 2
     lock_fd = None
-    if not is_postgresql(target):  # a SQLite file has one writer: this daemon
+    if not is_postgresql(ledger):  # a SQLite file has one writer: this daemon
         try:
-            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            lock_fd = lock_database(target)
+            os.makedirs(os.path.dirname(ledger) or ".", exist_ok=True)
+            lock_fd = lock_database(ledger)
         except (DaemonRunning, OSError) as exc:
             print(f"slurmgate daemon: {exc}", file=sys.stderr)
             return 1
     try:
-        store = open_store(target)
+        store = open_store(ledger)
     except (StoreError, OSError) as exc:
         print(f"slurmgate daemon: {exc}", file=sys.stderr)
         return 2
