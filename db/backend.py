@@ -221,7 +221,7 @@ class PostgresConnection(Connection):
         if TRANSITION_POSITIONAL and isinstance(params, (tuple, list)):
             sql, params = _positional(sql, params)
         p = _check(params)
-        return self.raw.execute(_pg_sql(sql), p if p else None)
+        return self.raw.execute(_pg_sql(sql), p)  # a mapping even when empty: %% -> %
 
     def executemany(self, sql: str, rows: Iterable[Mapping[str, Any]]) -> None:
         batch = list(rows)
