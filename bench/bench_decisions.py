@@ -82,8 +82,12 @@ def fill(db_path: Path, teams: int, reservations: int) -> None:
         "mem_mb": 0, "time_limit_min": 60, "tasks": 1, "est_cost": 2.52, "state": "reserved",
         "period": period, "created_at": now, "updated_at": now,
     } for i in range(reservations)]
+    cols = list(rows[0])
+    names = ", ".join(f'"{c}"' for c in cols)  # "user", "partition": reserved on PostgreSQL
+    sql = (f"INSERT INTO reservations ({names}) "
+           f"VALUES ({', '.join(':' + c for c in cols)})")
     with store.transaction():
-        store.db["reservations"].insert_all(rows, batch_size=5000)
+        store.conn.executemany(sql, rows)
     store.close()
 
 

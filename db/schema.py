@@ -803,6 +803,13 @@ def migrate(conn: Connection, *, target: int | None = None,
                 f"database schema is version {have}, newer than this slurmgate knows "
                 f"({known}); upgrade slurmgate before running the daemon on it"
             )
+        if pg and 0 < have < PG_BASELINE_VERSION:
+            # PG_BASELINE records v1..v10 at once: a PostgreSQL ledger in between was not
+            # made by slurmgate, and the SQLite steps cannot bring it up
+            raise MigrationError(
+                f"database schema is version {have}: a PostgreSQL ledger not made by "
+                f"slurmgate (they start at version {PG_BASELINE_VERSION}); restore it from a "
+                "backup or start a new database")
         if pg and have < PG_BASELINE_VERSION and target < PG_BASELINE_VERSION:
             raise MigrationError(f"a PostgreSQL ledger starts at schema version "
                                  f"{PG_BASELINE_VERSION}, not {target}")

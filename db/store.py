@@ -8,13 +8,16 @@ exports): it never migrates and cannot write (SQLite ``mode=ro`` + ``query_only`
 PostgreSQL session whose transactions are read-only).
 
 Write several things atomically with ``with store.transaction(): ...`` (SQLite:
-``BEGIN IMMEDIATE``; nested calls become savepoints). Outside a transaction every statement
-commits on its own.
+``BEGIN IMMEDIATE``, PostgreSQL: ``BEGIN``; nested calls become savepoints, so a write that
+fails inside one, such as a duplicate reservation, undoes only itself). Outside a transaction
+every statement commits on its own. Every statement here is written once for both servers
+(named ``:parameters``, db/backend.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -25,8 +28,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from db.backend import Connection, SQLiteConnection, connect_postgresql, database_errors, \
-    is_postgresql, redact
+from db.backend import (
+    Connection,
+    SQLiteConnection,
+    connect_postgresql,
+    database_errors,
+    is_postgresql,
+    redact,
+    split_in,
+)
 from db.ingest import resettle_runs
 from db.rollups import apply_rollup_delta
 from db.schema import LATEST_VERSION, current_version, migrate
@@ -137,14 +147,12 @@ class Store:
         for key in ("gpus", "est_cost"):
             if row.get(key) is None:
                 row[key] = 0.0
-        cols = list(row)
         try:
             with self.transaction():  # plain SQL: on the decision path, every µs counts
-                self.conn.execute(
-                    f"INSERT INTO reservations ({', '.join(_q(c) for c in cols)}) "
-                    f"VALUES ({', '.join('?' for _ in cols)})", [row[c] for c in cols])
-        except sqlite3.IntegrityError as exc:
-            raise ValueError(f"reservation {row['rid']} cannot be added: {exc}") from exc
+                self.conn.execute(_insert_sql("reservations", tuple(row)), row)
+        except _INTEGRITY_ERRORS as exc:
+            raise ValueError(f"reservation {row['rid']} cannot be added: "
+                             f"{str(exc).strip()}") from exc
         return str(row["rid"])
 
     def bind_reservation(self, rid: str, job_id: int, cluster: str, *,
@@ -159,25 +167,28 @@ class Store:
         ts = time.time() if now is None else now
         with self.transaction():
             cur = self.conn.execute(
-                "UPDATE reservations SET job_id = ?, cluster = ?, state = 'bound', "
-                "updated_at = ? WHERE rid = ? AND state IN ('reserved', 'bound')",
-                (job_id, cluster, ts, rid),
+                "UPDATE reservations SET job_id = :job_id, cluster = :cluster, "
+                "state = 'bound', updated_at = :ts "
+                "WHERE rid = :rid AND state IN ('reserved', 'bound') RETURNING created_at",
+                {"job_id": job_id, "cluster": cluster, "ts": ts, "rid": rid},
             )
-            if cur.rowcount != 1:
+            bound = cur.fetchone()
+            if bound is None:
                 return False
-            created = self.conn.execute(
-                "SELECT created_at FROM reservations WHERE rid = ?", (rid,)
-            ).fetchone()[0]
+            created = bound[0]
             orphans = self.conn.execute(
-                "SELECT restart_count FROM runs WHERE cluster = ? AND job_id = ? AND rid IS NULL"
-                " AND coalesce(submit_ts, start_ts, end_ts, ?) >= ? - 60",
-                (cluster, job_id, created, created),
+                "SELECT restart_count FROM runs WHERE cluster = :cluster AND job_id = :job_id "
+                "AND rid IS NULL AND coalesce(submit_ts, start_ts, end_ts, :created) "
+                ">= :created - 60",
+                {"cluster": cluster, "job_id": job_id, "created": created},
             ).fetchall()
             if orphans:
                 keys = [(cluster, job_id, r[0]) for r in orphans]
                 self.conn.executemany(
-                    "UPDATE runs SET rid = ? WHERE cluster = ? AND job_id = ? "
-                    "AND restart_count = ?", [(rid, *k) for k in keys],
+                    "UPDATE runs SET rid = :rid WHERE cluster = :cluster AND job_id = :job_id "
+                    "AND restart_count = :restart_count",
+                    [{"rid": rid, "cluster": c, "job_id": j, "restart_count": n}
+                     for c, j, n in keys],
                 )
                 if policy is not None:
                     resettle_runs(self, keys, policy, now=ts)
@@ -191,9 +202,9 @@ class Store:
         ts = time.time() if now is None else now
         with self.transaction():
             cur = self.conn.execute(
-                "UPDATE reservations SET state = ?, reason = ?, updated_at = ? "
-                "WHERE rid = ? AND state IN ('reserved', 'bound')",
-                (state, reason, ts, rid),
+                "UPDATE reservations SET state = :state, reason = :reason, updated_at = :ts "
+                "WHERE rid = :rid AND state IN ('reserved', 'bound')",
+                {"state": state, "reason": reason, "ts": ts, "rid": rid},
             )
         return cur.rowcount == 1
 
@@ -210,9 +221,9 @@ class Store:
         ts = time.time() if now is None else now
         with self.transaction():
             cur = self.conn.execute(
-                "UPDATE reservations SET tasks = ?, est_cost = ?, updated_at = ? "
-                "WHERE rid = ? AND state IN ('reserved', 'bound')",
-                (tasks, float(est_cost), ts, rid),
+                "UPDATE reservations SET tasks = :tasks, est_cost = :est_cost, "
+                "updated_at = :ts WHERE rid = :rid AND state IN ('reserved', 'bound')",
+                {"tasks": tasks, "est_cost": float(est_cost), "ts": ts, "rid": rid},
             )
         return cur.rowcount == 1
 
@@ -220,44 +231,47 @@ class Store:
         """Reserved and bound reservations, tags decoded, with ``charged``: the net cost of
         runs already settled against them (a requeued job keeps its reservation)."""
         rows = self._query(
-            "SELECT r.*, coalesce((SELECT total(u.cost - u.credit) FROM runs u "
-            "WHERE u.rid = r.rid AND u.cost IS NOT NULL), 0) AS charged "
-            "FROM reservations r WHERE r.state IN ('reserved', 'bound') ORDER BY r.created_at"
+            "SELECT r.*, (SELECT coalesce(sum(u.cost - u.credit), 0.0) FROM runs u "
+            "WHERE u.rid = r.rid AND u.cost IS NOT NULL) AS charged "
+            "FROM reservations r WHERE r.state IN ('reserved', 'bound') "
+            "ORDER BY r.created_at, r.rid"
         )
         return [_decode_tags(r) for r in rows]
 
     def reservation(self, rid: str) -> dict[str, Any] | None:
-        rows = self._query("SELECT * FROM reservations WHERE rid = ?", (rid,))
+        rows = self._query("SELECT * FROM reservations WHERE rid = :rid", {"rid": rid})
         return _decode_tags(rows[0]) if rows else None
 
     def bound_job_ids(self, job_ids: Iterable[int]) -> set[int]:
         """Those of ``job_ids`` that a reservation is bound to (any cluster, any state)."""
-        ids = tuple(job_ids)
+        ids = [int(i) for i in job_ids]
         if not ids:
             return set()
-        marks = ",".join("?" * len(ids))
+        marks, params = split_in("job_id", ids)
         return {row["job_id"] for row in self._query(
-            f"SELECT job_id FROM reservations WHERE job_id IN ({marks})", ids)}
+            f"SELECT DISTINCT job_id FROM reservations WHERE job_id IN ({marks})", params)}
 
     # -- runs -------------------------------------------------------------------------------
 
     def run(self, cluster: str, job_id: int, restart_count: int) -> dict[str, Any] | None:
         rows = self._query(
-            "SELECT * FROM runs WHERE cluster = ? AND job_id = ? AND restart_count = ?",
-            (cluster, job_id, restart_count),
+            "SELECT * FROM runs WHERE cluster = :cluster AND job_id = :job_id "
+            "AND restart_count = :restart_count",
+            {"cluster": cluster, "job_id": job_id, "restart_count": restart_count},
         )
         return rows[0] if rows else None
 
     def runs_of_job(self, cluster: str, job_id: int) -> list[dict[str, Any]]:
         return self._query(
-            "SELECT * FROM runs WHERE cluster = ? AND job_id = ? ORDER BY restart_count",
-            (cluster, job_id),
+            "SELECT * FROM runs WHERE cluster = :cluster AND job_id = :job_id "
+            "ORDER BY restart_count", {"cluster": cluster, "job_id": job_id},
         )
 
     def run_nodes(self, cluster: str, job_id: int, restart_count: int) -> list[dict[str, Any]]:
         rows = self._query(
-            "SELECT * FROM run_nodes WHERE cluster = ? AND job_id = ? AND restart_count = ? "
-            "ORDER BY node", (cluster, job_id, restart_count),
+            "SELECT * FROM run_nodes WHERE cluster = :cluster AND job_id = :job_id "
+            "AND restart_count = :restart_count ORDER BY node",
+            {"cluster": cluster, "job_id": job_id, "restart_count": restart_count},
         )
         for r in rows:
             r["gpus"] = json.loads(r["gpus"] or "[]")
@@ -268,17 +282,17 @@ class Store:
         cluster, job_id, restart_count, start_ts, end_ts."""
         return self._query(
             "SELECT cluster, job_id, restart_count, start_ts, end_ts FROM runs "
-            "WHERE cluster = ? AND state IS NULL", (cluster,))
+            "WHERE cluster = :cluster AND state IS NULL", {"cluster": cluster})
 
     def recorded_job_ids(self, cluster: str) -> set[int]:
         """Job ids of ``cluster`` with at least one run that has its final state."""
         return {r["job_id"] for r in self._query(
-            "SELECT DISTINCT job_id FROM runs WHERE cluster = ? AND state IS NOT NULL",
-            (cluster,))}
+            "SELECT DISTINCT job_id FROM runs WHERE cluster = :cluster "
+            "AND state IS NOT NULL", {"cluster": cluster})}
 
     def run_count(self) -> int:
         """How many runs the store holds (every cluster, settled or not)."""
-        return int(self.conn.execute("SELECT count(*) FROM runs").fetchone()[0])
+        return int(self.conn.scalar("SELECT count(*) FROM runs"))
 
     def credit_run(self, cluster: str, job_id: int, restart_count: int, amount: float,
                    reason: str, *, actor: str | None = None, now: float | None = None) -> bool:
@@ -295,9 +309,11 @@ class Store:
             if before is None or before["cost"] is None:
                 return False
             self.conn.execute(
-                "UPDATE runs SET credit = ?, credit_reason = ?, updated_at = ? "
-                "WHERE cluster = ? AND job_id = ? AND restart_count = ?",
-                (amount, reason, ts, cluster, job_id, restart_count),
+                "UPDATE runs SET credit = :credit, credit_reason = :reason, updated_at = :ts "
+                "WHERE cluster = :cluster AND job_id = :job_id "
+                "AND restart_count = :restart_count",
+                {"credit": float(amount), "reason": reason, "ts": ts, "cluster": cluster,
+                 "job_id": job_id, "restart_count": restart_count},
             )
             after = dict(before, credit=amount, credit_reason=reason)
             apply_rollup_delta(self.conn, [(before, after)])
@@ -325,9 +341,11 @@ class Store:
                 return None
             amount = float(before["cost"] or 0.0)
             self.conn.execute(
-                "UPDATE runs SET credit = ?, credit_reason = ?, updated_at = ? "
-                "WHERE cluster = ? AND job_id = ? AND restart_count = ?",
-                (amount, reason, ts, cluster, job_id, restart_count),
+                "UPDATE runs SET credit = :credit, credit_reason = :reason, updated_at = :ts "
+                "WHERE cluster = :cluster AND job_id = :job_id "
+                "AND restart_count = :restart_count",
+                {"credit": float(amount), "reason": reason, "ts": ts, "cluster": cluster,
+                 "job_id": job_id, "restart_count": restart_count},
             )
             after = dict(before, credit=amount, credit_reason=reason)
             apply_rollup_delta(self.conn, [(before, after)])
@@ -353,14 +371,10 @@ class Store:
             row["ts"] = time.time()
         if "detail" in row and row["detail"] is not None and not isinstance(row["detail"], str):
             row["detail"] = json.dumps(row["detail"], sort_keys=True, default=str)
-        cols = list(row)
         with self.transaction():
-            cur = self.conn.execute(
-                f"INSERT INTO events ({', '.join(_q(c) for c in cols)}) "
-                f"VALUES ({', '.join('?' for _ in cols)})",
-                [row[c] for c in cols],
-            )
-        return int(cur.lastrowid or 0)
+            event_id = self.conn.execute(
+                _insert_sql("events", tuple(row)) + " RETURNING id", row).fetchone()[0]
+        return int(event_id)
 
     def add_events(self, events: list[dict[str, Any]]) -> int:
         """Batch insert of event dicts (each with ``kind``); returns how many."""
@@ -386,8 +400,10 @@ class Store:
         """Whether an event of ``kind`` was logged for this run (``restart_count`` None: for
         the job with no run number)."""
         return bool(self._query(
-            "SELECT 1 FROM events WHERE kind = ? AND cluster = ? AND job_id = ? "
-            "AND restart_count IS ? LIMIT 1", (kind, cluster, job_id, restart_count)))
+            "SELECT 1 FROM events WHERE kind = :kind AND cluster = :cluster "
+            "AND job_id = :job_id AND restart_count IS NOT DISTINCT FROM :restart_count "
+            "LIMIT 1", {"kind": kind, "cluster": cluster, "job_id": job_id,
+                        "restart_count": restart_count}))
 
     def event_kinds(self) -> list[str]:
         """The kinds of event logged so far, in alphabetical order."""
@@ -395,8 +411,8 @@ class Store:
 
     def event_count(self, kind: str | None = None) -> int:
         """How many events are logged, of ``kind`` when one is given."""
-        where, params = ("WHERE kind = ?", [kind]) if kind else ("", [])
-        return int(self._query(f"SELECT count(*) AS n FROM events {where}", params)[0]["n"])
+        where, params = ("WHERE kind = :kind", {"kind": kind}) if kind else ("", {})
+        return int(self.conn.scalar(f"SELECT count(*) FROM events {where}", params))
 
     def unrecovered_interruptions(self, since_ts: float) -> list[dict[str, Any]]:
         """'node_fail' and 'preempt' events of a job after ``since_ts`` that no 'recovered'
@@ -406,24 +422,25 @@ class Store:
             "SELECT e.id, e.cluster, e.job_id, e.restart_count, e.kind, e.ts FROM events e "
             "WHERE e.kind IN ('node_fail', 'preempt') AND e.job_id IS NOT NULL AND NOT EXISTS "
             "(SELECT 1 FROM events r WHERE r.kind = 'recovered' AND r.job_id = e.job_id "
-            "AND r.cluster = e.cluster AND r.restart_count IS e.restart_count) "
-            "AND e.ts > ? ORDER BY e.ts", (since_ts,))
+            "AND r.cluster = e.cluster AND r.restart_count IS NOT DISTINCT FROM "
+            "e.restart_count) AND e.ts > :since_ts ORDER BY e.ts, e.id",
+            {"since_ts": since_ts})
 
     def last_drain_ts(self, cluster: str, node: str) -> float | None:
         """When slurmgate last drained ``node`` ('drain' event), or None if it never did."""
-        rows = self._query(
-            "SELECT max(ts) AS ts FROM events WHERE kind = 'drain' AND node = ? AND cluster = ?",
-            (node, cluster))
-        return rows[0]["ts"] if rows else None
+        ts = self.conn.scalar(
+            "SELECT max(ts) FROM events WHERE kind = 'drain' AND node = :node "
+            "AND cluster = :cluster", {"node": node, "cluster": cluster})
+        return None if ts is None else float(ts)
 
     def failed_runs_on_node(self, cluster: str, node: str, since_ts: float) -> int:
         """How many runs (job id, restart count) lost ``node`` ('node_fail' events) after
         ``since_ts``."""
-        rows = self._query(
-            "SELECT count(DISTINCT job_id || ':' || coalesce(restart_count, -1)) AS n "
-            "FROM events WHERE kind = 'node_fail' AND node = ? AND cluster = ? AND ts > ?",
-            (node, cluster, since_ts))
-        return int(rows[0]["n"]) if rows else 0
+        return int(self.conn.scalar(
+            "SELECT count(*) FROM (SELECT DISTINCT job_id, restart_count FROM events "
+            "WHERE kind = 'node_fail' AND node = :node AND cluster = :cluster "
+            "AND ts > :since_ts) AS failed",
+            {"node": node, "cluster": cluster, "since_ts": since_ts}))
 
     # -- training progress (figures, never money) -----------------------------------------
 
@@ -449,17 +466,22 @@ class Store:
             self.conn.execute(
                 "INSERT INTO run_progress (cluster, job_id, restart_count, uid, epoch, step, "
                 "epoch_base, step_base, reports, first_ts, last_ts) "
-                "SELECT ?, ?, ?, ?, ?, ?, coalesce(max(epoch), 0), coalesce(max(step), 0), 1, "
-                "?, ? FROM run_progress WHERE cluster = ? AND job_id = ? AND restart_count < ? "
+                "SELECT :cluster, :job_id, :restart_count, :uid, :epoch, :step, "
+                "coalesce(max(epoch), 0), coalesce(max(step), 0), 1, :ts, :ts "
+                "FROM run_progress WHERE cluster = :cluster AND job_id = :job_id "
+                "AND restart_count < :restart_count "
+                # the existing row by the table's name: PostgreSQL finds a bare ``epoch``
+                # ambiguous next to ``excluded.epoch``
                 "ON CONFLICT (cluster, job_id, restart_count) DO UPDATE SET "
-                "epoch = CASE WHEN excluded.epoch IS NULL THEN epoch "
-                "WHEN epoch IS NULL OR excluded.epoch > epoch THEN excluded.epoch "
-                "ELSE epoch END, "
-                "step = CASE WHEN excluded.step IS NULL THEN step "
-                "WHEN step IS NULL OR excluded.step > step THEN excluded.step ELSE step END, "
-                "reports = reports + 1, last_ts = excluded.last_ts",
-                (cluster, job_id, restart_count, uid, epoch, step, ts, ts, cluster, job_id,
-                 restart_count))
+                "epoch = CASE WHEN excluded.epoch IS NULL THEN run_progress.epoch "
+                "WHEN run_progress.epoch IS NULL OR excluded.epoch > run_progress.epoch "
+                "THEN excluded.epoch ELSE run_progress.epoch END, "
+                "step = CASE WHEN excluded.step IS NULL THEN run_progress.step "
+                "WHEN run_progress.step IS NULL OR excluded.step > run_progress.step "
+                "THEN excluded.step ELSE run_progress.step END, "
+                "reports = run_progress.reports + 1, last_ts = excluded.last_ts",
+                {"cluster": cluster, "job_id": job_id, "restart_count": restart_count,
+                 "uid": uid, "epoch": epoch, "step": step, "ts": ts})
 
     # -- GPU samples ------------------------------------------------------------------------
 
@@ -468,7 +490,8 @@ class Store:
         gpu_type, ts, util, mem_used_bytes."""
         return self._query(
             "SELECT node, gpu_index, gpu_type, ts, util, mem_used_bytes "
-            "FROM gpu_samples WHERE ts >= ? AND ts <= ? ORDER BY ts", (since_ts, until_ts))
+            "FROM gpu_samples WHERE ts >= :since_ts AND ts <= :until_ts "
+            "ORDER BY ts, node, gpu_index", {"since_ts": since_ts, "until_ts": until_ts})
 
     # -- approvals --------------------------------------------------------------------------
 
@@ -506,10 +529,10 @@ class Store:
         ts = time.time() if now is None else now
         with self.transaction():
             cur = self.conn.execute(
-                "UPDATE approvals SET used = used + ? WHERE id = ? AND revoked = 0 "
-                "AND expires_at > ? AND used + ? <= coalesce(amount, gpu_hours) + 1e-9 "
+                "UPDATE approvals SET used = used + :amount WHERE id = :id AND revoked = 0 "
+                "AND expires_at > :ts AND used + :amount <= coalesce(amount, gpu_hours) + 1e-9 "
                 "RETURNING team, used",
-                (amount, approval_id, ts, amount),
+                {"amount": float(amount), "id": approval_id, "ts": ts},
             )
             row = cur.fetchone()
             if row is None:
@@ -526,8 +549,8 @@ class Store:
         ts = time.time() if now is None else now
         with self.transaction():
             cur = self.conn.execute(
-                "UPDATE approvals SET revoked = 1 WHERE id = ? AND revoked = 0 RETURNING team",
-                (approval_id,),
+                "UPDATE approvals SET revoked = 1 WHERE id = :id AND revoked = 0 "
+                "RETURNING team", {"id": approval_id},
             )
             row = cur.fetchone()
             if row is None:
@@ -542,23 +565,24 @@ class Store:
         """Approvals, newest first; ``active_only``: not revoked, not expired, not used up.
         Each row has ``remaining`` in its unit."""
         ts = time.time() if now is None else now
-        where: list[str] = ["1"]
-        params: list[Any] = []
+        where: list[str] = []
+        params: dict[str, Any] = {}
         if active_only:
-            where.append("revoked = 0 AND expires_at > ? "
+            where.append("revoked = 0 AND expires_at > :ts "
                          "AND used < coalesce(amount, gpu_hours) - 1e-9")
-            params.append(ts)
+            params["ts"] = ts
         if team is not None:
-            where.append("team = ?")
-            params.append(team)
+            where.append("team = :team")
+            params["team"] = team
         return self._query(
             "SELECT *, coalesce(amount, gpu_hours) - used AS remaining FROM approvals "
-            f"WHERE {' AND '.join(where)} ORDER BY created_at DESC", params,
+            f"{'WHERE ' + ' AND '.join(where) if where else ''} "
+            "ORDER BY created_at DESC, id", params,
         )
 
     def approval(self, approval_id: str) -> dict[str, Any] | None:
         """One approval by id, whatever its state (revoked, expired, used up), or None."""
-        rows = self._query("SELECT * FROM approvals WHERE id = ?", (approval_id,))
+        rows = self._query("SELECT * FROM approvals WHERE id = :id", {"id": approval_id})
         return rows[0] if rows else None
 
     # -- ledger inputs ----------------------------------------------------------------------
@@ -572,18 +596,14 @@ class Store:
         """
         first_day = math.ceil(period_start_ts / 86400.0)
         end_day = math.floor(period_end_ts / 86400.0)
-        runs = ("SELECT coalesce(team, '') AS team, 1 AS runs, cost, credit FROM runs "
-                "WHERE end_ts >= ? AND end_ts < ? AND cost IS NOT NULL")
         if end_day < first_day:  # inside one day
-            parts, params = [runs], [period_start_ts, period_end_ts]
+            rows = self.conn.execute(_SPEND_ONE_DAY, {
+                "start_ts": period_start_ts, "end_ts": period_end_ts}).fetchall()
         else:
-            parts = [runs, runs, "SELECT team, runs, cost, credit FROM usage_daily_team "
-                                 "WHERE day >= ? AND day < ?"]
-            params = [period_start_ts, first_day * 86400.0, end_day * 86400.0, period_end_ts,
-                      first_day, end_day]
-        rows = self.conn.execute(
-            f"SELECT team, total(cost) - total(credit) FROM ({' UNION ALL '.join(parts)}) "
-            "GROUP BY team HAVING total(runs) != 0", params).fetchall()
+            rows = self.conn.execute(_SPEND_DAYS, {
+                "start_ts": period_start_ts, "first_ts": first_day * 86400.0,
+                "end_day_ts": end_day * 86400.0, "end_ts": period_end_ts,
+                "first_day": first_day, "end_day": end_day}).fetchall()
         return {team: float(net) for team, net in rows}
 
     def team_usage_gpu_hours(self, since_ts: float, *,
@@ -598,9 +618,9 @@ class Store:
         node-failure credit removes the run)."""
         ts_now = time.time() if now is None else now
         rows = self.conn.execute(
-            "SELECT team, day, total(gpu_seconds - credited_gpu_seconds) / 3600.0 "
-            "FROM usage_daily_team WHERE day >= ? GROUP BY team, day ORDER BY day, team",
-            (math.floor(since_ts / 86400.0),),
+            "SELECT team, day, sum(gpu_seconds - credited_gpu_seconds) / 3600.0 "
+            "FROM usage_daily_team WHERE day >= :since_day GROUP BY team, day "
+            "ORDER BY day, team", {"since_day": math.floor(since_ts / 86400.0)},
         ).fetchall()
         return [(team, min(day * 86400.0 + 43200.0, ts_now), float(hours))
                 for team, day, hours in rows if hours > 1e-9]
@@ -608,6 +628,42 @@ class Store:
 
 def _q(name: str) -> str:
     return f'"{name}"'
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    """``INSERT INTO table (columns) VALUES (:column, ...)``, built once per column set (the
+    decision path inserts a reservation per submit)."""
+    return (f"INSERT INTO {table} ({', '.join(_q(c) for c in columns)}) "
+            f"VALUES ({', '.join(':' + c for c in columns)})")
+
+
+def _integrity_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [sqlite3.IntegrityError]
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        errors.append(psycopg.IntegrityError)
+    return tuple(errors)
+
+
+_INTEGRITY_ERRORS = _integrity_errors()
+"""A duplicate key or a failed CHECK, on either server."""
+
+# The ledger's spend: runs that ended in the period, read from the runs table for the partial
+# days at its edges and from the team rollup for the whole UTC days between them.
+_SPEND_RUNS = ("SELECT coalesce(team, '') AS team, 1 AS runs, cost, credit FROM runs "
+               "WHERE end_ts >= :{lo} AND end_ts < :{hi} AND cost IS NOT NULL")
+_SPEND_TOTAL = ("SELECT team, coalesce(sum(cost), 0.0) - coalesce(sum(credit), 0.0) "
+                "FROM ({parts}) AS spend GROUP BY team HAVING sum(runs) != 0")
+_SPEND_ONE_DAY = _SPEND_TOTAL.format(parts=_SPEND_RUNS.format(lo="start_ts", hi="end_ts"))
+_SPEND_DAYS = _SPEND_TOTAL.format(parts=" UNION ALL ".join((
+    _SPEND_RUNS.format(lo="start_ts", hi="first_ts"),
+    _SPEND_RUNS.format(lo="end_day_ts", hi="end_ts"),
+    "SELECT team, runs, cost, credit FROM usage_daily_team "
+    "WHERE day >= :first_day AND day < :end_day")))
 
 
 def _configure(conn: sqlite3.Connection, *, writer: bool) -> None:
@@ -642,24 +698,36 @@ def open_store(path: str | Path, *, readonly: bool = False) -> Store:
             # snapshot of the WAL) between its queries
             raw = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True,
                                   check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{p}: cannot open read-only: {exc}") from exc
+        try:
             _configure(raw, writer=False)
             conn = SQLiteConnection(raw, spath)
             version = current_version(conn)
         except sqlite3.Error as exc:
+            raw.close()
             raise StoreError(f"{p}: cannot open read-only: {exc}") from exc
         _refuse_older(conn, version, spath)
         return Store(conn, path=spath, readonly=True)
     try:
         with _private_umask():
             raw = sqlite3.connect(spath, check_same_thread=False, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{spath}: cannot open the database for writing: {exc}") from exc
+    try:
+        with _private_umask():
             _configure(raw, writer=True)
             conn = SQLiteConnection(raw, spath)
             migrate(conn)
         make_private(spath)
-    except sqlite3.Error as exc:
-        raise StoreError(f"{spath}: cannot open the database for writing: {exc}") from exc
-    except OSError as exc:
-        raise StoreError(f"{spath}: cannot make the database private (0640): {exc}") from exc
+    except BaseException as exc:
+        raw.close()
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"{spath}: cannot open the database for writing: {exc}") from exc
+        if isinstance(exc, OSError):
+            raise StoreError(f"{spath}: cannot make the database private (0640): "
+                             f"{exc}") from exc
+        raise
     return Store(conn, path=spath, readonly=False)
 
 
@@ -680,12 +748,17 @@ def _open_postgresql(url: str, *, readonly: bool) -> Store:
         raise StoreError(f"{redact(url)}: cannot connect: {str(exc).strip()}") from exc
     try:
         if readonly:
-            _refuse_older(conn, current_version(conn), url)
+            version = current_version(conn)
         else:
             migrate(conn)
-    except errors as exc:
+    except BaseException as exc:
         conn.close()
-        raise StoreError(f"{redact(url)}: cannot open the ledger: {str(exc).strip()}") from exc
+        if isinstance(exc, errors):
+            raise StoreError(f"{redact(url)}: cannot open the ledger: "
+                             f"{str(exc).strip()}") from exc
+        raise
+    if readonly:
+        _refuse_older(conn, version, url)
     return Store(conn, path=url, readonly=readonly)
 
 

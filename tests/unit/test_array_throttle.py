@@ -78,7 +78,8 @@ def reservation(store: Store, rid: str) -> dict[str, Any]:
 
 
 def events(store: Store, kind: str) -> list[dict[str, Any]]:
-    return store._query("SELECT * FROM events WHERE kind = ? ORDER BY id", (kind,))
+    return store._query("SELECT * FROM events WHERE kind = :kind ORDER BY id",
+                        {"kind": kind})
 
 
 # -- re-pricing -------------------------------------------------------------------------------

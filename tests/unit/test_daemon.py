@@ -383,8 +383,8 @@ def _spool_daemon(tmp_path, **daemon_settings):  # noqa: ANN001, ANN202
 
 
 def _events(store, kind):  # noqa: ANN001, ANN202
-    return [e["message"] for e in store._query("SELECT message FROM events WHERE kind = ?",
-                                                 (kind,))]
+    return [e["message"] for e in store._query(
+        "SELECT message FROM events WHERE kind = :kind ORDER BY id", {"kind": kind})]
 
 
 def test_one_bad_record_never_stalls_ingest_and_good_ones_ingest_once(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,8 +24,9 @@ from tests.unit.test_db_ingest import (
 
 
 @pytest.fixture
-def store() -> Store:
-    s = open_store(":memory:")
+def store(ledger_target: str) -> Store:
+    """A fresh ledger, once on SQLite and once on PostgreSQL."""
+    s = open_store(ledger_target)
     yield s
     s.close()
 
@@ -42,9 +44,12 @@ def test_reservation_lifecycle(store: Store) -> None:
     assert store.bind_reservation(rid, 42, "c1")
     assert store.reservation(rid)["job_id"] == 42
     assert store.reservation(rid)["state"] == "bound"
+    assert store.reprice_reservation(rid, 3, 120.0, now=T0)
+    assert (store.reservation(rid)["tasks"], store.reservation(rid)["est_cost"]) == (3, 120.0)
     assert store.finish_reservation(rid, "released", "job gone from the queue")
     assert store.live_reservations() == []
     assert not store.finish_reservation(rid, "settled")  # not live any more
+    assert not store.reprice_reservation(rid, 1, 1.0)
     assert not store.bind_reservation(rid, 43, "c1")
     assert not store.bind_reservation("nope", 1, "c1")
     with pytest.raises(ValueError, match="exists|cannot be added"):
@@ -155,14 +160,30 @@ def test_rollup_samples(store: Store, policy: Policy) -> None:
     ]
 
 
-def test_transaction_rolls_back_everything(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "t.db")
+def test_transaction_rolls_back_everything(store: Store) -> None:
     with pytest.raises(RuntimeError), store.transaction():
         store.add_event("admin_action", message="one")  # nested: a savepoint
-        store.db["events"].insert({"ts": 0, "kind": "admin_action"})
+        store.conn.execute("INSERT INTO events (ts, kind) VALUES (:ts, :kind)",
+                           {"ts": 0.0, "kind": "admin_action"})
+        reserve(store, 5)
         raise RuntimeError("boom")
-    assert events(store) == []
-    store.close()
+    assert store.event_count() == 0
+    assert store.live_reservations() == []
+    assert not store.conn.in_transaction
+
+
+def test_a_failed_statement_inside_a_transaction_spoils_only_its_savepoint(
+        store: Store) -> None:
+    """A duplicate reservation inside a larger transaction is refused (ValueError) without
+    aborting the rest (PostgreSQL aborts a whole transaction on a failed statement: the store
+    runs each write in its own savepoint)."""
+    with store.transaction():
+        rid = reserve(store, 5)
+        with pytest.raises(ValueError, match="cannot be added"):
+            store.add_reservation({"rid": rid, "cluster": "c1"})
+        store.add_event("admin_action", message="after the refusal")
+    assert [r["rid"] for r in store.live_reservations()] == [rid]
+    assert store.event_count("admin_action") == 1
 
 
 def test_credit_run_moves_the_rollup(store: Store, policy: Policy) -> None:
@@ -257,6 +278,7 @@ def test_the_reservation_rules_home_agrees_with_the_ingest() -> None:
     assert not run_settles_reservation(dict(settled, state="NODE_FAIL"))
 
 
+# SQLite only: file modes of the database and its WAL
 def test_the_database_and_its_wal_are_private_whatever_the_umask(tmp_path: Path) -> None:
     import os
     import stat
@@ -287,3 +309,123 @@ def test_the_database_and_its_wal_are_private_whatever_the_umask(tmp_path: Path)
     finally:
         os.umask(old)
     assert os.umask(old) == old  # open_store gives the process its umask back
+
+
+# -- the store's SQL on its own (no ingest): rows written straight into the tables ----------
+
+
+def _insert(store: Store, table: str, **row: Any) -> None:
+    names = ", ".join(f'"{c}"' for c in row)
+    store.conn.execute(
+        f"INSERT INTO {table} ({names}) VALUES ({', '.join(':' + c for c in row)})", row)
+
+
+def _settled_run(store: Store, job_id: int, *, team: str | None, end: float, cost: float,
+                 credit: float = 0.0, rid: str | None = None, cluster: str = "c1") -> None:
+    _insert(store, "runs", cluster=cluster, job_id=job_id, restart_count=0, start_ts=end - HOUR,
+            end_ts=end, state="COMPLETED", team=team, rid=rid, gpus=1.0, gpu_seconds=HOUR,
+            cost=cost, credit=credit)
+
+
+def _team_day(store: Store, day: int, team: str, *, runs: int, cost: float, credit: float,
+              gpu_seconds: float, credited_gpu_seconds: float = 0.0) -> None:
+    _insert(store, "usage_daily_team", day=day, cluster="c1", team=team, runs=runs, cost=cost,
+            credit=credit, gpu_seconds=gpu_seconds,
+            credited_gpu_seconds=credited_gpu_seconds)
+
+
+def _ledger(store: Store) -> dict[str, Any]:
+    """A small ledger written straight into the tables, and what the store reads of it."""
+    day0 = int(T0 // 86400)
+    # the partial days at the edges of [T0 + 6 h, T0 + 3 days + 6 h) come from runs ...
+    _settled_run(store, 1, team="vision", end=T0 + 7 * HOUR, cost=10.25, credit=0.25)
+    _settled_run(store, 2, team=None, end=T0 + 3 * 86400 + HOUR, cost=3.1)  # no team: ""
+    _settled_run(store, 3, team="vision", end=T0 + 5 * HOUR, cost=99.0)  # before the period
+    _settled_run(store, 4, team="nlp", end=T0 + 3 * 86400 + 6 * HOUR, cost=7.0)  # at its end
+    # ... the whole days between from the team rollup
+    _team_day(store, day0 + 1, "vision", runs=2, cost=20.5, credit=0.5, gpu_seconds=7200.0,
+              credited_gpu_seconds=1800.0)
+    _team_day(store, day0 + 2, "nlp", runs=1, cost=0.1, credit=0.1, gpu_seconds=3600.0,
+              credited_gpu_seconds=3600.0)
+    _team_day(store, day0 + 2, "empty", runs=0, cost=0.0, credit=0.0, gpu_seconds=0.0)
+    _team_day(store, day0 + 3, "vision", runs=1, cost=1000.0, credit=0.0, gpu_seconds=1.0)
+    rid = reserve(store, 9, est_cost=40.0, created_at=T0 - 2 * 86400)
+    _settled_run(store, 9, team="vision", end=T0 - 86400, cost=4.5, credit=1.5, rid=rid)
+    reserve(store, None, team="nlp", est_cost=2.5, created_at=T0)
+    store.add_approval(team="nlp", amount=10.0, expires_at=T0 + 86400, now=T0,
+                       approval_id="a1")
+    store.use_approval("a1", 2.5, now=T0 + 1)
+    store.add_approval(team="vision", gpu_hours=3, expires_at=T0 + 86400, now=T0 + 2,
+                       approval_id="a2")
+    return {
+        "spend": store.spend_by_team(T0 + 6 * HOUR, T0 + 3 * 86400 + 6 * HOUR),
+        "spend_one_day": store.spend_by_team(T0 + HOUR, T0 + 8 * HOUR),
+        "usage": store.team_usage_gpu_hours(T0, now=T0 + 10 * 86400),
+        "live": [(r["rid"] == rid, r["team"], r["est_cost"], r["charged"], r["tags"])
+                 for r in store.live_reservations()],
+        "approvals": [(a["id"], a["used"], a["remaining"]) for a in store.approvals(now=T0)],
+    }
+
+
+def test_the_ledger_inputs_read_from_the_tables(store: Store) -> None:
+    got = _ledger(store)
+    assert got["spend"] == {"vision": 10.0 + 20.0, "": 3.1, "nlp": 0.0}
+    assert got["spend_one_day"] == {"vision": 99.0 + 10.0}
+    # by day; the nlp day was credited whole (no hours left)
+    assert got["usage"] == [("vision", T0 + 86400 + 43200, 1.5),
+                            ("vision", T0 + 3 * 86400 + 43200, pytest.approx(1 / 3600))]
+    assert got["live"] == [(True, "vision", 40.0, 3.0, {"project": "llm"}),
+                           (False, "nlp", 2.5, 0.0, {"project": "llm"})]
+    assert got["approvals"] == [("a2", 0.0, 3.0), ("a1", 2.5, 7.5)]
+
+
+def test_both_servers_read_the_same_amounts(tmp_path: Path, pg_url: str) -> None:
+    """Money and timestamps come out identical (same floats, same types) on SQLite and on
+    PostgreSQL."""
+    results = []
+    for target in (str(tmp_path / "ledger.db"), pg_url):
+        store = open_store(target)
+        results.append(_ledger(store))
+        store.close()
+    lite, pg = results
+    assert pg == lite
+    for key in ("spend", "spend_one_day"):
+        assert [type(v) for v in pg[key].values()] == [float] * len(pg[key])
+    assert [type(v) for r in pg["live"] for v in r[2:4]] == [float] * 2 * len(pg["live"])
+    assert [type(v) for r in lite["live"] for v in r[2:4]] == [float] * 2 * len(lite["live"])
+
+
+def test_record_progress_keeps_the_highest(store: Store) -> None:
+    store.record_progress("c1", 5, 0, uid=1001, epoch=3, step=300, now=T0)
+    store.record_progress("c1", 5, 0, uid=1001, epoch=2, now=T0 + 1)  # never lowers
+    store.record_progress("c1", 5, 0, uid=1001, step=500, now=T0 + 2)
+    store.record_progress("c1", 5, 1, uid=None, epoch=4, now=T0 + 3)  # resumed: a base
+    rows = store._query("SELECT restart_count, uid, epoch, step, epoch_base, step_base, "
+                        "reports, first_ts, last_ts FROM run_progress ORDER BY restart_count")
+    assert rows == [
+        {"restart_count": 0, "uid": 1001, "epoch": 3, "step": 500, "epoch_base": 0,
+         "step_base": 0, "reports": 3, "first_ts": T0, "last_ts": T0 + 2},
+        {"restart_count": 1, "uid": None, "epoch": 4, "step": None, "epoch_base": 3,
+         "step_base": 500, "reports": 1, "first_ts": T0 + 3, "last_ts": T0 + 3},
+    ]
+    with pytest.raises(ValueError, match="whole number"):
+        store.record_progress("c1", 5, 0, uid=1001, epoch=store.PROGRESS_MAX + 1)
+
+
+def test_bind_attaches_runs_that_arrived_first(store: Store) -> None:
+    """Runs of the job recorded before its reservation was bound (none older than the
+    reservation) are attached to it; bound job ids are found by id."""
+    rid = reserve(store, None, created_at=T0)
+    _settled_run(store, 77, team="vision", end=T0 + HOUR, cost=1.0)
+    _insert(store, "runs", cluster="c1", job_id=77, restart_count=1, start_ts=T0 + 2 * HOUR)
+    _settled_run(store, 78, team="vision", end=T0 - 2 * HOUR, cost=1.0)  # job id reuse
+    _insert(store, "runs", cluster="c1", job_id=78, restart_count=1, submit_ts=T0 - 2 * HOUR,
+            start_ts=T0 + HOUR)
+    assert store.bind_reservation(rid, 77, "c1", now=T0 + 3 * HOUR)
+    assert [r["rid"] for r in store.runs_of_job("c1", 77)] == [rid, rid]
+    other = reserve(store, None, created_at=T0 + 1)
+    assert store.bind_reservation(other, 78, "c1", now=T0 + 3 * HOUR)
+    assert [r["rid"] for r in store.runs_of_job("c1", 78)] == [None, None]
+    assert store.reservation(rid)["updated_at"] == T0 + 3 * HOUR
+    assert store.bound_job_ids([77, 78, 79]) == {77, 78}
+    assert [r["rid"] for r in store.live_reservations()] == [rid, other]

@@ -89,7 +89,8 @@ def run_failure(store: Store, slurm: FakeSlurm, records: list[dict[str, Any]],
 
 
 def events(store: Store, kind: str) -> list[dict[str, Any]]:
-    return store._query("SELECT * FROM events WHERE kind = ? ORDER BY id", (kind,))
+    return store._query("SELECT * FROM events WHERE kind = :kind ORDER BY id",
+                        {"kind": kind})
 
 
 def failed_run(job_id: int, **kw: Any) -> list[dict[str, Any]]:

@@ -77,7 +77,8 @@ class Setup(SimpleNamespace):
         return found
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        return self.store._query("SELECT * FROM events WHERE kind = ? ORDER BY id", (kind,))
+        return self.store._query("SELECT * FROM events WHERE kind = :kind ORDER BY id",
+                                 {"kind": kind})
 
     def reservations(self) -> list[dict[str, Any]]:
         return self.store._query("SELECT * FROM reservations ORDER BY created_at")
