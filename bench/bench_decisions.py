@@ -13,8 +13,14 @@ connections; the output then has both runs ("quiet" and "under_load"). ``--user-
 sets max_user_connections and max_connections_per_user to M in the bench policy (by default
 the policy's own limits apply, and most idle connections are refused).
 
+With ``--database postgresql`` the ledger is a PostgreSQL server this bench starts for the
+run (contrib/devcluster/postgres.sh: Debian's server, default settings, fsync and
+synchronous_commit on) on a loopback port, and the daemon reaches it over TCP, as a
+controller reaches a database host.
+
     /opt/slurmgate/venv/bin/python bench/bench_decisions.py [--requests 5000]
         [--hammer-estimate] [--idle-connections 1000] [--user-limits 1100]
+        [--database sqlite|postgresql]
 """
 
 from __future__ import annotations
@@ -42,11 +48,11 @@ from db.store import open_store  # noqa: E402
 
 
 def policy_text(state: Path, teams: int, user_limits: int | None = None,
-                members: list[str] | None = None) -> str:
+                members: list[str] | None = None, ledger: str | None = None) -> str:
     # --account bills a team only for its members: the jobs' user, and the load's user
     members = members or ["u"]
     lines = [
-        "[daemon]", f'socket = "{state}/sg.sock"', f'database = "{state}/sg.db"',
+        "[daemon]", f'socket = "{state}/sg.sock"', f'database = "{ledger or state / "sg.db"}"',
         f'spool_dir = "{state}/spool"', f'log_file = "{state}/daemon.log"',
         'slurm_user = "root"', "reconcile_seconds = 3600", 'cluster = "bench"',
         *([f"max_user_connections = {user_limits}",
@@ -71,7 +77,25 @@ ALERTS = "\n".join([
 """The alert scan at its shortest cadence (``--alerts``): dry run, so nothing is sent."""
 
 
-def fill(db_path: Path, teams: int, reservations: int) -> None:
+def start_postgresql(state: Path) -> tuple[str, Path]:
+    """A PostgreSQL server for this run: (the slurmgate role's URL, its state dir)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pg = state / "pg"
+    script = str(REPO / "contrib/devcluster/postgres.sh")
+    subprocess.run(["bash", script, "start", str(pg), str(port)], check=True)
+    url = subprocess.run(["bash", script, "url", str(pg), str(port)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    return url, pg
+
+
+def stop_postgresql(pg: Path) -> None:
+    subprocess.run(["bash", str(REPO / "contrib/devcluster/postgres.sh"), "stop", str(pg)],
+                   check=False)
+
+
+def fill(db_path: Path | str, teams: int, reservations: int) -> None:
     store = open_store(db_path)
     now = time.time()
     period = time.strftime("%Y-%m", time.gmtime(now))
@@ -284,6 +308,9 @@ def main() -> int:
                     help="max_user_connections and max_connections_per_user for the bench")
     ap.add_argument("--alerts", action="store_true",
                     help="with the alert scan on (dry run, a round every second)")
+    ap.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite",
+                    help="the ledger: a SQLite file (default) or a PostgreSQL server started "
+                         "for the run")
     args = ap.parse_args()
     load = args.hammer_estimate or args.idle_connections > 0
     if load and os.geteuid() != 0:
@@ -295,10 +322,16 @@ def main() -> int:
     members = ["u", user_of(1000)]  # the daemon names a job's user from its uid when it can
     if load:
         members.append(unprivileged_user().pw_name)
+    pg_dir: Path | None = None
+    ledger: str = str(state / "sg.db")
+    if args.database == "postgresql":
+        os.chmod(state, 0o755)  # the server runs as `postgres`
+        ledger, pg_dir = start_postgresql(state)
     (state / "policy.toml").write_text(policy_text(state, args.teams, args.user_limits,
-                                                   members) + (ALERTS if args.alerts else ""))
+                                                   members, ledger)
+                                       + (ALERTS if args.alerts else ""))
     t0 = time.perf_counter()
-    fill(state / "sg.db", args.teams, args.reservations)
+    fill(ledger, args.teams, args.reservations)
     fill_s = time.perf_counter() - t0
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "slurm_plugin.cli", "--config",
@@ -329,12 +362,15 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(10)
+        if pg_dir is not None:
+            stop_postgresql(pg_dir)
     inner = [json.loads(line)["latency_ms"] for line in
              (state / "daemon.log").read_text().splitlines() if '"event": "decision"' in line]
     quiet["daemon_decision_ms"] = {"p50": pct(inner[:args.requests], 50),
                                    "p99": pct(inner[:args.requests], 99)}
     out: dict[str, Any] = {
-        "teams": args.teams, "live_reservations_at_start": args.reservations,
+        "database": args.database, "teams": args.teams,
+        "live_reservations_at_start": args.reservations,
         "reserved_total_at_start": round(reserved_total, 2), "fill_s": round(fill_s, 2),
         "requests": args.requests, **quiet,
     }
