@@ -81,11 +81,16 @@ def cluster_jobs(now: float, seed: int = 11) -> tuple[SyntheticSlurm, list[dict[
     return slurm, plans
 
 
+SAMPLE_INSERT = ("INSERT INTO gpu_samples (node, gpu_uuid, ts, gpu_index, gpu_type, util, "
+                 "mem_used_bytes, power_w, job_id) VALUES (:node, :uuid, :ts, :index, :type, "
+                 ":util, :mem, :power, :job_id)")
+
+
 def fill_samples(db: Path, plans: list[dict[str, Any]], now: float, hours: float) -> int:
     """One sample a minute of every GPU for ``hours`` (tagged with its job while it runs)."""
     rng = random.Random(5)
     store = open_store(db)
-    rows: list[tuple[Any, ...]] = []
+    rows: list[dict[str, Any]] = []
     total = 0
     minutes = int(hours * 60)
     with store.transaction():
@@ -101,15 +106,14 @@ def fill_samples(db: Path, plans: list[dict[str, Any]], now: float, hours: float
                         util, job_id = rng.choice((0.0, 0.0, 1.0, 3.0)), plan["job_id"]
                     else:
                         util, job_id = rng.uniform(40, 99), plan["job_id"]
-                    rows.append((plan["node"], uuid, ts, index, "a100", util, 0, 250.0,
-                                 job_id))
+                    rows.append({"node": plan["node"], "uuid": uuid, "ts": ts,
+                                 "index": index, "type": "a100", "util": util, "mem": 0,
+                                 "power": 250.0, "job_id": job_id})
                 if len(rows) > 200_000:
-                    store.conn.executemany("INSERT INTO gpu_samples VALUES "
-                                           "(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    store.conn.executemany(SAMPLE_INSERT, rows)
                     total += len(rows)
                     rows = []
-        store.conn.executemany("INSERT INTO gpu_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                               rows)
+        store.conn.executemany(SAMPLE_INSERT, rows)
         total += len(rows)
     store.conn.execute("ANALYZE")
     store.close()

@@ -21,14 +21,17 @@ GROUPS = ("team", "project", "user")
 _RUNS = (
     'SELECT r.cluster, r.job_id, r.restart_count, r.team, r.project, r."user", r.tags, '
     "r.gpu_seconds, r.util_mean, r.cost, r.credit, r.cost_idle, "
-    "max(0, p.epoch - p.epoch_base) AS epochs, max(0, p.step - p.step_base) AS steps, "
-    "EXISTS (SELECT 1 FROM run_progress q WHERE q.cluster = r.cluster AND q.job_id = r.job_id "
-    "AND q.epoch IS NOT NULL) AS epoch_job, "
-    "EXISTS (SELECT 1 FROM run_progress q WHERE q.cluster = r.cluster AND q.job_id = r.job_id "
-    "AND q.step IS NOT NULL) AS step_job "
+    # progress made, never below 0; NULL (no progress row) stays NULL
+    "CASE WHEN p.epoch - p.epoch_base < 0 THEN 0 ELSE p.epoch - p.epoch_base END AS epochs, "
+    "CASE WHEN p.step - p.step_base < 0 THEN 0 ELSE p.step - p.step_base END AS steps, "
+    # 1/0 on both servers (a bare EXISTS is a boolean on PostgreSQL)
+    "CASE WHEN EXISTS (SELECT 1 FROM run_progress q WHERE q.cluster = r.cluster "
+    "AND q.job_id = r.job_id AND q.epoch IS NOT NULL) THEN 1 ELSE 0 END AS epoch_job, "
+    "CASE WHEN EXISTS (SELECT 1 FROM run_progress q WHERE q.cluster = r.cluster "
+    "AND q.job_id = r.job_id AND q.step IS NOT NULL) THEN 1 ELSE 0 END AS step_job "
     "FROM runs r LEFT JOIN run_progress p ON p.cluster = r.cluster AND p.job_id = r.job_id "
     "AND p.restart_count = r.restart_count "
-    "WHERE r.cost IS NOT NULL AND r.end_ts >= ? AND r.end_ts < ?"
+    "WHERE r.cost IS NOT NULL AND r.end_ts >= :start_ts AND r.end_ts < :end_ts"
 )
 
 
@@ -51,10 +54,10 @@ def efficiency_runs(store: Store, start_ts: float, end_ts: float, *,
     with the progress each made (``epochs``, ``steps``; None when it reported none) and
     whether its job reported epochs/steps at all (``epoch_job``, ``step_job``)."""
     sql = _RUNS
-    params: list[Any] = [start_ts, end_ts]
+    params: dict[str, Any] = {"start_ts": start_ts, "end_ts": end_ts}
     if team is not None:
-        sql += " AND r.team = ?"
-        params.append(team)
+        sql += " AND r.team = :team"
+        params["team"] = team
     rows = store._query(sql + " ORDER BY r.end_ts", params)
     for r in rows:
         try:

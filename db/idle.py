@@ -13,11 +13,24 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from db.backend import POSTGRESQL, SQLITE, split_in
 from db.store import Store
 from policies.idle import EVENT_KINDS, Summary
 
 _CHUNK = 2000
-"""Jobs per statement (up to five parameters each; SQLite allows 32,766)."""
+"""Jobs per statement (up to five parameters each; SQLite allows 32,766, PostgreSQL 65,535)."""
+
+# The two places where the servers spell the streak statement differently; the rest of it is
+# shared. A bucket is floor(ts / width): SQLite's CAST truncates (ts is never negative) and its
+# floor() exists only in builds with the math functions, while PostgreSQL's CAST rounds. A
+# job's nodes come as one JSON array parameter (five parameters a job, however many nodes it
+# has), read by each server's own JSON table function (SQLite json_each, PostgreSQL
+# json_array_elements_text; both name their column "value").
+_STREAK_SQL = {
+    SQLITE: ("CAST(s.ts / :width AS INTEGER)", "SELECT value FROM json_each(w.nodes)"),
+    POSTGRESQL: ("CAST(floor(s.ts / :width) AS BIGINT)",
+                 "SELECT value FROM json_array_elements_text(CAST(w.nodes AS json))"),
+}
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
@@ -40,33 +53,43 @@ def idle_summaries(store: Store, wanted: dict[int, tuple[float, int, int]], *,
     are the nodes Slurm runs the job on now: samples tagged with the job's id on any other
     node (a baseline left behind by a run that failed there) are not the job's."""
     out: dict[int, Summary] = {}
+    bucket, nodes_of = _STREAK_SQL[store.conn.dialect]
     items = sorted(wanted.items())
     for part in _chunks(items):
-        values = ", ".join("(?, ?, ?, ?, ?)" for _ in part)
-        params: list[Any] = [
-            v for job_id, (since, need, allocated) in part
-            for v in (job_id, since, need, allocated,
-                      json.dumps(nodes[job_id]) if nodes and job_id in nodes else None)]
+        values = ", ".join(f"(:j{i}, :s{i}, :n{i}, :a{i}, :d{i})" for i in range(len(part)))
+        params: dict[str, Any] = {"width": width_s, "threshold": threshold_percent}
+        for i, (job_id, (since, need, allocated)) in enumerate(part):
+            params.update({
+                f"j{i}": int(job_id), f"s{i}": float(since), f"n{i}": int(need),
+                f"a{i}": int(allocated),
+                f"d{i}": json.dumps(nodes[job_id]) if nodes and job_id in nodes else None})
         rows = store.conn.execute(
             f"WITH wanted(job_id, since, need, allocated, nodes) AS (VALUES {values}), "
-            "per_gpu AS (SELECT s.job_id AS job_id, CAST(s.ts / ? AS INTEGER) AS bucket, "
-            "max(s.util) < ? AS idle FROM wanted w JOIN gpu_samples s "
+            f"per_gpu AS (SELECT s.job_id AS job_id, {bucket} AS bucket, "
+            "CASE WHEN max(s.util) < :threshold THEN 1 ELSE 0 END AS idle "
+            "FROM wanted w JOIN gpu_samples s "
             "ON s.job_id = w.job_id AND s.ts >= w.since AND (w.nodes IS NULL OR s.node IN "
-            "(SELECT value FROM json_each(w.nodes))) "
+            f"({nodes_of})) "
             "GROUP BY s.job_id, s.gpu_uuid, bucket), "
-            "per_bucket AS (SELECT job_id, bucket, count(*) AS seen, total(idle) AS idle "
+            "per_bucket AS (SELECT job_id, bucket, count(*) AS seen, sum(idle) AS idle "
             "FROM per_gpu GROUP BY job_id, bucket), "
             "judged AS (SELECT b.job_id AS job_id, b.bucket AS bucket, b.seen AS seen, "
             "b.idle AS idle, CASE WHEN b.idle >= w.need THEN 1 "
-            "WHEN b.seen - b.idle > max(w.allocated, b.seen) - w.need THEN -1 ELSE 0 END "
+            "WHEN b.seen - b.idle > CASE WHEN w.allocated > b.seen THEN w.allocated "
+            "ELSE b.seen END - w.need THEN -1 ELSE 0 END "
             "AS state FROM per_bucket b JOIN wanted w ON w.job_id = b.job_id), "
-            "last_busy AS (SELECT job_id, max(bucket) AS bucket FROM judged "
-            "WHERE state = -1 GROUP BY job_id) "
-            # one max() in the select: SQLite takes idle and seen from the row holding it
-            "SELECT j.job_id, count(*), max(j.bucket), j.idle, j.seen FROM judged j "
-            "LEFT JOIN last_busy l ON l.job_id = j.job_id "
-            "WHERE j.state = 1 AND (l.bucket IS NULL OR j.bucket > l.bucket) "
-            "GROUP BY j.job_id", [*params, width_s, threshold_percent]).fetchall()
+            # per job its newest busy and newest idle bucket, in one pass
+            "ends AS (SELECT job_id, max(CASE WHEN state = -1 THEN bucket END) AS busy, "
+            "max(CASE WHEN state = 1 THEN bucket END) AS last FROM judged "
+            "WHERE state <> 0 GROUP BY job_id) "
+            # the streak: the idle buckets after the newest busy one; idle and seen are those
+            # of its newest bucket (max() of one value per group: both servers' GROUP BY)
+            "SELECT j.job_id, count(*), max(e.last), "
+            "max(CASE WHEN j.bucket = e.last THEN j.idle END), "
+            "max(CASE WHEN j.bucket = e.last THEN j.seen END) FROM judged j "
+            "JOIN ends e ON e.job_id = j.job_id "
+            "WHERE j.state = 1 AND (e.busy IS NULL OR j.bucket > e.busy) "
+            "GROUP BY j.job_id", params).fetchall()
         for job_id, count, last, idle, seen in rows:
             out[int(job_id)] = Summary(int(count), int(last), int(idle), int(seen))
     return out
@@ -80,14 +103,15 @@ def idle_events(store: Store, cluster: str, since: dict[int, float]
     if not since:
         return []
     out: list[tuple[int, int | None, str, float | None, bool]] = []
-    kinds = ", ".join("?" for _ in EVENT_KINDS)
+    kinds, kind_params = split_in("kind", EVENT_KINDS)
     oldest = min(since.values())
     for part in _chunks(sorted(since)):
-        marks = ", ".join("?" for _ in part)
+        marks, params = split_in("job", [int(j) for j in part])
         rows = store.conn.execute(
             f"SELECT job_id, restart_count, kind, ts, detail FROM events "
-            f"WHERE kind IN ({kinds}) AND ts >= ? AND cluster = ? AND job_id IN ({marks})",
-            [*EVENT_KINDS, oldest, cluster, *part]).fetchall()
+            f"WHERE kind IN ({kinds}) AND ts >= :oldest AND cluster = :cluster "
+            f"AND job_id IN ({marks})",
+            {**kind_params, "oldest": oldest, "cluster": cluster, **params}).fetchall()
         for job_id, restart, kind, ts, detail in rows:
             if ts < since[job_id]:
                 continue
@@ -111,11 +135,11 @@ def live_reservations_of_jobs(store: Store, cluster: str, job_ids: Iterable[int]
     ids = sorted(set(job_ids))
     out: dict[int, dict[str, Any]] = {}
     for part in _chunks(ids):
-        marks = ", ".join("?" for _ in part)
+        marks, params = split_in("job", [int(j) for j in part])
         for row in store._query(
                 "SELECT job_id, gpu_type, gpus, cpus, mem_mb, \"partition\", time_limit_min, "
-                "est_cost, tasks FROM reservations WHERE cluster = ? AND job_id IN "
+                "est_cost, tasks FROM reservations WHERE cluster = :cluster AND job_id IN "
                 f"({marks}) AND state IN ('reserved', 'bound') ORDER BY created_at",
-                [cluster, *part]):
+                {"cluster": cluster, **params}):
             out[row["job_id"]] = row
     return out

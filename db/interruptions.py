@@ -23,8 +23,8 @@ def _detail(row: dict[str, Any]) -> dict[str, Any]:
 def failure_metrics(store: Store, start_ts: float, end_ts: float) -> dict[str, Any]:
     events = store._query(
         "SELECT kind, ts, job_id, restart_count, node, detail FROM events "
-        "WHERE kind IN ('node_fail', 'preempt', 'recovered', 'drain') AND ts >= ? AND ts < ? "
-        "ORDER BY ts", (start_ts, end_ts))
+        "WHERE kind IN ('node_fail', 'preempt', 'recovered', 'drain') AND ts >= :start_ts "
+        "AND ts < :end_ts ORDER BY ts", {"start_ts": start_ts, "end_ts": end_ts})
     days = max((end_ts - start_ts) / 86400.0, 1e-9)
     runs_failed: dict[tuple[int, Any], dict[str, Any]] = {}
     per_node: dict[str, int] = {}
@@ -45,15 +45,19 @@ def failure_metrics(store: Store, start_ts: float, end_ts: float) -> dict[str, A
         elif e["kind"] == "drain" and e["node"]:
             drains.append(e["node"])
     lost = sum(float(d.get("gpu_hours_lost") or 0.0) for d in runs_failed.values())
+    window = {"start_ts": start_ts, "end_ts": end_ts}
     credited = store._query(
-        "SELECT total(credit) AS money, total(CASE WHEN credit > 0 THEN gpu_seconds END) / 3600.0"
-        " AS gpu_hours FROM runs WHERE end_ts >= ? AND end_ts < ?", (start_ts, end_ts))[0]
+        "SELECT coalesce(sum(credit), 0) AS money, "
+        "coalesce(sum(CASE WHEN credit > 0 THEN gpu_seconds END), 0) / 3600.0 AS gpu_hours "
+        "FROM runs WHERE end_ts >= :start_ts AND end_ts < :end_ts", window)[0]
     scav = store._query(
-        "SELECT count(*) AS runs, total(state = 'PREEMPTED') AS preempted FROM runs "
-        "WHERE partition = 'scavenger' AND end_ts >= ? AND end_ts < ?", (start_ts, end_ts))[0]
+        "SELECT count(*) AS runs, "
+        "coalesce(sum(CASE WHEN state = 'PREEMPTED' THEN 1 ELSE 0 END), 0) AS preempted "
+        "FROM runs WHERE \"partition\" = 'scavenger' AND end_ts >= :start_ts "
+        "AND end_ts < :end_ts", window)[0]
     nodes_seen = {r["node"] for r in store._query(
-        "SELECT DISTINCT node FROM run_nodes WHERE end_ts >= ? AND end_ts < ?",
-        (start_ts, end_ts))} | set(per_node)
+        "SELECT DISTINCT node FROM run_nodes WHERE end_ts >= :start_ts AND end_ts < :end_ts",
+        window)} | set(per_node)
     interruptions = len(runs_failed) + len(preempted)
     recoveries.sort()
     return {
@@ -79,9 +83,12 @@ def failure_metrics(store: Store, start_ts: float, end_ts: float) -> dict[str, A
 
 def node_history(store: Store, since_ts: float) -> list[dict[str, Any]]:
     """Per node: failures, last failure, drains by slurmgate, since ``since_ts``."""
+    # counts as floats (1.0 per row) on both servers, as SQLite's total() gave them
     return store._query(
-        "SELECT node, total(kind = 'node_fail') AS failures, "
-        "max(CASE WHEN kind = 'node_fail' THEN ts END) AS last_failure, "
-        "total(kind = 'drain') AS drains, max(CASE WHEN kind = 'drain' THEN ts END) AS last_drain "
-        "FROM events WHERE node IS NOT NULL AND kind IN ('node_fail', 'drain') AND ts >= ? "
-        "GROUP BY node ORDER BY failures DESC, node", (since_ts,))
+        "SELECT node, coalesce(sum(CASE WHEN kind = 'node_fail' THEN 1.0 ELSE 0.0 END), 0.0) "
+        "AS failures, max(CASE WHEN kind = 'node_fail' THEN ts END) AS last_failure, "
+        "coalesce(sum(CASE WHEN kind = 'drain' THEN 1.0 ELSE 0.0 END), 0.0) AS drains, "
+        "max(CASE WHEN kind = 'drain' THEN ts END) AS last_drain "
+        "FROM events WHERE node IS NOT NULL AND kind IN ('node_fail', 'drain') "
+        "AND ts >= :since_ts GROUP BY node ORDER BY failures DESC, node",
+        {"since_ts": since_ts})

@@ -51,12 +51,13 @@ def find_job_runs(store: Store, cluster: str, job_id: int,
     ``array_task_id``, ``job_id`` is the array's job id."""
     if array_task_id is None:
         rows = store._query(
-            "SELECT * FROM runs WHERE cluster = ? AND job_id = ? ORDER BY restart_count",
-            (cluster, job_id))
+            "SELECT * FROM runs WHERE cluster = :cluster AND job_id = :job_id "
+            "ORDER BY restart_count", {"cluster": cluster, "job_id": job_id})
     else:
         rows = store._query(
-            "SELECT * FROM runs WHERE cluster = ? AND array_job_id = ? AND array_task_id = ? "
-            "ORDER BY job_id, restart_count", (cluster, job_id, array_task_id))
+            "SELECT * FROM runs WHERE cluster = :cluster AND array_job_id = :job_id "
+            "AND array_task_id = :task ORDER BY job_id, restart_count",
+            {"cluster": cluster, "job_id": job_id, "task": array_task_id})
         if rows:  # one task has one job id; the newest task of that number wins
             newest = max(rows, key=lambda r: r["submit_ts"] or r["start_ts"] or 0.0)
             rows = [r for r in rows if r["job_id"] == newest["job_id"]]
@@ -68,11 +69,11 @@ def job_reservation(store: Store, cluster: str, job_id: int,
     """The job's reservation: by ``rid`` when its runs name one, else the newest bound to
     (cluster, job_id)."""
     if rid:
-        rows = store._query("SELECT * FROM reservations WHERE rid = ?", (rid,))
+        rows = store._query("SELECT * FROM reservations WHERE rid = :rid", {"rid": rid})
     else:
         rows = store._query(
-            "SELECT * FROM reservations WHERE cluster = ? AND job_id = ? "
-            "ORDER BY created_at DESC LIMIT 1", (cluster, job_id))
+            "SELECT * FROM reservations WHERE cluster = :cluster AND job_id = :job_id "
+            "ORDER BY created_at DESC LIMIT 1", {"cluster": cluster, "job_id": job_id})
     return _decode_tags(rows[0]) if rows else None
 
 
@@ -82,8 +83,8 @@ def job_nodes(store: Store, cluster: str, job_id: int) -> dict[int, list[dict[st
     gpu_seconds)."""
     out: dict[int, list[dict[str, Any]]] = {}
     for r in store._query(
-            "SELECT * FROM run_nodes WHERE cluster = ? AND job_id = ? "
-            "ORDER BY restart_count, node", (cluster, job_id)):
+            "SELECT * FROM run_nodes WHERE cluster = :cluster AND job_id = :job_id "
+            "ORDER BY restart_count, node", {"cluster": cluster, "job_id": job_id}):
         r["gpus"] = _gpus(r["gpus"])
         out.setdefault(r["restart_count"], []).append(r)
     return out
@@ -94,8 +95,8 @@ def job_progress(store: Store, cluster: str, job_id: int) -> dict[int, dict[str,
     epoch_base, step_base (where the run resumed from), reports, first_ts, last_ts."""
     return {r["restart_count"]: r for r in store._query(
         "SELECT restart_count, uid, epoch, step, epoch_base, step_base, reports, first_ts, "
-        "last_ts FROM run_progress WHERE cluster = ? AND job_id = ? ORDER BY restart_count",
-        (cluster, job_id))}
+        "last_ts FROM run_progress WHERE cluster = :cluster AND job_id = :job_id "
+        "ORDER BY restart_count", {"cluster": cluster, "job_id": job_id})}
 
 
 def load_job(store: Store, cluster: str, job_id: int,

@@ -103,10 +103,10 @@ def settle_run(store: Store, policy: Policy, job_id: int, *, hours: float, end: 
 class Site:
     """A daemon (its store on disk, its ledger, its lock, its metrics) and the alert scan
     over it, as slurm_plugin/daemon/alerting.py wires them; ``restart`` makes both anew over
-    the same database file."""
+    the same database (a file in ``tmp``, or ``db``: a ``ledger_target``)."""
 
-    def __init__(self, tmp: Path, policy: Policy, clock: Clock) -> None:
-        self.db = str(tmp / "sg.db")
+    def __init__(self, tmp: Path, policy: Policy, clock: Clock, db: str | None = None) -> None:
+        self.db = db or str(tmp / "sg.db")
         self.policy = policy.model_copy(update={
             "daemon": policy.daemon.model_copy(update={"database": self.db, "log_file": ""})})
         self.clock = clock
@@ -298,9 +298,9 @@ webhooks = [{{ url = "not a url" }}]
 
 
 def test_each_budget_threshold_is_sent_once_per_period_also_after_a_restart(
-        tmp_path: Path, smtp: SmtpSink, hook: WebhookSink):
+        tmp_path: Path, smtp: SmtpSink, hook: WebhookSink, ledger_target: str):
     clock = Clock(T0 + 10 * HOUR)
-    site = Site(tmp_path, make_policy(mail_and_hook(smtp, hook)), clock)
+    site = Site(tmp_path, make_policy(mail_and_hook(smtp, hook)), clock, ledger_target)
     site.settle(1, hours=7)  # 4 a100 x 7 h x $2 = $56 of $100
     site.round()
     assert len(smtp.received()) == 1 and len(hook.posts()) == 1
@@ -358,11 +358,12 @@ def test_each_budget_threshold_is_sent_once_per_period_also_after_a_restart(
 # -- delivery ----------------------------------------------------------------------------------
 
 
-def test_a_webhook_answering_500_is_retried_with_backoff_until_it_takes_it(tmp_path: Path):
+def test_a_webhook_answering_500_is_retried_with_backoff_until_it_takes_it(
+        tmp_path: Path, ledger_target: str):
     clock = Clock(T0 + 10 * HOUR)
     with WebhookSink(statuses=[500, 500]) as hook:
         site = Site(tmp_path, make_policy({"webhooks": [{"url": hook.url}],
-                                           "retry_seconds": 60}), clock)
+                                           "retry_seconds": 60}), clock, ledger_target)
         metrics = Metrics()
         site.dispatcher.on_send = metrics.alert_sent
         site.settle(1, hours=7)
@@ -395,11 +396,13 @@ def test_a_webhook_answering_500_is_retried_with_backoff_until_it_takes_it(tmp_p
     assert [line["attempt"] for line in site.log.of("alert_send_failed")] == [1, 2]
 
 
-def test_an_unreachable_relay_is_logged_and_given_up_without_raising(tmp_path: Path):
+def test_an_unreachable_relay_is_logged_and_given_up_without_raising(tmp_path: Path,
+                                                                     ledger_target: str):
     clock = Clock(T0 + 10 * HOUR)
     site = Site(tmp_path, make_policy({
         "smtp_host": "127.0.0.1", "smtp_port": closed_port(), "tls": "none",
-        "sender": "slurmgate@example.org", "max_attempts": 3, "retry_seconds": 10}), clock)
+        "sender": "slurmgate@example.org", "max_attempts": 3, "retry_seconds": 10}), clock,
+        ledger_target)
     site.settle(1, hours=7)
     for _ in range(6):
         site.round()  # never raises
@@ -476,10 +479,10 @@ def test_smtp_login_reads_the_private_password_file(tmp_path: Path):
 
 
 def test_dry_run_decides_and_logs_but_sends_nothing_ever(tmp_path: Path, smtp: SmtpSink,
-                                                         hook: WebhookSink):
+                                                         hook: WebhookSink, ledger_target: str):
     clock = Clock(T0 + 10 * HOUR)
     policy = make_policy(mail_and_hook(smtp, hook, dry_run=True))
-    site = Site(tmp_path, policy, clock)
+    site = Site(tmp_path, policy, clock, ledger_target)
     site.settle(1, hours=7)
     site.round()
     assert smtp.received() == [] and hook.posts() == []
@@ -522,10 +525,10 @@ def test_idle_warning_mail_names_the_job_the_idle_minutes_and_the_cost_so_far(
 
 
 def test_events_past_the_cursor_are_alerted_once_across_restarts_and_history_is_not(
-        tmp_path: Path, smtp: SmtpSink):
+        tmp_path: Path, smtp: SmtpSink, ledger_target: str):
     policy = make_policy({"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "tls": "none",
                           "sender": "slurmgate@example.org"})
-    site = Site(tmp_path, policy, Clock(time.time()))
+    site = Site(tmp_path, policy, Clock(time.time()), ledger_target)
     site.store.add_event("drain", cluster="c1", node="old-node", message="before alerts")
     site.round()
     assert smtp.received() == []  # history is not mailed
@@ -586,11 +589,12 @@ def test_a_slack_format_webhook_gets_only_text(tmp_path: Path):
     assert post.headers["X-Team"] == "hpc" and post.path == "/hooks/secret-token"
 
 
-def test_a_budget_snapshot_source_without_a_daemon_works_too(tmp_path: Path, smtp: SmtpSink):
+def test_a_budget_snapshot_source_without_a_daemon_works_too(smtp: SmtpSink,
+                                                              ledger_target: str):
     """The dispatcher takes any spend source (here a fixed one) and any store."""
     policy = make_policy({"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "tls": "none",
                           "sender": "slurmgate@example.org", "budget_thresholds": [10]})
-    store = open_store(tmp_path / "x.db")
+    store = open_store(ledger_target)
     log = Log()
     d = Dispatcher(AlertLog(store), lambda: policy,
                    lambda now: BudgetSnapshot("2026-09", {"nlp": 150.0}, {}),
@@ -613,12 +617,12 @@ def test_webhook_text_cannot_mention_a_channel() -> None:
     assert text.replace("\u2060", "").count("@") == 3  # still readable as written
 
 
-def test_an_alert_names_the_current_owner_of_a_reused_job_id(tmp_path: Path) -> None:
+def test_an_alert_names_the_current_owner_of_a_reused_job_id(ledger_target: str) -> None:
     """After the job id counter wraps, an old job's runs must not name the new job's user."""
     from tests.unit.test_db_ingest import make_jobcomp, make_node_run, reserve
     from tests.unit.test_db_ingest import make_policy as ingest_policy
 
-    store = open_store(tmp_path / "sg.db")
+    store = open_store(ledger_target)
     try:
         ingest_records(store, [make_node_run(7, user="old"), make_jobcomp(7, user="old")],
                        ingest_policy())
@@ -627,5 +631,135 @@ def test_an_alert_names_the_current_owner_of_a_reused_job_id(tmp_path: Path) -> 
         rid = reserve(store, None, created_at=T0 + 90 * 86400)
         store.bind_reservation(rid, 7, "c1")
         assert log.job_owner("c1", 7)[0] == "vera"  # the reservation's user, made later
+    finally:
+        store.close()
+
+
+def test_the_send_log_decides_once_counts_every_attempt_and_never_moves_its_cursor_back(
+        ledger_target: str) -> None:
+    """db/alert_log.py on its own, with two writers on one ledger (as two daemons sharing a
+    PostgreSQL server are): a key is decided once, with its sends and covers, whoever records
+    it again and however the two race; every attempt is numbered and kept with its error; the
+    cursor moves with the alerts and never backwards."""
+    from db.alert_log import NewAlert, NewSend
+
+    mail = NewSend("mail", "ops@example.org", {"to": ["ops@example.org"], "subject": "s"})
+    hook = NewSend("webhook:ops", "ops (chat.example.org)", {"text": "t"})
+    budget = NewAlert("budget_threshold:c1:vision:2026-09:100", "budget_threshold", "s", "b",
+                      T0, cluster="c1", team="vision", detail={"pct": 104.0},
+                      sends=(mail, hook), covers=("budget_threshold:c1:vision:2026-09:90",))
+    node = NewAlert("node_failure:c1:event:11", "node_failure", "s2", "b2", T0 + 1,
+                    cluster="c1", user="nora", job_id=77, node="node2", event_id=11,
+                    sends=(mail,))
+    first, second = open_store(ledger_target), open_store(ledger_target)
+    try:
+        a, b = AlertLog(first), AlertLog(second)
+        assert a.cursor("events") is None and a.last_event_id() == 0
+        made = a.record([budget], now=T0, cursor=("events", 10))
+        assert list(made) == [budget.dedupe_key]
+        # the other writer decides the same alert again with a new one, its cursor behind
+        again = b.record([budget, node], now=T0 + 1, cursor=("events", 5))
+        assert list(again) == [node.dedupe_key] and again[node.dedupe_key] > made[
+            budget.dedupe_key]
+        assert a.cursor("events") == b.cursor("events") == 10
+        b.set_cursor("events", 12, now=T0 + 2)
+        a.set_cursor("events", 3, now=T0 + 3)
+        assert a.cursor("events") == 12
+        assert a.decided([budget.dedupe_key, *budget.covers, "budget_threshold:c1:x:2026-09:50",
+                          budget.dedupe_key]) == {budget.dedupe_key, *budget.covers}
+        alerts = {r["dedupe_key"]: r for r in b.alerts()}
+        assert len(alerts) == 3 and [r["dedupe_key"] for r in b.alerts("node_failure")] == [
+            node.dedupe_key]
+        covered = alerts[budget.covers[0]]
+        assert covered["covered_by"] == alerts[budget.dedupe_key]["id"]
+        assert (covered["subject"], covered["body"], covered["detail"]) == (
+            f"answered by {budget.dedupe_key}", "", {})
+        assert alerts[budget.dedupe_key]["detail"] == {"pct": 104.0}
+        n = alerts[node.dedupe_key]
+        assert (n["ts"], n["user"], n["job_id"], n["node"], n["event_id"]) == (
+            T0 + 1, "nora", 77, "node2", 11)
+        sends = a.sends()
+        assert [(s["alert_key"], s["dedupe_key"], s["state"], s["attempts"]) for s in sends] == [
+            (budget.dedupe_key, f"{budget.dedupe_key}/mail", "pending", 0),
+            (budget.dedupe_key, f"{budget.dedupe_key}/webhook:ops", "pending", 0),
+            (node.dedupe_key, f"{node.dedupe_key}/mail", "pending", 0)]
+        due = b.due_sends(T0 + 1)
+        assert [d["id"] for d in due] == [s["id"] for s in sends]
+        assert due[0]["payload"] == mail.payload and due[0]["kind"] == "budget_threshold"
+        assert b.due_sends(T0 - 1) == [] and len(b.due_sends(T0 + 1, limit=2)) == 2
+
+        # attempts: counted before the send, finished with their outcome
+        sid, hid = sends[0]["id"], sends[1]["id"]
+        one = a.start_attempt(sid, now=T0 + 2)
+        a.finish_attempt(sid, one, now=T0 + 3, error="relay said 451", state="pending",
+                         next_attempt_at=T0 + 60)
+        assert sid not in [d["id"] for d in a.due_sends(T0 + 30)]
+        two = b.start_attempt(sid, now=T0 + 61)
+        b.finish_attempt(sid, two, now=T0 + 62, error=None, state="sent")
+        a.drop(hid, "webhook:ops is no longer in the policy", now=T0 + 63)
+        a.drop(sid, "too late: it was sent", now=T0 + 64)
+        with pytest.raises(ValueError, match="state is one of"):
+            a.finish_attempt(sid, two, now=T0 + 65, error=None, state="delivered")
+        got = {s["id"]: s for s in b.sends()}
+        assert (one, two) == (1, 2)
+        mailed = got[sid]
+        assert (mailed["state"], mailed["attempts"], mailed["sent_at"], mailed["last_error"],
+                mailed["next_attempt_at"]) == ("sent", 2, T0 + 62, None, T0 + 60)
+        assert [(t["send_id"], t["attempt"], t["ok"], t["error"]) for t in mailed["tries"]] == [
+            (sid, 1, 0, "relay said 451"), (sid, 2, 1, None)]
+        assert (got[hid]["state"], got[hid]["last_error"], got[hid]["tries"]) == (
+            "dropped", "webhook:ops is no longer in the policy", [])
+        assert [d["id"] for d in a.due_sends(T0 + 3600)] == [sends[2]["id"]]
+
+        # dry run: decided and logged, never due
+        dry = NewAlert("idle_gpu_warning:c1:event:13", "idle_gpu_warning", "s3", "b3", T0,
+                       sends=(mail,))
+        assert list(a.record([dry], now=T0, dry_run=True)) == [dry.dedupe_key]
+        assert [s["state"] for s in a.sends("idle_gpu_warning")] == ["dry_run"]
+        assert dry.dedupe_key not in {d["alert_key"] for d in a.due_sends(T0 + 3600)}
+
+        # two writers racing over the same new keys: each key is made by exactly one
+        keys = [NewAlert(f"hold:c1:event:{100 + i}", "hold", "s", "b", T0, sends=(mail, hook))
+                for i in range(30)]
+        results: list[dict[str, int]] = []
+        errors: list[BaseException] = []
+
+        def decide(log: AlertLog, cursor: int) -> None:
+            try:
+                for i in range(0, len(keys), 5):
+                    results.append(log.record(keys[i:i + 5], now=T0, cursor=("events", cursor)))
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+
+        racers = [threading.Thread(target=decide, args=(log, cursor))
+                  for log, cursor in ((a, 140), (b, 130))]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join(60)
+        assert errors == []
+        won = [k for r in results for k in r]
+        assert sorted(won) == sorted(k.dedupe_key for k in keys)
+        assert len(a.sends("hold")) == 60 and len({s["dedupe_key"] for s in a.sends()}) == 64
+        assert a.cursor("events") == 140
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_scan_reads_the_events_after_its_cursor_in_order(ledger_target: str) -> None:
+    store = open_store(ledger_target)
+    try:
+        log = AlertLog(store)
+        ids = [store.add_event(kind, ts=T0 + i, cluster="c1", node=f"n{i}", message=kind)
+               for i, kind in enumerate(("drain", "credit", "drain", "hold", "credit"))]
+        assert log.last_event_id() == ids[-1]
+        rows, top = log.events_after(0, ("drain", "hold"))
+        assert [r["id"] for r in rows] == [ids[0], ids[2], ids[3]] and top == ids[-1]
+        assert rows[0]["node"] == "n0" and rows[0]["kind"] == "drain"
+        rows, top = log.events_after(0, ("drain", "hold"), limit=2)
+        assert [r["id"] for r in rows] == [ids[0], ids[2]] and top == ids[2]
+        assert log.events_after(ids[-1], ("drain",)) == ([], ids[-1])
+        assert log.events_after(ids[0], ()) == ([], ids[-1])
     finally:
         store.close()

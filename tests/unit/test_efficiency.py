@@ -19,8 +19,8 @@ from tests.unit.test_db_ingest import HOUR, T0, make_jobcomp, make_node_run, mak
 
 
 @pytest.fixture
-def store() -> Store:
-    s = open_store(":memory:")
+def store(ledger_target: str) -> Store:
+    s = open_store(ledger_target)
     yield s
     s.close()
 
@@ -161,8 +161,9 @@ def _month(store: Store) -> None:
         reserve(store, job_id, team=team, gpus=1, cpus=0, mem_mb=0,
                 project="p" + str(job_id % 2))
         with store.transaction():
-            store.conn.execute("UPDATE reservations SET tags = ? WHERE job_id = ?",
-                               (json.dumps({"experiment": exp} if exp else {}), job_id))
+            store.conn.execute("UPDATE reservations SET tags = :tags WHERE job_id = :job_id",
+                               {"tags": json.dumps({"experiment": exp} if exp else {}),
+                                "job_id": job_id})
         ingest_records(store, [node_run(job_id, [util], energy_per_gpu=None),
                                make_jobcomp(job_id)], policy)
     store.record_progress("c1", 1, 0, uid=1001, epoch=4)
@@ -248,13 +249,13 @@ def test_statement_has_an_efficiency_section(store: Store) -> None:
         stmt.build_statement(store, policy, month_period(2026, 9), efficiency_by=["colour"])
 
 
-def test_export_columns_busy_gpu_hours_and_progress(tmp_path) -> None:  # noqa: ANN001
+def test_export_columns_busy_gpu_hours_and_progress(tmp_path: Any, ledger_target: str) -> None:
     import csv
 
     from db.chargeback import export as ex
     from db.chargeback.periods import day_period
 
-    with open_store(tmp_path / "sg.db") as s:
+    with open_store(ledger_target) as s:
         _month(s)
         # a run across midnight: 1 GPU 22:00-02:00 at 40 %, epochs 6 reported
         start = T0 + 22 * HOUR
@@ -267,7 +268,7 @@ def test_export_columns_busy_gpu_hours_and_progress(tmp_path) -> None:  # noqa: 
 
     out = {}
     for day in (date(2026, 9, 22), date(2026, 9, 23)):
-        res = ex.export_period(tmp_path / "sg.db", day_period(day), tmp_path / "out",
+        res = ex.export_period(ledger_target, day_period(day), tmp_path / "out",
                                parquet=False, jobs=1)
         with open(res.path / "runs.csv", newline="") as fh:
             out[day.day] = {int(r["job_id"]): r for r in csv.DictReader(fh)}

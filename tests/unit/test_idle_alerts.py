@@ -34,11 +34,12 @@ START = 1_800_000_000.0
 SAMPLE_S = 2.0
 
 
-def make_policy(tmp_path: Path, smtp: SmtpSink, *, alerts: bool = True) -> Policy:
+def make_policy(tmp_path: Path, smtp: SmtpSink, *, alerts: bool = True,
+                database: str | None = None) -> Policy:
     """Short thresholds, as the cluster test uses: warn at 12 s idle, cancel at 30 s."""
     return Policy.model_validate({
         "daemon": {"cluster": "c1", "admins": ["root"], "log_file": str(tmp_path / "d.log"),
-                   "database": str(tmp_path / "sg.db")},
+                   "database": database or str(tmp_path / "sg.db")},
         "teams": {"vision": {"accounts": ["vis"], "members": ["alice", "carol"],
                              "leads": ["carol"]},
                   "nlp": {"accounts": ["nlp"], "members": ["bob"]}},
@@ -62,8 +63,8 @@ def smtp():
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = open_store(tmp_path / "sg.db")
+def store(ledger_target: str) -> Any:
+    s = open_store(ledger_target)
     yield s
     s.close()
 
@@ -94,7 +95,7 @@ def about(mails: list[Received], job_id: int) -> list[Received]:
 
 def test_the_idle_jobs_user_is_mailed_the_warning_and_the_action_once_each(
         tmp_path: Path, store: Store, smtp: SmtpSink) -> None:
-    policy = make_policy(tmp_path, smtp)
+    policy = make_policy(tmp_path, smtp, database=store.path)
     slurm = SyntheticSlurm(n_jobs=0, n_nodes=2, clock=lambda: START)
     idle = running(slurm, "alice", "vis", 2, "node1")
     busy = running(slurm, "bob", "nlp", 1, "node2")
@@ -145,8 +146,8 @@ def test_turning_alerts_on_by_a_reload_starts_at_once_without_the_history(
     """The thread runs while alerts are off (a reload turns them on); it notices the reload
     within a second, however long scan_seconds is, and starts after the events that happened
     while alerts were off, also when an earlier period of alerting left a cursor behind."""
-    on = make_policy(tmp_path, smtp).model_copy(deep=True)
-    off = make_policy(tmp_path, smtp, alerts=False)
+    on = make_policy(tmp_path, smtp, database=store.path).model_copy(deep=True)
+    off = make_policy(tmp_path, smtp, alerts=False, database=store.path)
     current = [on]
     lock = threading.RLock()
     logged: list[dict[str, Any]] = []

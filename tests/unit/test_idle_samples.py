@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from db import ingest_records, open_store
+from db.backend import SQLiteConnection
 from db.schema import LATEST_VERSION, migrate
 from policies.config import parse_policy
 from slurm_plugin.node import agent, hooks, spool
@@ -17,6 +18,12 @@ from slurm_plugin.node.nvml import FakeNvml
 from tests.unit.test_hooks import T0, node_env, write_config
 
 POLICY = parse_policy("[rates.gpu_hour]\nh100 = 4.0\n")
+
+
+SAMPLE_INSERT = ("INSERT INTO gpu_samples (node, gpu_uuid, ts, gpu_index, gpu_type, util, "
+                 "mem_used_bytes, power_w, job_id) VALUES (:node, :uuid, :ts, :index, :type, "
+                 ":util, :mem, :power, :job_id)")
+SAMPLE_KEYS = ("node", "uuid", "ts", "index", "type", "util", "mem", "power", "job_id")
 
 
 def sample(cfg: Path, now: float = T0 + 60) -> dict:
@@ -75,18 +82,19 @@ def test_a_baseline_from_before_this_boot_tags_nothing(tmp_path: Path,
     assert tags(sample(cfg)) == {0: None, 1: None, 2: 73, 3: None}
 
 
-def test_samples_from_a_node_the_job_no_longer_runs_on_are_not_its(tmp_path: Path) -> None:
+def test_samples_from_a_node_the_job_no_longer_runs_on_are_not_its(ledger_target: str
+                                                                     ) -> None:
     """The requeued job runs busy on node B; node A, where it failed, still reports idle
     GPUs tagged with its id: with Slurm's nodes given, only node B's samples count."""
     from db.idle import idle_summaries
 
-    store = open_store(":memory:")
+    store = open_store(ledger_target)
     try:
         rows = [(node, f"{node}-{g}", T0 + k * 60 + 1, g, "a100", util, 0, None, 5)
                 for k in range(10) for node, util in (("nodeA", 0.0), ("nodeB", 90.0))
                 for g in range(4)]
-        store.conn.executemany("INSERT INTO gpu_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                               rows)
+        store.conn.executemany(SAMPLE_INSERT,
+                               [dict(zip(SAMPLE_KEYS, r, strict=True)) for r in rows])
         wanted = {5: (T0, 4, 4)}
         anywhere = idle_summaries(store, wanted, width_s=60, threshold_percent=5)
         assert 5 in anywhere  # without the nodes, node A's idle GPUs make the job look idle
@@ -111,11 +119,11 @@ def test_a_baseline_that_is_not_the_prologs_own_file_is_not_read(tmp_path: Path)
     assert hooks.gpu_holders(str(tmp_path / "nowhere"), "node2") == {}
 
 
-def test_the_ingest_keeps_the_tag(tmp_path: Path) -> None:
+def test_the_ingest_keeps_the_tag(tmp_path: Path, ledger_target: str) -> None:
     cfg = write_config(tmp_path)
     prolog(cfg, 77, "1,3", T0)
     rec = spool.prepare_record(sample(cfg))
-    store = open_store(":memory:")
+    store = open_store(ledger_target)
     try:
         result = ingest_records(store, [rec], POLICY)
         assert result.errors == [] and result.counts == {"gpu_sample": 1}
@@ -129,10 +137,9 @@ def test_the_ingest_keeps_the_tag(tmp_path: Path) -> None:
 
 def test_an_older_database_upgrades_with_its_samples_untagged(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
+    conn = SQLiteConnection(sqlite3.connect(path), str(path))  # autocommit
     migrate(conn, target=5)
     conn.execute("INSERT INTO gpu_samples (node, gpu_uuid, ts, util) VALUES ('n1', 'G', 1, 3)")
-    conn.commit()
     conn.close()
     store = open_store(path)
     try:
@@ -147,7 +154,7 @@ def test_an_older_database_upgrades_with_its_samples_untagged(tmp_path: Path) ->
         store.close()
 
 
-def test_the_streaks_sql_agrees_with_the_rule() -> None:
+def test_the_streaks_sql_agrees_with_the_rule(ledger_target: str) -> None:
     """db.idle.idle_summaries computes policies.idle.summarise in SQL: the same answer on
     random samples (GPUs that skip buckets, several readings a bucket, busy blips, jobs
     without samples, samples before the run's start)."""
@@ -159,7 +166,7 @@ def test_the_streaks_sql_agrees_with_the_rule() -> None:
 
     rng = random.Random(20270101)
     width, threshold = 60.0, 5.0
-    store = open_store(":memory:")
+    store = open_store(ledger_target)
     try:
         wanted: dict[int, tuple[float, int, int]] = {}
         expected: dict[int, object] = {}
@@ -192,8 +199,8 @@ def test_the_streaks_sql_agrees_with_the_rule() -> None:
                           gpus=gpus)
             wanted[job_id] = (since, required_idle(idle, gpus), gpus)
             expected[job_id] = summarise(idle, job, buckets)
-        store.conn.executemany("INSERT OR IGNORE INTO gpu_samples "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        store.conn.executemany(SAMPLE_INSERT + " ON CONFLICT DO NOTHING",
+                               [dict(zip(SAMPLE_KEYS, r, strict=True)) for r in rows])
         got = idle_summaries(store, wanted, width_s=width, threshold_percent=threshold)
     finally:
         store.close()

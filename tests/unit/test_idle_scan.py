@@ -30,10 +30,10 @@ MIN = 60.0
 IDLE_KINDS = ["idle_warning", "idle_action"]
 
 
-def make_policy(tmp_path: Path, **idle: Any) -> Policy:
+def make_policy(tmp_path: Path, database: str | None = None, **idle: Any) -> Policy:
     return Policy.model_validate({
         "daemon": {"cluster": "c1", "log_file": str(tmp_path / "daemon.log"),
-                   "database": str(tmp_path / "sg.db")},
+                   "database": database or str(tmp_path / "sg.db")},
         "teams": {"vision": {"accounts": ["vis"], "members": ["alice", "carol"]},
                   "nlp": {"accounts": ["nlp"], "members": ["bob"]}},
         "rates": {"currency": "$", "gpu_hour": {"a100": 2.5, "h100": 4.0}},
@@ -44,8 +44,8 @@ def make_policy(tmp_path: Path, **idle: Any) -> Policy:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = open_store(tmp_path / "sg.db")
+def store(ledger_target: str) -> Any:
+    s = open_store(ledger_target)
     yield s
     s.close()
 
@@ -56,7 +56,8 @@ def slurm() -> SyntheticSlurm:
 
 
 def daemon(tmp_path: Path, store: Store, slurm: SyntheticSlurm, **idle: Any) -> Daemon:
-    return Daemon(str(tmp_path / "policy.toml"), make_policy(tmp_path, **idle), store, slurm)
+    return Daemon(str(tmp_path / "policy.toml"), make_policy(tmp_path, store.path, **idle),
+                  store, slurm)
 
 
 def running(slurm: SyntheticSlurm, *, minutes: float, gpus: int = 4, node: str = "gpu001",

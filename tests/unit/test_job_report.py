@@ -50,9 +50,12 @@ def owned(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def daemon_with_jobs(**reports: Any) -> Daemon:
+def daemon_with_jobs(target: str = ":memory:", **reports: Any) -> Daemon:
+    """A daemon over a ledger at ``target`` (a ``ledger_target``) holding jobs 41 (settled)
+    and 42 (running)."""
     p = policy(**reports)
-    store = open_store(":memory:")
+    p = p.model_copy(update={"daemon": p.daemon.model_copy(update={"database": target})})
+    store = open_store(target)
     recs = [owned(make_node_run(41, gpus=4)), owned(make_jobcomp(41))]
     for rec in recs[:1]:
         for g, u in zip(rec["gpus"], (90.0, 2.0, 1.0, 0.0), strict=True):
@@ -83,8 +86,9 @@ def test_job_spec_refuses_what_is_not_a_job_id(text: str, message: str) -> None:
         parse_job_spec(text)
 
 
-def test_owner_lead_and_admin_read_the_report_others_are_refused_alike() -> None:
-    d = daemon_with_jobs()
+def test_owner_lead_and_admin_read_the_report_others_are_refused_alike(ledger_target: str
+                                                                        ) -> None:
+    d = daemon_with_jobs(ledger_target)
     mine = d.handlers["job"]({"op": "job", "job_id": 41}, OWNER)
     assert mine["ok"] is True
     j = mine["report"]["job"]
@@ -110,8 +114,8 @@ def test_owner_lead_and_admin_read_the_report_others_are_refused_alike() -> None
         {"op": "job", "job_id": 4040}, ROOT)["error"]
 
 
-def test_members_see_their_team_s_jobs_when_the_policy_says_so() -> None:
-    d = daemon_with_jobs(team_members_see_team_jobs=True)
+def test_members_see_their_team_s_jobs_when_the_policy_says_so(ledger_target: str) -> None:
+    d = daemon_with_jobs(ledger_target, team_members_see_team_jobs=True)
     assert d.handlers["job"]({"op": "job", "job_id": 41}, MEMBER)["ok"] is True
     assert d.handlers["job"]({"op": "job", "job_id": 41}, STRANGER)["ok"] is False
 
@@ -127,8 +131,8 @@ def test_bad_requests_get_a_clear_answer(req: dict[str, Any]) -> None:
     assert resp["ok"] is False and resp["error"].startswith("slurmgate job: ")
 
 
-def test_progress_only_from_the_owner_of_a_running_job() -> None:
-    d = daemon_with_jobs()
+def test_progress_only_from_the_owner_of_a_running_job(ledger_target: str) -> None:
+    d = daemon_with_jobs(ledger_target)
     report = d.handlers["progress"]
     ok = report({"op": "progress", "job_id": 42, "restart_count": 0, "epoch": 3, "step": 30},
                 OWNER)
@@ -155,11 +159,11 @@ def test_progress_only_from_the_owner_of_a_running_job() -> None:
 
 
 def test_progress_only_for_the_jobs_current_run_and_bounded_per_user(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, ledger_target: str) -> None:
     """A user cannot make rows for restart counts that never ran, nor fill the queue."""
     from slurm_plugin.daemon import job_ops
 
-    d = daemon_with_jobs()
+    d = daemon_with_jobs(ledger_target)
     report = d.handlers["progress"]
     # job 42 has run 0 (unsettled) in the ledger: 0, or the next run (1), never beyond
     for restart, ok in ((0, True), (1, True), (2, False), (100_000, False)):
@@ -191,13 +195,14 @@ class CountingSlurm:
         return None
 
 
-def test_progress_for_jobs_the_ledger_does_not_know_asks_slurm_sparingly() -> None:
+def test_progress_for_jobs_the_ledger_does_not_know_asks_slurm_sparingly(ledger_target: str
+                                                                         ) -> None:
     """Unknown job ids send the daemon to Slurm: at most a burst of SLURM_LOOKUP_BURST, then
     SLURM_LOOKUPS_PER_S for all users together, and each answer is kept for a while, so no
     user can turn progress reports into a stream of squeue calls at slurmctld."""
     from slurm_plugin.daemon import job_ops
 
-    d = daemon_with_jobs()
+    d = daemon_with_jobs(ledger_target)
     slurm = CountingSlurm()
     d.slurm = slurm  # type: ignore[assignment]
     report = d.handlers["progress"]
@@ -214,8 +219,8 @@ def test_progress_for_jobs_the_ledger_does_not_know_asks_slurm_sparingly() -> No
     assert len(slurm.asked) == asked
 
 
-def test_text_report_shows_the_figures_and_the_advice() -> None:
-    d = daemon_with_jobs()
+def test_text_report_shows_the_figures_and_the_advice(ledger_target: str) -> None:
+    d = daemon_with_jobs(ledger_target)
     report = d.handlers["job"]({"op": "job", "job_id": 41}, OWNER)["report"]
     text = render_text(report)
     assert text.startswith("Job 41 on cluster c1\n")
@@ -240,9 +245,9 @@ def test_cli_rejects_a_bad_jobid_before_asking_anyone(capsys: pytest.CaptureFixt
         assert message in str(exc.value)
 
 
-def test_cli_reads_the_database_for_admins(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture) -> None:
-    db = tmp_path / "sg.db"
+def test_cli_reads_the_database_for_admins(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          ledger_target: str) -> None:
+    db = ledger_target
     p = policy()
     with open_store(db) as store:
         now = time.time()  # this budget period, whenever the test runs

@@ -19,6 +19,7 @@ import pytest
 
 from db.efficiency import efficiency_runs
 from db.ingest import ingest_records
+from db.store import open_store
 from slurm_plugin.slurm.synthetic import SyntheticSlurm
 from tests.unit.test_tui_support import column, drive, loaded, rows, until
 from tui.app import SlurmgateApp
@@ -66,11 +67,21 @@ def _run(sources: DemoSources, job_id: int, *, team: str, project: str, user: st
                                        now=end - 60)
 
 
+def on_ledger(sources: DemoSources, target: str) -> DemoSources:
+    """The demo's sources with their writer and reader on ``target`` (a ``ledger_target``)
+    instead of the demo's own SQLite file."""
+    sources.writer.close()
+    sources.writer = open_store(target)
+    sources.policy = sources.policy.model_copy(update={
+        "daemon": sources.policy.daemon.model_copy(update={"database": target})})
+    return sources
+
+
 @pytest.fixture
-def known(tmp_path: Path) -> Iterator[tuple[SlurmgateApp, DemoSources]]:
+def known(tmp_path: Path, ledger_target: str) -> Iterator[tuple[SlurmgateApp, DemoSources]]:
     slurm = SyntheticSlurm(0, 2, seed=1, gpus_per_node=4, base_ts=DEMO_NOW, cluster=CLUSTER,
                            clock=lambda: DEMO_NOW)
-    sources = DemoSources(slurm=slurm, fill_store=False)
+    sources = on_ledger(DemoSources(slurm=slurm, fill_store=False), ledger_target)
     # nlp/llm-pretrain/bob: 2 x a100 for 2 h at 90 % and 5 % (mean 47.5 %), 4 epochs;
     # 1 x h100 for 1 h at 90 %
     _run(sources, 501, team="nlp", project="llm-pretrain", user="bob", gpu_type="a100",
