@@ -1,9 +1,13 @@
-"""Ingest of spool records: matching, idempotency, validation, settlement."""
+"""Ingest of spool records: matching, idempotency, validation, settlement.
+
+Every test runs on both ledgers (the ``ledger_target`` fixture: a SQLite file, then a
+PostgreSQL database): the ingest is one SQL for both."""
 
 from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -91,34 +95,73 @@ def reserve(store: Store, job_id: int | None, *, team: str = "vision", gpus: flo
     }, now=created_at)
 
 
+def table_names(store: Store) -> list[str]:
+    """The ledger's tables, from the server's catalog (each server has its own)."""
+    if store.dialect == "postgresql":
+        sql = ("SELECT table_name AS name FROM information_schema.tables "
+               "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'")
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
+    return sorted(r["name"] for r in store._query(sql))
+
+
 def dump(store: Store) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, minus the event ids' autoincrement noise."""
+    """Every row of every table (but the migrations' log)."""
     out = {}
-    for table in store.db.table_names():
+    names = table_names(store)
+    assert {"runs", "run_nodes", "gpu_samples", "usage_daily", "events"} <= set(names)
+    for table in names:
         if table == "schema_migrations":
             continue
-        out[table] = sorted(store.conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        rows = store.conn.execute(f"SELECT * FROM {table}").fetchall()
+        out[table] = sorted((tuple(r) for r in rows), key=repr)
     return out
 
 
 def check_rollups(store: Store) -> None:
-    """The incrementally kept daily rollups equal a rebuild from the runs table."""
-    from db.schema import SCHEMA_V3, SCHEMA_V4, split_statements
+    """The incrementally kept daily rollups equal a recomputation from the runs table: in
+    Python (a run counts on the UTC day of its end, '' for a missing key, the credited share
+    of its GPU time), and on SQLite by the v3/v4 migrations' backfill SQL as well (SQLite's
+    own: a PostgreSQL ledger starts at the v10 baseline and never runs it)."""
+    from db.schema import ROLLUPS, SCHEMA_V3, SCHEMA_V4, split_statements
 
+    runs = store._query("SELECT * FROM runs WHERE cost IS NOT NULL AND end_ts IS NOT NULL")
+    for table, dims, measures in ROLLUPS:
+        want: dict[tuple[Any, ...], list[float]] = {}
+        for r in runs:
+            sums = want.setdefault((int(r["end_ts"] // 86400), *(r[d] or "" for d in dims)),
+                                   [0.0] * len(measures))
+            for i, m in enumerate(measures):
+                if m == "runs":
+                    sums[i] += 1
+                elif m == "credited_gpu_seconds":
+                    if r["cost"] > 0:
+                        sums[i] += (r["gpu_seconds"] or 0.0) * min(1.0, r["credit"] / r["cost"])
+                else:
+                    sums[i] += r[m] or 0.0
+        cols = ", ".join(f'"{c}"' for c in ("day", *dims, *measures))
+        width = 1 + len(dims)
+        have = {tuple(row[:width]): list(row[width:])
+                for row in store.conn.execute(f"SELECT {cols} FROM {table}").fetchall()}
+        assert sorted(have) == sorted(want), table
+        for key, sums in want.items():
+            assert have[key] == pytest.approx(sums, abs=1e-6), (table, key)
+    if store.dialect != "sqlite":
+        return
     v3, v4 = list(split_statements(SCHEMA_V3)), list(split_statements(SCHEMA_V4))
     for table, rebuild in (("usage_daily", v3[-1]), ("usage_daily_team", v4[1]),
                            ("usage_daily_project", v4[3])):
         assert rebuild.startswith(f"INSERT INTO {table}")
         expected = store.conn.execute("SELECT" + rebuild.split("SELECT", 1)[1]).fetchall()
-        have = store.conn.execute(f"SELECT * FROM {table}").fetchall()
-        assert len(have) == len(expected), table
-        for a, b in zip(sorted(have), sorted(expected), strict=True):
+        have_rows = store.conn.execute(f"SELECT * FROM {table}").fetchall()
+        assert len(have_rows) == len(expected), table
+        for a, b in zip(sorted(have_rows), sorted(expected), strict=True):
             assert a == pytest.approx(b, abs=1e-6), table
 
 
 @pytest.fixture
-def store() -> Store:
-    s = open_store(":memory:")
+def store(ledger_target: str) -> Iterator[Store]:
+    s = open_store(ledger_target)
     yield s
     s.close()
 
@@ -474,12 +517,32 @@ def test_a_failing_record_does_not_block_the_batch(store: Store, policy: Policy)
     assert res.counts == {"jobcomp": 1, "node_run": 1}
 
 
-def test_epilog_without_baseline_is_kept_as_an_event_not_quarantined(tmp_path):
-    from db.ingest import ingest_records
-    from db.store import open_store
+def test_a_record_the_database_refuses_does_not_block_the_batch(store: Store,
+                                                                policy: Policy) -> None:
+    """Numbers validate passes but no 64-bit column holds: the server (PostgreSQL: bigint
+    out of range, which aborts the transaction it is in) or the driver (sqlite3) refuses
+    them. The batch is retried one record per savepoint: only those records fail."""
+    huge_job = make_node_run(2**63)
+    huge_mem = make_sample("node7", T0)
+    huge_mem["gpus"][0]["mem_used_bytes"] = 2**64
+    good = [make_node_run(965), make_jobcomp(965), make_sample("node1", T0)]
+    res = ingest_records(store, [huge_job, good[0], huge_mem, good[1], good[2]], policy)
+    assert [r for r, _ in res.errors] == [huge_job, huge_mem]
+    assert all("internal error while ingesting" in why for _, why in res.errors)
+    assert res.counts == {"node_run": 1, "jobcomp": 1, "gpu_sample": 1}
+    assert store.run("c1", 965, 0)["cost"] == pytest.approx(17.54 - 0.64 - 0.5)
+    assert store.conn.execute("SELECT count(*) FROM gpu_samples").fetchone()[0] == 2
+    assert store.conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+    check_rollups(store)
+    # the same good records again: duplicates, nothing changes
+    before = dump(store)
+    again = ingest_records(store, good, policy)
+    assert again.errors == [] and again.duplicates == len(good) and dump(store) == before
+
+
+def test_epilog_without_baseline_is_kept_as_an_event_not_quarantined(store: Store) -> None:
     from policies.config import parse_policy
 
-    store = open_store(tmp_path / "sg.db")
     rec = {"v": 1, "kind": "node_run", "record_id": "abc", "cluster": "c", "written_at": 1.0,
            "job_id": 5, "restart_count": 0, "node": "node1", "user": "alice", "account": None,
            "start_ts": None, "end_ts": 100.0, "gpus": [], "flags": ["no_baseline"]}
