@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from db import ingest_records, open_store
+from db import ingest_records, open_store, rollup_samples
 from db.store import Store
 from policies.config import Policy
 
@@ -85,8 +85,9 @@ def make_sample(node: str = "node1", ts: float = T0, gpus: int = 2) -> dict[str,
 def reserve(store: Store, job_id: int | None, *, team: str = "vision", gpus: float = 4,
             gpu_type: str = "a100", cpus: int = 32, mem_mb: int = 256_000,
             project: str = "llm", est_cost: float = 40.0, cluster: str = "c1",
-            created_at: float = T0 - 120) -> str:
+            created_at: float = T0 - 120, rid: str | None = None) -> str:
     return store.add_reservation({
+        **({"rid": rid} if rid is not None else {}),
         "cluster": cluster, "job_id": job_id, "team": team, "project": project,
         "cost_center": "CC42", "user": "vera", "account": "vis", "partition": "gpu",
         "tags": {"project": project}, "gpu_type": gpu_type, "gpus": gpus, "cpus": cpus,
@@ -436,6 +437,48 @@ def test_same_batch_twice_changes_nothing(store: Store, policy: Policy) -> None:
     third = ingest_records(store, resent, policy, now=T0 + 99999)
     assert third.duplicates == len(batch) and dump(store) == before
     check_rollups(store)
+
+
+def test_both_servers_keep_the_same_ledger(tmp_path: Any, pg_url: str, policy: Policy) -> None:
+    """The same records give the same rows on SQLite and PostgreSQL: money, GPU time and
+    timestamps the same floats, the same runs, nodes, rollups, samples, events."""
+    t1, t2 = T0 + HOUR, T0 + 2 * HOUR
+    first = [
+        make_node_run(301, node="node2", restart=0, start=T0, end=t1, util=37.3),
+        make_jobcomp(301, state="NODE_FAIL", start=T0, end=t1, nodes="node[1-2]",
+                     node_count=2),
+        make_node_run(301, node="node3", restart=1, start=t2, end=t2 + 3 * HOUR),
+        make_jobcomp(301, start=t2, end=t2 + 3 * HOUR, nodes="node3"),
+        make_node_run(702, node="node4", gpu_type="h100", account="nlp", energy_per_gpu=None),
+        make_jobcomp(702, nodes="node4", account="nlp", partition="scavenger",
+                     end=T0 + 86400 - 0.125),
+        make_jobcomp(703, state="PREEMPTED", start=T0 + 17.4, end=T0 + 3333.3),
+        make_sample("node1", T0 + 0.5), make_sample("node1", T0 + 30.25, gpus=3),
+    ]
+    late = [make_node_run(702, node="node5", gpu_type="h100", account="nlp", util=None),
+            make_node_run(303, start=T0 + 5, end=T0 + 6)]
+    dumps = []
+    for target in (str(tmp_path / "ledger.db"), pg_url):
+        store = open_store(target)
+        try:
+            reserve(store, 301, rid="r301", est_cost=33.3)
+            reserve(store, 702, team="nlp", project="chat", gpus=8, rid="r702")
+            assert ingest_records(store, first, policy, now=T0 + 90000).errors == []
+            assert ingest_records(store, late, policy, now=T0 + 95000).errors == []
+            assert store.confirm_failure_credit("c1", 301, 0, now=T0 + 96000)
+            assert rollup_samples(store, 1, now=T0 + 86400 + 20) == 2  # the first sample
+            names = [n for n in table_names(store) if n != "schema_migrations"]
+            dumps.append({table: sorted((sorted(r.items()) for r in store._query(
+                f"SELECT * FROM {table}")), key=repr) for table in names})
+            check_rollups(store)
+        finally:
+            store.close()
+    sqlite, pg = dumps
+    assert sorted(sqlite) == sorted(pg)
+    for table in sqlite:
+        assert sqlite[table] == pg[table], table
+    assert sqlite["runs"] and sqlite["usage_daily"] and sqlite["events"]
+    assert len(sqlite["gpu_samples"]) == 3 and len(sqlite["gpu_samples_hourly"]) == 2
 
 
 def test_gpu_samples_dedupe(store: Store, policy: Policy) -> None:
