@@ -15,6 +15,9 @@
     usage). Databases live in ``--dir`` (default /tmp/slurmgate-bench); ``--reuse`` keeps a
     database generated earlier with the same row count.
 
+``--database postgresql://...`` runs (a) on that PostgreSQL database instead (its ledger
+tables are emptied first, and between the two ingest runs); (b) stays on SQLite.
+
 Prints a Markdown section for bench/RESULTS.md.
 """
 
@@ -34,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from db import ingest_records, open_store  # noqa: E402
+from db.backend import is_postgresql, redact  # noqa: E402
 from db.reports import chargeback, quota_rows  # noqa: E402
 from db.schema import SCHEMA_V3, SCHEMA_V4, split_statements  # noqa: E402
 from db.store import Store  # noqa: E402
@@ -57,6 +61,22 @@ POLICY = Policy.model_validate({
 def fresh(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def fresh_store(workdir: Path, name: str, database: str | None) -> Store:
+    """An empty ledger: a new SQLite file ``name`` in workdir, or the PostgreSQL database
+    ``database`` with every ledger table emptied (the schema and its migrations kept)."""
+    if database is None:
+        path = workdir / name
+        fresh(path)
+        return open_store(path)
+    store = open_store(database)
+    tables = [r["t"] for r in store._query(
+        "SELECT tablename AS t FROM pg_tables WHERE schemaname = current_schema() "
+        "AND tablename != 'schema_migrations'")]
+    if tables:
+        store.conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+    return store
 
 
 # -- (a) ingest ------------------------------------------------------------------------------
@@ -100,18 +120,21 @@ def add_reservations(store: Store, n: int, first_job: int = 1) -> None:
             "INSERT INTO reservations (rid, cluster, job_id, team, project, cost_center, "
             "\"user\", account, \"partition\", tags, gpu_type, gpus, cpus, mem_mb, "
             "time_limit_min, tasks, est_cost, state, period, created_at, updated_at) "
-            "VALUES (?, 'c1', ?, ?, ?, ?, ?, ?, 'gpu', '{}', ?, 4, 32, 256000, 240, 1, 50, "
-            "'bound', '2026-11', ?, ?)",
-            [(uuid.uuid4().hex, first_job + k, f"t{k % 20}", f"p{k % 20}-{k % 3}",
-              f"CC{k % 20}", f"u{k % 50}", f"acct{k % 20}", ("a100", "h100")[k % 2],
-              MONTH_START - DAY, MONTH_START - DAY) for k in range(n)])
+            "VALUES (:rid, 'c1', :job_id, :team, :project, :cost_center, :user, :account, "
+            "'gpu', '{}', :gpu_type, 4, 32, 256000, 240, 1, 50, 'bound', '2026-11', :ts, :ts)",
+            [{"rid": uuid.uuid4().hex, "job_id": first_job + k, "team": f"t{k % 20}",
+              "project": f"p{k % 20}-{k % 3}", "cost_center": f"CC{k % 20}",
+              "user": f"u{k % 50}", "account": f"acct{k % 20}",
+              "gpu_type": ("a100", "h100")[k % 2], "ts": MONTH_START - DAY}
+             for k in range(n)])
 
 
-def bench_ingest(workdir: Path, runs: int, batch: int, baseline_runs: int) -> dict[str, Any]:
+def bench_ingest(workdir: Path, runs: int, batch: int, baseline_runs: int,
+                 database: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": runs, "batch": batch}
-    path = workdir / "ingest.db"
-    fresh(path)
-    store = open_store(path)
+    store = fresh_store(workdir, "ingest.db", database)
+    if database is not None:
+        out["server"] = store.conn.scalar("SHOW server_version")
     add_reservations(store, runs)
     records = job_records(runs)
     out["records"] = len(records)
@@ -135,9 +158,7 @@ def bench_ingest(workdir: Path, runs: int, batch: int, baseline_runs: int) -> di
     store.close()
 
     # naive baseline: one record per ingest call (one transaction per record)
-    path = workdir / "ingest-one-by-one.db"
-    fresh(path)
-    store = open_store(path)
+    store = fresh_store(workdir, "ingest-one-by-one.db", database)
     add_reservations(store, baseline_runs)
     records = job_records(baseline_runs)
     t = time.perf_counter()
@@ -213,6 +234,7 @@ def build_query_db(path: Path, n: int, reuse: bool) -> tuple[Store, dict[str, fl
     fresh(path)
     store = open_store(path)
     conn = store.conn
+    # SQLite's own bench: PRAGMAs and the table_info catalog below are SQLite's
     # bulk load only: no WAL copy of millions of rows, a big page cache
     conn.execute("PRAGMA journal_mode = OFF")
     conn.execute("PRAGMA synchronous = OFF")
@@ -222,44 +244,43 @@ def build_query_db(path: Path, n: int, reuse: bool) -> tuple[Store, dict[str, fl
     shift_days = round((MONTH_END - MONTH_START) / DAY) // blocks
     shift = shift_days * DAY
     t = time.perf_counter()
-    conn.execute("BEGIN")
-    conn.execute(_GENERATE, {"n": base, "start": MONTH_START, "span": shift * (blocks > 1)
-                             or MONTH_END - MONTH_START})
-    conn.execute("COMMIT")
+    with conn.transaction():
+        conn.execute(_GENERATE, {"n": base, "start": MONTH_START, "span": shift * (blocks > 1)
+                                 or MONTH_END - MONTH_START})
     timings[f"generate {base:,} runs"] = time.perf_counter() - t
     t = time.perf_counter()
-    conn.execute("BEGIN")
     tables = []
-    for sql in (SCHEMA_V3, SCHEMA_V4):  # the migrations' INSERT ... SELECT backfills
-        for statement in split_statements(sql):
-            if statement.startswith("INSERT INTO"):
-                tables.append(statement.split()[2])
-                conn.execute(f"DELETE FROM {tables[-1]}")
-                conn.execute(statement)
-    conn.execute("COMMIT")
+    with conn.transaction():
+        for sql in (SCHEMA_V3, SCHEMA_V4):  # the migrations' INSERT ... SELECT backfills
+            for statement in split_statements(sql):
+                if statement.startswith("INSERT INTO"):
+                    tables.append(statement.split()[2])
+                    conn.execute(f"DELETE FROM {tables[-1]}")
+                    conn.execute(statement)
     timings["build their rollups"] = time.perf_counter() - t
     if blocks > 1:
         t = time.perf_counter()
-        cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)").fetchall()]
         moved = {"job_id": "job_id + :k * :base"}
         moved.update({c: f"{c} + :k * :shift" for c in
                       ("submit_ts", "start_ts", "end_ts", "settled_at", "jobcomp_at",
                        "updated_at")})
         names = ", ".join(f'"{c}"' for c in cols)
         select = ", ".join(moved.get(c, f'"{c}"') for c in cols)
-        conn.execute("BEGIN")
-        for k in range(1, blocks):
-            conn.execute(f"INSERT INTO runs ({names}) SELECT {select} FROM runs "
-                         "WHERE job_id < 1000000 + :base",
-                         {"k": k, "base": base, "shift": shift})
-            for table in tables:
-                tcols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
-                tnames = ", ".join(f'"{c}"' for c in tcols)
-                tselect = ", ".join("day + :k * :d" if c == "day" else f'"{c}"' for c in tcols)
-                conn.execute(f"INSERT INTO {table} ({tnames}) SELECT {tselect} FROM {table} "
-                             "WHERE day < :first + :d",
-                             {"k": k, "d": shift_days, "first": round(MONTH_START / DAY)})
-        conn.execute("COMMIT")
+        with conn.transaction():
+            for k in range(1, blocks):
+                conn.execute(f"INSERT INTO runs ({names}) SELECT {select} FROM runs "
+                             "WHERE job_id < 1000000 + :base",
+                             {"k": k, "base": base, "shift": shift})
+                for table in tables:
+                    tcols = [r[1] for r in
+                             conn.execute(f"PRAGMA table_info({table})").fetchall()]
+                    tnames = ", ".join(f'"{c}"' for c in tcols)
+                    tselect = ", ".join("day + :k * :d" if c == "day" else f'"{c}"'
+                                        for c in tcols)
+                    conn.execute(f"INSERT INTO {table} ({tnames}) SELECT {tselect} "
+                                 f"FROM {table} WHERE day < :first + :d",
+                                 {"k": k, "d": shift_days, "first": round(MONTH_START / DAY)})
         timings[f"copy {blocks - 1} blocks"] = time.perf_counter() - t
     t = time.perf_counter()
     conn.execute("PRAGMA analysis_limit = 1000")
@@ -325,7 +346,7 @@ def bench_queries(workdir: Path, n: int, reuse: bool, repeat: int) -> dict[str, 
 def report(args: argparse.Namespace, ing: dict[str, Any] | None,
            queries: list[dict[str, Any]]) -> str:
     lines = ["## Accounting store (db)", ""]
-    cmd = "python3 bench/bench_db.py " + " ".join(sys.argv[1:])
+    cmd = "python3 bench/bench_db.py " + " ".join(redact(a) for a in sys.argv[1:])
     lines += [f"Command: `{cmd.strip()}`  ",
               f"Python {platform.python_version()}, SQLite {__import__('sqlite3').sqlite_version},"
               f" {os.cpu_count()} CPUs, {platform.platform()}; database files in {args.dir}.",
@@ -333,6 +354,8 @@ def report(args: argparse.Namespace, ing: dict[str, Any] | None,
     if ing:
         rate = ing["runs"] / ing["seconds"]
         base = ing["baseline_runs"] / ing["baseline_seconds"]
+        if "server" in ing:
+            lines += [f"Ingest on PostgreSQL {ing['server']} ({redact(args.database)}).", ""]
         lines += [
             "| ingest | runs | records | seconds | runs/s | records/s |",
             "|---|---:|---:|---:|---:|---:|",
@@ -385,12 +408,18 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="reuse query databases of the same size from an earlier run")
     ap.add_argument("--clean", action="store_true", help="delete --dir at the end")
+    ap.add_argument("--database", metavar="URL",
+                    help="run the ingest on this postgresql:// database (its ledger tables are "
+                         "emptied); the queries stay on SQLite")
     args = ap.parse_args()
+    if args.database is not None and not is_postgresql(args.database):
+        ap.error("--database takes a postgresql:// URL (SQLite files go in --dir)")
     workdir = Path(args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
     ing = None
     if args.runs > 0:
-        ing = bench_ingest(workdir, args.runs, args.batch, min(args.baseline_runs, args.runs))
+        ing = bench_ingest(workdir, args.runs, args.batch, min(args.baseline_runs, args.runs),
+                           args.database)
         print(f"ingest: {args.runs / ing['seconds']:,.0f} runs/s", file=sys.stderr)
     queries = []
     for n in [int(x) for x in args.query_runs.split(",") if x.strip()]:

@@ -11,7 +11,8 @@ the recomputed rows over the tables that differ. ``slurmgate doctor --rollups`` 
 
 ``rollup_samples`` folds raw GPU samples older than the retention into hourly rows.
 
-Imports only db.schema: the store, the ingest and the reports build on this module.
+The SQL runs on SQLite and PostgreSQL alike (db/backend.py). Imports only db.schema and
+db.backend: the store, the ingest and the reports build on this module.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
+from db.backend import Connection
 from db.schema import ROLLUP_MEASURES, ROLLUPS
 
 DAY = 86400
@@ -33,7 +34,7 @@ class RollupStore(Protocol):
     """What this module needs of db.store.Store."""
 
     @property
-    def conn(self) -> sqlite3.Connection: ...
+    def conn(self) -> Connection: ...
 
     def transaction(self) -> contextlib.AbstractContextManager[Any]: ...
 
@@ -42,29 +43,41 @@ def _q(name: str) -> str:
     return f'"{name}"'
 
 
+def _floor_int(expr: str) -> str:
+    """floor(expr) as an integer, on both servers (``floor()`` is a SQLite math function,
+    missing from some builds): CAST truncates on SQLite and rounds on PostgreSQL; the CASE
+    takes back a round up. Then ``/ 86400`` is integer division on both, as Python's ``//``
+    on the float (end_ts // 86400 == floor(end_ts) // 86400)."""
+    return (f"(CAST({expr} AS BIGINT) - CASE WHEN CAST({expr} AS BIGINT) > {expr} "
+            "THEN 1 ELSE 0 END)")
+
+
 # -- keeping the daily rollups -----------------------------------------------------------------
 
 
 def _rollup_sql(table: str, dims: tuple[str, ...], measures: tuple[str, ...]
                 ) -> tuple[str, str]:
+    """The upsert and the prune of one rollup table; parameters are named after the
+    columns."""
     key = ("day", *dims)
     cols = key + measures
     upsert = (f"INSERT INTO {table} ({', '.join(_q(c) for c in cols)}) "
-              f"VALUES ({', '.join('?' for _ in cols)}) "
+              f"VALUES ({', '.join(':' + c for c in cols)}) "
               f"ON CONFLICT ({', '.join(_q(c) for c in key)}) DO UPDATE SET "
-              + ", ".join(f"{m} = {m} + excluded.{m}" for m in measures))
+              + ", ".join(f"{m} = {table}.{m} + excluded.{m}" for m in measures))
     prune = (f"DELETE FROM {table} WHERE runs <= 0 AND "
-             + " AND ".join(f"{_q(c)} = ?" for c in key))
+             + " AND ".join(f"{_q(c)} = :{c}" for c in key))
     return upsert, prune
 
 
-# (upsert, prune, key of a run row, does the table keep credited_gpu_seconds)
-_ROLLUPS = [(*_rollup_sql(table, dims, measures), operator.itemgetter(*dims),
-             "credited_gpu_seconds" in measures) for table, dims, measures in ROLLUPS]
+# (upsert, prune, its columns, key of a run row, does the table keep credited_gpu_seconds)
+_ROLLUPS = [(*_rollup_sql(table, dims, measures), ("day", *dims, *measures),
+             operator.itemgetter(*dims), "credited_gpu_seconds" in measures)
+            for table, dims, measures in ROLLUPS]
 _rollup_measures = operator.itemgetter(*ROLLUP_MEASURES[1:])
 
 
-def apply_rollup_delta(conn: sqlite3.Connection,
+def apply_rollup_delta(conn: Connection,
                        pairs: list[tuple[dict[str, Any] | None, dict[str, Any]]]) -> None:
     """Move settled runs' contributions in the daily rollups from (old row) to (new row).
 
@@ -79,7 +92,7 @@ def apply_rollup_delta(conn: sqlite3.Connection,
             values = [sign, *(sign * (v or 0.0) for v in _rollup_measures(row))]
             cost, gs = row["cost"], row["gpu_seconds"] or 0.0
             credited = sign * gs * min(1.0, row["credit"] / cost) if cost > 0 else 0.0
-            for acc, (_, _, dims_of, with_credited) in zip(accs, _ROLLUPS, strict=True):
+            for acc, (_, _, _, dims_of, with_credited) in zip(accs, _ROLLUPS, strict=True):
                 key = (day, *(v or "" for v in dims_of(row)))
                 vals = [*values, credited] if with_credited else values
                 have = acc.get(key)
@@ -88,14 +101,15 @@ def apply_rollup_delta(conn: sqlite3.Connection,
                 else:
                     for i, v in enumerate(vals):
                         have[i] += v
-    for acc, (upsert, prune, _, _) in zip(accs, _ROLLUPS, strict=True):
+    for acc, (upsert, prune, cols, _, _) in zip(accs, _ROLLUPS, strict=True):
         rows, removed = [], []
         for key, values in acc.items():
             if values[0] == 0 and all(abs(v) < 1e-12 for v in values):
                 continue
-            rows.append((*key, int(values[0]), *values[1:]))
+            row = dict(zip(cols, (*key, int(values[0]), *values[1:]), strict=True))
+            rows.append(row)
             if values[0] < 0:
-                removed.append(key)
+                removed.append(row)
         if rows:
             conn.executemany(upsert, rows)
         if removed:
@@ -112,9 +126,10 @@ def team_spend_by_day(store: RollupStore, start_ts: float, end_ts: float
     that overlaps [start_ts, end_ts). Budget periods start at UTC midnight, so a period's
     days are read whole; days with no settled run are absent. Summed over clusters."""
     rows = store.conn.execute(
-        "SELECT team, day, total(cost) - total(credit) FROM usage_daily_team "
-        "WHERE day >= ? AND day < ? GROUP BY team, day ORDER BY team, day",
-        (math.floor(start_ts / DAY), math.ceil(end_ts / DAY))).fetchall()
+        "SELECT team, day, coalesce(sum(cost), 0) - coalesce(sum(credit), 0) "
+        "FROM usage_daily_team WHERE day >= :first AND day < :end "
+        "GROUP BY team, day ORDER BY team, day",
+        {"first": math.floor(start_ts / DAY), "end": math.ceil(end_ts / DAY)}).fetchall()
     out: dict[str, dict[int, float]] = {}
     for team, day, net in rows:
         out.setdefault(team, {})[int(day)] = float(net)
@@ -156,15 +171,16 @@ def _measure_sql(measure: str) -> str:
         return "count(*)"
     if measure == "credited_gpu_seconds":
         # as apply_rollup_delta: the credited share of the run's GPU time
-        return ("total(CASE WHEN cost > 0 THEN coalesce(gpu_seconds, 0) * "
-                "min(1.0, credit / cost) ELSE 0 END)")
-    return f"total({measure})"
+        return ("coalesce(sum(CASE WHEN cost > 0 THEN coalesce(gpu_seconds, 0) * "
+                "CASE WHEN credit / cost < 1.0 THEN credit / cost ELSE 1.0 END "
+                "ELSE 0 END), 0)")
+    return f"coalesce(sum({measure}), 0)"
 
 
 def _recompute_sql(dims: tuple[str, ...], measures: tuple[str, ...]) -> str:
     """The rows of one rollup from the runs table: day, *dims, *measures. The day is
     floor(end_ts / 86400), as apply_rollup_delta takes it (end_ts is never negative)."""
-    key = ["CAST(end_ts AS INTEGER) / 86400", *(f"coalesce({_q(d)}, '')" for d in dims)]
+    key = [f"{_floor_int('end_ts')} / 86400", *(f"coalesce({_q(d)}, '')" for d in dims)]
     cols = [*key, *(_measure_sql(m) for m in measures)]
     return (f"SELECT {', '.join(cols)} FROM runs WHERE cost IS NOT NULL AND end_ts IS NOT NULL "
             f"GROUP BY {', '.join(str(i + 1) for i in range(len(key)))}")
@@ -177,8 +193,8 @@ def _table_sql(table: str, dims: tuple[str, ...], measures: tuple[str, ...]) -> 
 Rows = dict[tuple[Any, ...], tuple[Any, ...]]
 
 
-def _rows(conn: sqlite3.Connection, sql: str, width: int) -> Rows:
-    return {tuple(r[:width]): tuple(r[width:]) for r in conn.execute(sql)}
+def _rows(conn: Connection, sql: str, width: int) -> Rows:
+    return {tuple(r[:width]): tuple(r[width:]) for r in conn.execute(sql).fetchall()}
 
 
 def _compare(table: str, measures: tuple[str, ...], have: Rows, want: Rows,
@@ -197,7 +213,7 @@ def _compare(table: str, measures: tuple[str, ...], have: Rows, want: Rows,
                 yield Difference(table, key, name, a, b)
 
 
-def _differences(conn: sqlite3.Connection, tolerance: float) -> dict[str, list[Difference]]:
+def _differences(conn: Connection, tolerance: float) -> dict[str, list[Difference]]:
     out: dict[str, list[Difference]] = {}
     for table, dims, measures in ROLLUPS:
         width = 1 + len(dims)
@@ -230,23 +246,25 @@ def rebuild(store: RollupStore, *, tolerance: float = TOLERANCE) -> list[Differe
 
 # -- hourly GPU samples ----------------------------------------------------------------------
 
-_SAMPLES_HOURLY = """
-INSERT INTO gpu_samples_hourly
+_SAMPLES_HOURLY = f"""
+INSERT INTO gpu_samples_hourly AS h
     (node, gpu_uuid, hour_ts, gpu_type, util_mean, util_max, mem_max_bytes, samples)
-SELECT node, gpu_uuid, CAST(ts / 3600 AS INTEGER) * 3600, max(gpu_type), avg(util), max(util),
+SELECT node, gpu_uuid, {_floor_int('ts')} / 3600 * 3600, max(gpu_type), avg(util), max(util),
        max(mem_used_bytes), count(*)
 FROM gpu_samples
-WHERE ts < ?
+WHERE ts < :cutoff
 GROUP BY 1, 2, 3
 ON CONFLICT (node, gpu_uuid, hour_ts) DO UPDATE SET
-    util_mean = (coalesce(util_mean, 0) * samples
+    util_mean = (coalesce(h.util_mean, 0) * h.samples
                  + coalesce(excluded.util_mean, 0) * excluded.samples)
-                / (samples + excluded.samples),
-    util_max = max(coalesce(util_max, excluded.util_max), coalesce(excluded.util_max, util_max)),
-    mem_max_bytes = max(coalesce(mem_max_bytes, excluded.mem_max_bytes),
-                        coalesce(excluded.mem_max_bytes, mem_max_bytes)),
-    gpu_type = coalesce(excluded.gpu_type, gpu_type),
-    samples = samples + excluded.samples
+                / (h.samples + excluded.samples),
+    util_max = CASE WHEN excluded.util_max > h.util_max THEN excluded.util_max
+                    ELSE coalesce(h.util_max, excluded.util_max) END,
+    mem_max_bytes = CASE WHEN excluded.mem_max_bytes > h.mem_max_bytes
+                         THEN excluded.mem_max_bytes
+                         ELSE coalesce(h.mem_max_bytes, excluded.mem_max_bytes) END,
+    gpu_type = coalesce(excluded.gpu_type, h.gpu_type),
+    samples = h.samples + excluded.samples
 """
 
 
@@ -259,6 +277,7 @@ def rollup_samples(store: RollupStore, retention_days: float, *,
     """
     cutoff = (time.time() if now is None else now) - retention_days * 86400.0
     with store.transaction():
-        store.conn.execute(_SAMPLES_HOURLY, (cutoff,))
-        cur = store.conn.execute("DELETE FROM gpu_samples WHERE ts < ?", (cutoff,))
+        store.conn.execute(_SAMPLES_HOURLY, {"cutoff": cutoff})
+        cur = store.conn.execute("DELETE FROM gpu_samples WHERE ts < :cutoff",
+                                 {"cutoff": cutoff})
     return cur.rowcount

@@ -1,14 +1,18 @@
-"""Ingest of spool records: matching, idempotency, validation, settlement."""
+"""Ingest of spool records: matching, idempotency, validation, settlement.
+
+Every test runs on both ledgers (the ``ledger_target`` fixture: a SQLite file, then a
+PostgreSQL database): the ingest is one SQL for both."""
 
 from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from db import ingest_records, open_store
+from db import ingest_records, open_store, rollup_samples
 from db.store import Store
 from policies.config import Policy
 
@@ -81,8 +85,9 @@ def make_sample(node: str = "node1", ts: float = T0, gpus: int = 2) -> dict[str,
 def reserve(store: Store, job_id: int | None, *, team: str = "vision", gpus: float = 4,
             gpu_type: str = "a100", cpus: int = 32, mem_mb: int = 256_000,
             project: str = "llm", est_cost: float = 40.0, cluster: str = "c1",
-            created_at: float = T0 - 120) -> str:
+            created_at: float = T0 - 120, rid: str | None = None) -> str:
     return store.add_reservation({
+        **({"rid": rid} if rid is not None else {}),
         "cluster": cluster, "job_id": job_id, "team": team, "project": project,
         "cost_center": "CC42", "user": "vera", "account": "vis", "partition": "gpu",
         "tags": {"project": project}, "gpu_type": gpu_type, "gpus": gpus, "cpus": cpus,
@@ -91,34 +96,73 @@ def reserve(store: Store, job_id: int | None, *, team: str = "vision", gpus: flo
     }, now=created_at)
 
 
+def table_names(store: Store) -> list[str]:
+    """The ledger's tables, from the server's catalog (each server has its own)."""
+    if store.dialect == "postgresql":
+        sql = ("SELECT table_name AS name FROM information_schema.tables "
+               "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'")
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
+    return sorted(r["name"] for r in store._query(sql))
+
+
 def dump(store: Store) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, minus the event ids' autoincrement noise."""
+    """Every row of every table (but the migrations' log)."""
     out = {}
-    for table in store.db.table_names():
+    names = table_names(store)
+    assert {"runs", "run_nodes", "gpu_samples", "usage_daily", "events"} <= set(names)
+    for table in names:
         if table == "schema_migrations":
             continue
-        out[table] = sorted(store.conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        rows = store.conn.execute(f"SELECT * FROM {table}").fetchall()
+        out[table] = sorted((tuple(r) for r in rows), key=repr)
     return out
 
 
 def check_rollups(store: Store) -> None:
-    """The incrementally kept daily rollups equal a rebuild from the runs table."""
-    from db.schema import SCHEMA_V3, SCHEMA_V4, split_statements
+    """The incrementally kept daily rollups equal a recomputation from the runs table: in
+    Python (a run counts on the UTC day of its end, '' for a missing key, the credited share
+    of its GPU time), and on SQLite by the v3/v4 migrations' backfill SQL as well (SQLite's
+    own: a PostgreSQL ledger starts at the v10 baseline and never runs it)."""
+    from db.schema import ROLLUPS, SCHEMA_V3, SCHEMA_V4, split_statements
 
+    runs = store._query("SELECT * FROM runs WHERE cost IS NOT NULL AND end_ts IS NOT NULL")
+    for table, dims, measures in ROLLUPS:
+        want: dict[tuple[Any, ...], list[float]] = {}
+        for r in runs:
+            sums = want.setdefault((int(r["end_ts"] // 86400), *(r[d] or "" for d in dims)),
+                                   [0.0] * len(measures))
+            for i, m in enumerate(measures):
+                if m == "runs":
+                    sums[i] += 1
+                elif m == "credited_gpu_seconds":
+                    if r["cost"] > 0:
+                        sums[i] += (r["gpu_seconds"] or 0.0) * min(1.0, r["credit"] / r["cost"])
+                else:
+                    sums[i] += r[m] or 0.0
+        cols = ", ".join(f'"{c}"' for c in ("day", *dims, *measures))
+        width = 1 + len(dims)
+        have = {tuple(row[:width]): list(row[width:])
+                for row in store.conn.execute(f"SELECT {cols} FROM {table}").fetchall()}
+        assert sorted(have) == sorted(want), table
+        for key, sums in want.items():
+            assert have[key] == pytest.approx(sums, abs=1e-6), (table, key)
+    if store.dialect != "sqlite":
+        return
     v3, v4 = list(split_statements(SCHEMA_V3)), list(split_statements(SCHEMA_V4))
     for table, rebuild in (("usage_daily", v3[-1]), ("usage_daily_team", v4[1]),
                            ("usage_daily_project", v4[3])):
         assert rebuild.startswith(f"INSERT INTO {table}")
         expected = store.conn.execute("SELECT" + rebuild.split("SELECT", 1)[1]).fetchall()
-        have = store.conn.execute(f"SELECT * FROM {table}").fetchall()
-        assert len(have) == len(expected), table
-        for a, b in zip(sorted(have), sorted(expected), strict=True):
+        have_rows = store.conn.execute(f"SELECT * FROM {table}").fetchall()
+        assert len(have_rows) == len(expected), table
+        for a, b in zip(sorted(have_rows), sorted(expected), strict=True):
             assert a == pytest.approx(b, abs=1e-6), table
 
 
 @pytest.fixture
-def store() -> Store:
-    s = open_store(":memory:")
+def store(ledger_target: str) -> Iterator[Store]:
+    s = open_store(ledger_target)
     yield s
     s.close()
 
@@ -395,6 +439,48 @@ def test_same_batch_twice_changes_nothing(store: Store, policy: Policy) -> None:
     check_rollups(store)
 
 
+def test_both_servers_keep_the_same_ledger(tmp_path: Any, pg_url: str, policy: Policy) -> None:
+    """The same records give the same rows on SQLite and PostgreSQL: money, GPU time and
+    timestamps the same floats, the same runs, nodes, rollups, samples, events."""
+    t1, t2 = T0 + HOUR, T0 + 2 * HOUR
+    first = [
+        make_node_run(301, node="node2", restart=0, start=T0, end=t1, util=37.3),
+        make_jobcomp(301, state="NODE_FAIL", start=T0, end=t1, nodes="node[1-2]",
+                     node_count=2),
+        make_node_run(301, node="node3", restart=1, start=t2, end=t2 + 3 * HOUR),
+        make_jobcomp(301, start=t2, end=t2 + 3 * HOUR, nodes="node3"),
+        make_node_run(702, node="node4", gpu_type="h100", account="nlp", energy_per_gpu=None),
+        make_jobcomp(702, nodes="node4", account="nlp", partition="scavenger",
+                     end=T0 + 86400 - 0.125),
+        make_jobcomp(703, state="PREEMPTED", start=T0 + 17.4, end=T0 + 3333.3),
+        make_sample("node1", T0 + 0.5), make_sample("node1", T0 + 30.25, gpus=3),
+    ]
+    late = [make_node_run(702, node="node5", gpu_type="h100", account="nlp", util=None),
+            make_node_run(303, start=T0 + 5, end=T0 + 6)]
+    dumps = []
+    for target in (str(tmp_path / "ledger.db"), pg_url):
+        store = open_store(target)
+        try:
+            reserve(store, 301, rid="r301", est_cost=33.3)
+            reserve(store, 702, team="nlp", project="chat", gpus=8, rid="r702")
+            assert ingest_records(store, first, policy, now=T0 + 90000).errors == []
+            assert ingest_records(store, late, policy, now=T0 + 95000).errors == []
+            assert store.confirm_failure_credit("c1", 301, 0, now=T0 + 96000)
+            assert rollup_samples(store, 1, now=T0 + 86400 + 20) == 2  # the first sample
+            names = [n for n in table_names(store) if n != "schema_migrations"]
+            dumps.append({table: sorted((sorted(r.items()) for r in store._query(
+                f"SELECT * FROM {table}")), key=repr) for table in names})
+            check_rollups(store)
+        finally:
+            store.close()
+    sqlite, pg = dumps
+    assert sorted(sqlite) == sorted(pg)
+    for table in sqlite:
+        assert sqlite[table] == pg[table], table
+    assert sqlite["runs"] and sqlite["usage_daily"] and sqlite["events"]
+    assert len(sqlite["gpu_samples"]) == 3 and len(sqlite["gpu_samples_hourly"]) == 2
+
+
 def test_gpu_samples_dedupe(store: Store, policy: Policy) -> None:
     ingest_records(store, [make_sample(ts=T0), make_sample(ts=T0)], policy)
     assert store.conn.execute("SELECT count(*) FROM gpu_samples").fetchone()[0] == 2
@@ -474,12 +560,32 @@ def test_a_failing_record_does_not_block_the_batch(store: Store, policy: Policy)
     assert res.counts == {"jobcomp": 1, "node_run": 1}
 
 
-def test_epilog_without_baseline_is_kept_as_an_event_not_quarantined(tmp_path):
-    from db.ingest import ingest_records
-    from db.store import open_store
+def test_a_record_the_database_refuses_does_not_block_the_batch(store: Store,
+                                                                policy: Policy) -> None:
+    """Numbers validate passes but no 64-bit column holds: the server (PostgreSQL: bigint
+    out of range, which aborts the transaction it is in) or the driver (sqlite3) refuses
+    them. The batch is retried one record per savepoint: only those records fail."""
+    huge_job = make_node_run(2**63)
+    huge_mem = make_sample("node7", T0)
+    huge_mem["gpus"][0]["mem_used_bytes"] = 2**64
+    good = [make_node_run(965), make_jobcomp(965), make_sample("node1", T0)]
+    res = ingest_records(store, [huge_job, good[0], huge_mem, good[1], good[2]], policy)
+    assert [r for r, _ in res.errors] == [huge_job, huge_mem]
+    assert all("internal error while ingesting" in why for _, why in res.errors)
+    assert res.counts == {"node_run": 1, "jobcomp": 1, "gpu_sample": 1}
+    assert store.run("c1", 965, 0)["cost"] == pytest.approx(17.54 - 0.64 - 0.5)
+    assert store.conn.execute("SELECT count(*) FROM gpu_samples").fetchone()[0] == 2
+    assert store.conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+    check_rollups(store)
+    # the same good records again: duplicates, nothing changes
+    before = dump(store)
+    again = ingest_records(store, good, policy)
+    assert again.errors == [] and again.duplicates == len(good) and dump(store) == before
+
+
+def test_epilog_without_baseline_is_kept_as_an_event_not_quarantined(store: Store) -> None:
     from policies.config import parse_policy
 
-    store = open_store(tmp_path / "sg.db")
     rec = {"v": 1, "kind": "node_run", "record_id": "abc", "cluster": "c", "written_at": 1.0,
            "job_id": 5, "restart_count": 0, "node": "node1", "user": "alice", "account": None,
            "start_ts": None, "end_ts": 100.0, "gpus": [], "flags": ["no_baseline"]}

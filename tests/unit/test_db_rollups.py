@@ -1,4 +1,6 @@
-"""db.rollups: the daily rollups kept by the ingest, verified and rebuilt from the runs."""
+"""db.rollups: the daily rollups kept by the ingest, verified and rebuilt from the runs.
+
+On both ledgers (``ledger_target``: a SQLite file, then a PostgreSQL database)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from tests.unit.test_db_ingest import (
     make_jobcomp,
     make_node_run,
     make_policy,
+    make_sample,
     reserve,
 )
 
@@ -39,23 +42,45 @@ def settled_store(path: str | Path, policy: Policy) -> Store:
     return store
 
 
-def test_kept_rollups_verify_clean(policy: Policy) -> None:
-    store = settled_store(":memory:", policy)
+def test_kept_rollups_verify_clean(ledger_target: str, policy: Policy) -> None:
+    store = settled_store(ledger_target, policy)
     assert rollups.verify(store) == []
     assert rollups.rebuild(store) == []  # nothing to fix, nothing written
     check_rollups(store)
 
 
-def test_verify_finds_a_corrupt_row_and_rebuild_fixes_it(policy: Policy) -> None:
-    store = settled_store(":memory:", policy)
+def test_a_run_ending_late_in_the_day_counts_on_that_day(ledger_target: str,
+                                                         policy: Policy) -> None:
+    """The recomputed day is floor(end_ts / 86400), as the ingest keeps it (a cast alone
+    would round to the next day on PostgreSQL)."""
+    store = open_store(ledger_target)
+    end = T0 + 86400 - 0.25  # 23:59:59.75 UTC
+    assert ingest_records(store, [make_node_run(5, start=end - HOUR, end=end),
+                                  make_jobcomp(5, start=end - HOUR, end=end)],
+                          policy).errors == []
+    assert rollups.verify(store) == []
+    with store.transaction():
+        store.conn.execute("DELETE FROM usage_daily_team")
+    assert [d.key for d in rollups.rebuild(store)] == [(int(T0 // 86400), "c1", "vision")]
+    assert store._query("SELECT day FROM usage_daily_team") == [{"day": int(T0 // 86400)}]
+    check_rollups(store)
+    store.close()
+
+
+def test_verify_finds_a_corrupt_row_and_rebuild_fixes_it(ledger_target: str,
+                                                        policy: Policy) -> None:
+    store = settled_store(ledger_target, policy)
     day = int(T0 // 86400)
     with store.transaction():
-        store.conn.execute("UPDATE usage_daily_team SET cost = cost + 5 WHERE day = ?", (day,))
-        store.conn.execute("UPDATE usage_daily SET runs = runs + 1 WHERE day = ?", (day + 1,))
-        store.conn.execute("DELETE FROM usage_daily_project WHERE day = ?", (day + 1,))
+        store.conn.execute("UPDATE usage_daily_team SET cost = cost + 5 WHERE day = :day",
+                           {"day": day})
+        store.conn.execute("UPDATE usage_daily SET runs = runs + 1 WHERE day = :day",
+                           {"day": day + 1})
+        store.conn.execute("DELETE FROM usage_daily_project WHERE day = :day",
+                           {"day": day + 1})
         store.conn.execute(
             "INSERT INTO usage_daily_team (day, cluster, team, runs, cost) "
-            "VALUES (?, 'c1', 'ghost', 1, 9.0)", (day + 5,))
+            "VALUES (:day, 'c1', 'ghost', 1, 9.0)", {"day": day + 5})
     before = store.spend_by_team(T0 - 86400, T0 + 7 * 86400)
     assert before["nlp"] != pytest.approx(store.run("c1", 1, 0)["cost"])
 
@@ -86,27 +111,27 @@ def test_verify_finds_a_corrupt_row_and_rebuild_fixes_it(policy: Policy) -> None
         "vision": pytest.approx(0.0)}  # the node failure is credited in full
 
 
-def test_float_drift_is_not_a_difference(policy: Policy) -> None:
-    store = settled_store(":memory:", policy)
+def test_float_drift_is_not_a_difference(ledger_target: str, policy: Policy) -> None:
+    store = settled_store(ledger_target, policy)
     with store.transaction():
         store.conn.execute("UPDATE usage_daily SET cost = cost + 1e-9, "
                            "gpu_seconds = gpu_seconds * (1 + 1e-12)")
     assert rollups.verify(store) == []
 
 
-def test_verify_reads_through_a_reader(tmp_path: Path, policy: Policy) -> None:
-    settled_store(tmp_path / "sg.db", policy).close()
-    reader = open_store(tmp_path / "sg.db", readonly=True)
+def test_verify_reads_through_a_reader(ledger_target: str, policy: Policy) -> None:
+    settled_store(ledger_target, policy).close()
+    reader = open_store(ledger_target, readonly=True)
     try:
         assert rollups.verify(reader) == []
     finally:
         reader.close()
 
 
-def test_doctor_rollups(tmp_path: Path, policy: Policy) -> None:
+def test_doctor_rollups(tmp_path: Path, ledger_target: str, policy: Policy) -> None:
     from slurm_plugin.doctor import Doctor, run_doctor
 
-    db = tmp_path / "sg.db"
+    db = ledger_target
     cfg = tmp_path / "policy.toml"
     cfg.write_text(f'[daemon]\ndatabase = "{db}"\ncluster = "c1"\n'
                    '[rates.gpu_hour]\na100 = 2.0\n')
@@ -150,8 +175,8 @@ def test_cli_has_the_flag() -> None:
     assert build_parser().parse_args(["doctor"]).rollups is False
 
 
-def test_team_spend_by_day_reads_the_team_rollup(policy: Policy) -> None:
-    store = settled_store(":memory:", policy)
+def test_team_spend_by_day_reads_the_team_rollup(ledger_target: str, policy: Policy) -> None:
+    store = settled_store(ledger_target, policy)
     day = int(T0 // 86400)
     nlp = store.run("c1", 1, 0)["cost"]
     assert nlp > 0
@@ -167,11 +192,39 @@ def test_team_spend_by_day_reads_the_team_rollup(policy: Policy) -> None:
     assert {t: sum(d.values()) for t, d in got.items()} == pytest.approx(whole)
 
 
-def test_team_spend_by_day_through_a_reader(tmp_path: Path, policy: Policy) -> None:
-    settled_store(tmp_path / "sg.db", policy).close()
-    reader = open_store(tmp_path / "sg.db", readonly=True)
+def test_team_spend_by_day_through_a_reader(ledger_target: str, policy: Policy) -> None:
+    settled_store(ledger_target, policy).close()
+    reader = open_store(ledger_target, readonly=True)
     try:
         got = rollups.team_spend_by_day(reader, 0.0, T0 + 7 * 86400)
         assert set(got) == {"nlp", "vision"}
     finally:
         reader.close()
+
+
+def test_rollup_samples_folds_each_hour_once(ledger_target: str, policy: Policy) -> None:
+    """Samples late in an hour stay in it (the hour is floor(ts / 3600): a cast alone rounds
+    on PostgreSQL), and an hour the cutoff splits is merged: mean weighted by samples, the
+    highs kept (the first part's memory, the second part's utilisation)."""
+    store = open_store(ledger_target)
+    hour = 3600.0 * (int(T0) // 3600)
+    samples = []
+    for i in range(10):  # 10 samples in the hour's second half, one GPU
+        rec = make_sample(ts=hour + 1800 + 179.9 * i, gpus=1)
+        rec["gpus"][0].update(util=float(10 * i), mem_used_bytes=2**30 * (9 - i))
+        samples.append(rec)
+    samples.append(make_sample(ts=hour + 3600, gpus=1))  # the next hour
+    assert ingest_records(store, samples, policy).errors == []
+    day = 86400
+    assert rollups.rollup_samples(store, 1, now=hour + 1800 + 179.9 * 4 + 1 + day) == 5
+    assert rollups.rollup_samples(store, 1, now=hour + 3600 + 1 + day) == 6
+    assert store.conn.execute("SELECT count(*) FROM gpu_samples").fetchone()[0] == 0
+    rows = store._query("SELECT hour_ts, util_mean, util_max, mem_max_bytes, samples "
+                        "FROM gpu_samples_hourly ORDER BY hour_ts")
+    assert rows == [
+        {"hour_ts": hour, "util_mean": pytest.approx(45.0), "util_max": 90.0,
+         "mem_max_bytes": 9 * 2**30, "samples": 10},
+        {"hour_ts": hour + 3600, "util_mean": 10.0, "util_max": 10.0, "mem_max_bytes": 2**30,
+         "samples": 1},
+    ]
+    store.close()

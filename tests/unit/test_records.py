@@ -229,8 +229,9 @@ def test_constructors_keep_the_records_bytes() -> None:
         assert validate(json.loads(json.dumps(rec))) is None
 
 
-def test_valid_records_ingest() -> None:
-    """What validate passes the ingest takes (ints it can store: SQLite's are 64-bit)."""
+def test_valid_records_ingest(ledger_target: str) -> None:
+    """What validate passes the ingest takes (ints it can store: both servers' are 64-bit),
+    on both ledgers."""
     from db import ingest_records, open_store
     from policies.config import parse_policy
 
@@ -242,7 +243,7 @@ def test_valid_records_ingest() -> None:
         return not isinstance(value, int) or abs(value) < 2**63
 
     good = [r for r in CORPUS if validate(r) is None and storable(r)]
-    store = open_store(":memory:")
+    store = open_store(ledger_target)
     try:
         result = ingest_records(store, good, parse_policy('[rates.gpu_hour]\na100 = 2.0\n'))
     finally:
