@@ -5,6 +5,11 @@ reports read the daily rollup ``usage_daily`` for whole UTC days and the runs ta
 the partial days at the edges of the range, so a period that does not start at UTC midnight
 (a site in another time zone) is still exact. ``use_rollup=False`` scans the runs table only
 (the benchmark's baseline, and a cross-check in the tests).
+
+The SQL is the dialect SQLite and PostgreSQL share (db/backend.py): named parameters,
+``coalesce(sum(x), 0)`` for SQLite's ``total``, ``CASE`` for scalar ``max``/``min`` and for
+counting a condition. Text is ordered in Python (the servers' collations differ), and every
+sum is read as a float (SQLite's ``sum`` of integers is an integer).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from db.backend import split_in
 from db.schema import ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUPS
 from db.store import Store
 
@@ -34,13 +40,13 @@ def _check_dims(dims: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(dims))
 
 
-def _raw_select(dims: tuple[str, ...], sign: str = "") -> str:
-    """Runs that ended in [?, ?) as rollup-shaped rows; sign '-' subtracts them."""
+def _raw_select(dims: tuple[str, ...], lo: str, hi: str, sign: str = "") -> str:
+    """Runs that ended in [:lo, :hi) as rollup-shaped rows; sign '-' subtracts them."""
     cols = [f"coalesce({_q(d)}, '') AS {_q(d)}" for d in dims]
     cols.append(f"{sign}1 AS runs")
-    cols += [f"{sign}coalesce({m}, 0) AS {m}" for m in ROLLUP_MEASURES[1:]]
+    cols += [f"{sign}coalesce({m}, 0.0) AS {m}" for m in ROLLUP_MEASURES[1:]]
     return (f"SELECT {', '.join(cols)} FROM runs "
-            "WHERE end_ts >= ? AND end_ts < ? AND cost IS NOT NULL")
+            f"WHERE end_ts >= :{lo} AND end_ts < :{hi} AND cost IS NOT NULL")
 
 
 def usage_rows(store: Store, start_ts: float, end_ts: float, dims: Sequence[str], *,
@@ -58,12 +64,13 @@ def usage_rows(store: Store, start_ts: float, end_ts: float, dims: Sequence[str]
     dims = _check_dims(dims)
     group = ", ".join(_q(d) for d in dims)
     parts: list[str] = []
-    params: list[Any] = []
+    params: dict[str, Any] = {}
 
     def raw(lo: float, hi: float, sign: str = "") -> None:
         if hi > lo:
-            parts.append(_raw_select(dims, sign))
-            params.extend((lo, hi))
+            n = len(parts)
+            parts.append(_raw_select(dims, f"lo{n}", f"hi{n}", sign))
+            params.update({f"lo{n}": float(lo), f"hi{n}": float(hi)})
 
     first_day = math.ceil(start_ts / DAY)
     end_day = math.floor(end_ts / DAY)
@@ -86,16 +93,20 @@ def usage_rows(store: Store, start_ts: float, end_ts: float, dims: Sequence[str]
         if days_lo < days_hi:
             table = next(t for t, covered, _ in ROLLUPS if set(dims) <= set(covered))
             parts.append(f"SELECT {group}, {', '.join(ROLLUP_MEASURES)} FROM {table} "
-                         "WHERE day >= ? AND day < ?")
-            params.extend((days_lo, days_hi))
+                         "WHERE day >= :day_lo AND day < :day_hi")
+            params.update(day_lo=int(days_lo), day_hi=int(days_hi))
     if not parts:
         return []
-    measures = ", ".join(f"total({m}) AS {m}" for m in ROLLUP_MEASURES)
-    sql = (f"SELECT {group}, {measures} FROM ({' UNION ALL '.join(parts)}) "
-           f"GROUP BY {group} HAVING total(runs) != 0 ORDER BY {group}")
+    measures = ", ".join(f"coalesce(sum({m}), 0) AS {m}" for m in ROLLUP_MEASURES)
+    sql = (f"SELECT {group}, {measures} FROM ({' UNION ALL '.join(parts)}) AS u "
+           f"GROUP BY {group} HAVING sum(runs) <> 0")
     rows = store._query(sql, params)
     for r in rows:
         r["runs"] = int(r["runs"])
+        for m in ROLLUP_MEASURES[1:]:
+            r[m] = float(r[m])
+    # in Python, not ORDER BY: the servers order text by different collations
+    rows.sort(key=lambda r: tuple(r[d] for d in dims))
     return rows
 
 
@@ -156,18 +167,22 @@ def quota_rows(store: Store, period_start_ts: float, period_end_ts: float, *,
         row["spend"] += r["cost"]
         row["credits"] += r["credit"]
         row["net"] += r["cost"] - r["credit"]
-    where, params = "", []
+    where, params = "", {}
     if period is not None:
-        where, params = " AND r.period = ?", [period]
-    for team, count, reserved in store.conn.execute(
-        "SELECT coalesce(r.team, ''), count(*), total(max(0.0, r.est_cost - coalesce(("
-        "SELECT total(u.cost - u.credit) FROM runs u WHERE u.rid = r.rid "
-        "AND u.cost IS NOT NULL), 0))) FROM reservations r "
-        f"WHERE r.state IN ('reserved', 'bound'){where} GROUP BY 1", params,
+        where, params = " AND r.period = :period", {"period": period}
+    # what is left of each live reservation: its estimate less what its settled runs were
+    # charged, never below zero
+    for r in store._query(
+        "SELECT team, count(*) AS reservations, "
+        "coalesce(sum(CASE WHEN remaining > 0.0 THEN remaining ELSE 0.0 END), 0) AS reserved "
+        "FROM (SELECT coalesce(r.team, '') AS team, r.est_cost - coalesce(("
+        "SELECT sum(u.cost - u.credit) FROM runs u WHERE u.rid = r.rid "
+        "AND u.cost IS NOT NULL), 0) AS remaining FROM reservations r "
+        f"WHERE r.state IN ('reserved', 'bound'){where}) AS live GROUP BY team", params,
     ):
-        row = row_for(team)
-        row["reservations"] = int(count)
-        row["reserved"] = float(reserved)
+        row = row_for(r["team"])
+        row["reservations"] = int(r["reservations"])
+        row["reserved"] = float(r["reserved"])
     return sorted(rows.values(), key=lambda r: r["team"] or "")
 
 
@@ -176,20 +191,23 @@ def events(store: Store, kinds: Sequence[str] | None = None, limit: int = 200, *
            job_id: int | None = None, before_id: int | None = None) -> list[dict[str, Any]]:
     """Event log, newest first; ``before_id`` pages backwards. ``detail`` is decoded."""
     where: list[str] = []
-    params: list[Any] = []
+    params: dict[str, Any] = {}
     if kinds:
-        where.append(f"kind IN ({', '.join('?' for _ in kinds)})")
-        params += list(kinds)
+        ph, p = split_in("kind", list(kinds))
+        where.append(f"kind IN ({ph})")
+        params.update(p)
     for col, value, op in (("ts", since_ts, ">="), ("team", team, "="),
                            ("job_id", job_id, "="), ("id", before_id, "<")):
         if value is not None:
-            where.append(f"{col} {op} ?")
-            params.append(value)
+            where.append(f"{col} {op} :{col}")
+            params[col] = float(value) if col == "ts" else value if col == "team" \
+                else int(value)
     sql = "SELECT * FROM events"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id DESC LIMIT ?"
-    rows = store._query(sql, [*params, max(0, int(limit))])
+    sql += " ORDER BY id DESC LIMIT :limit"
+    params["limit"] = max(0, int(limit))
+    rows = store._query(sql, params)
     for r in rows:
         if r["detail"]:
             with contextlib.suppress(ValueError):
@@ -200,18 +218,25 @@ def events(store: Store, kinds: Sequence[str] | None = None, limit: int = 200, *
 def node_failures(store: Store, since_ts: float) -> list[dict[str, Any]]:
     """Nodes with 'node_fail' events since ``since_ts``, most failures first: node,
     failures, jobs (distinct job ids hit), drains, first_ts, last_ts, last_message."""
-    return store._query(
-        "SELECT node, sum(kind = 'node_fail') AS failures, "
+    rows = store._query(
+        "SELECT node, sum(CASE WHEN kind = 'node_fail' THEN 1 ELSE 0 END) AS failures, "
         "count(DISTINCT CASE WHEN kind = 'node_fail' THEN job_id END) AS jobs, "
-        "sum(kind = 'drain') AS drains, "
+        "sum(CASE WHEN kind = 'drain' THEN 1 ELSE 0 END) AS drains, "
         "min(CASE WHEN kind = 'node_fail' THEN ts END) AS first_ts, "
         "max(CASE WHEN kind = 'node_fail' THEN ts END) AS last_ts, "
         "(SELECT e2.message FROM events e2 WHERE e2.node = e.node AND e2.kind = 'node_fail' "
-        " AND e2.ts >= ? ORDER BY e2.ts DESC LIMIT 1) AS last_message "
-        "FROM events e WHERE kind IN ('node_fail', 'drain') AND ts >= ? AND node IS NOT NULL "
-        "GROUP BY node HAVING failures > 0 ORDER BY failures DESC, last_ts DESC",
-        (since_ts, since_ts),
+        " AND e2.ts >= :since ORDER BY e2.ts DESC, e2.id DESC LIMIT 1) AS last_message "
+        "FROM events e WHERE kind IN ('node_fail', 'drain') AND ts >= :since "
+        "AND node IS NOT NULL GROUP BY node "
+        "HAVING sum(CASE WHEN kind = 'node_fail' THEN 1 ELSE 0 END) > 0",
+        {"since": since_ts},
     )
+    for r in rows:
+        r["failures"], r["jobs"], r["drains"] = int(r["failures"]), int(r["jobs"]), \
+            int(r["drains"])
+    # in Python, not ORDER BY: ties go by node name, and the servers' collations differ
+    rows.sort(key=lambda r: (-r["failures"], -r["last_ts"], r["node"]))
+    return rows
 
 
 def unsettled_runs(store: Store, ended_before_ts: float, limit: int = 1000
@@ -220,6 +245,7 @@ def unsettled_runs(store: Store, ended_before_ts: float, limit: int = 1000
     the daemon to look up in Slurm."""
     return store._query(
         "SELECT cluster, job_id, restart_count, start_ts, end_ts, \"user\", account, nodes "
-        "FROM runs WHERE state IS NULL AND end_ts < ? ORDER BY end_ts LIMIT ?",
-        (ended_before_ts, limit),
+        "FROM runs WHERE state IS NULL AND end_ts < :before "
+        "ORDER BY end_ts, job_id, restart_count LIMIT :limit",
+        {"before": ended_before_ts, "limit": max(0, int(limit))},
     )

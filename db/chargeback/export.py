@@ -9,21 +9,31 @@ periods into slices for worker processes, checks that no run changed meanwhile, 
 hashes the files, converts them to Parquet and swaps the new folder in atomically. Its
 rooms: periods.py (which period), columns.py (which columns, the JSON Schema), rows.py (one
 run as text, the group sums) and policies.money (cents and the pro rata split).
+
+The ledger is a SQLite file or a PostgreSQL server (db/backend.py): the export reads it
+through a read-only store, in the SQL both servers share, and writes the same bytes from the
+same runs on either. Each export reads one snapshot of the runs: on SQLite each slice is one
+read transaction and a fingerprint of the whole period, taken after the slices, must equal
+the slices' (else the export is made again); on PostgreSQL every read of the export is one
+``REPEATABLE READ READ ONLY`` transaction whose snapshot the worker processes share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
-import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from db.backend import POSTGRESQL, Connection, SQLiteConnection, database_errors
 from db.chargeback.columns import (
     AGGREGATES,
     EXPORT_COLUMNS,
@@ -40,6 +50,9 @@ from db.chargeback.rows import INPUT_FIELDS, MAX_WARNINGS, RowFormatter, csv_hea
 from policies.money import micro, money
 from slurm_plugin.fsutil import fsync_dir, locked, swap_in_dir
 
+if TYPE_CHECKING:
+    from db.store import Store
+
 CHUNK_ROWS = 2000
 PARALLEL_MIN_RUNS = 50_000
 """Fewer runs than this are exported in-process (a worker pool costs more than it saves)."""
@@ -51,24 +64,51 @@ class ExportError(RuntimeError):
 
 
 # -- SQL ---------------------------------------------------------------------------------------
+# One dialect for SQLite and PostgreSQL (db/backend.py): CASE for SQLite's scalar max/min,
+# coalesce(sum(x), 0) for its total(x).
 
 # The columns RowFormatter takes, in its order ("user" and "partition" are SQL keywords); the
-# progress a run made comes from run_progress (a figure the job reported, never an amount).
-_PROGRESS = ("(SELECT max(0, p.{0} - p.{0}_base) FROM run_progress p WHERE p.cluster = "
-             "runs.cluster AND p.job_id = runs.job_id AND p.restart_count = runs.restart_count)")
+# progress a run made comes from run_progress (a figure the job reported, never an amount;
+# NULL stays NULL, a negative difference is 0).
+_PROGRESS = ("(SELECT CASE WHEN p.{0} - p.{0}_base < 0 THEN 0 ELSE p.{0} - p.{0}_base END "
+             "FROM run_progress p WHERE p.cluster = runs.cluster AND p.job_id = runs.job_id "
+             "AND p.restart_count = runs.restart_count)")
 _EXPRESSIONS = {"user": '"user"', "partition": '"partition"',
                 "epochs": _PROGRESS.format("epoch"), "steps": _PROGRESS.format("step")}
 _SELECT = "SELECT " + ", ".join(_EXPRESSIONS.get(c, c) for c in INPUT_FIELDS) + " FROM runs "
 # Settled runs whose wall time overlaps [:a, :b); a zero-length run counts at its end.
+# (The CASE is min(coalesce(start_ts, end_ts), end_ts); end_ts is never NULL here.)
 _SCOPE = (
-    "cost IS NOT NULL AND end_ts >= :a AND min(coalesce(start_ts, end_ts), end_ts) < :b "
+    "cost IS NOT NULL AND end_ts >= :a "
+    "AND CASE WHEN start_ts < end_ts THEN start_ts ELSE end_ts END < :b "
     "AND (end_ts > :a OR coalesce(start_ts, end_ts) >= end_ts)"
 )
 _SLICE = " AND end_ts >= :lo AND end_ts < :hi"
 _ORDER = " ORDER BY end_ts, cluster, job_id, restart_count"
+
+
+def _order(dialect: str) -> str:
+    """The files' row order. PostgreSQL sorts text by the database's collation, SQLite by
+    bytes (BINARY): COLLATE "C" is PostgreSQL's byte order, so both write the runs in the same
+    order. SQLite has no collation named "C", hence the branch."""
+    if dialect == POSTGRESQL:
+        return ' ORDER BY end_ts, cluster COLLATE "C", job_id, restart_count'
+    return _ORDER
+
+
+def _micro_units(x: str) -> str:
+    """SQL for ``round(x * 1000000)`` exactly as SQLite's round() computes it (half away from
+    zero: trunc(y +/- 0.5); values beyond 2**52 are whole already). PostgreSQL's
+    round(double precision) breaks ties to even, so round() itself would give other integers
+    there; this gives the same on both."""
+    y = f"({x} * 1000000)"
+    return (f"CASE WHEN {y} > 4503599627370496.0 OR {y} < -4503599627370496.0 THEN {y} "
+            f"WHEN {y} < 0 THEN -floor(0.5 - {y}) ELSE floor({y} + 0.5) END")
+
+
 _FINGERPRINT = (
-    "SELECT count(*), total(round(cost * 1000000)), total(round(credit * 1000000)), "
-    "max(updated_at) FROM runs WHERE "
+    f"SELECT count(*), coalesce(sum({_micro_units('cost')}), 0), "
+    f"coalesce(sum({_micro_units('credit')}), 0), max(updated_at) FROM runs WHERE "
 )
 _UNSETTLED = (
     "SELECT (SELECT count(*) FROM runs WHERE end_ts >= :a AND cost IS NULL "
@@ -78,15 +118,115 @@ _UNSETTLED = (
 _NO_END = 1e18
 
 
-def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """A reader of the store that checks the schema (db.store.open_store's rules)."""
+def open_reader(target: str | os.PathLike[str]) -> Store:
+    """A read-only store of the ledger at ``target`` (a SQLite file or a postgresql:// URL)
+    that checks the schema (db.store.open_store's rules); ExportError when it cannot."""
     from db.store import StoreError, open_store
 
     try:
-        store = open_store(os.fspath(path), readonly=True)
+        return open_store(os.fspath(target), readonly=True)
     except StoreError as exc:
         raise ExportError(str(exc)) from exc
-    return store.conn
+
+
+# -- reading one snapshot --------------------------------------------------------------------
+
+_SNAPSHOT_ID = re.compile(r"^[0-9A-Fa-f]+-[0-9A-Fa-f]+(-[0-9A-Fa-f]+)?$")
+PG_READ_TIMEOUT = "10min"
+"""statement_timeout of an export's or a statement's reads on PostgreSQL. A reader's session
+allows 10 s a statement (db.backend: what bounds a decision); sorting the runs of a large
+month into the export's order takes longer. The lock timeout stays."""
+_cursors = itertools.count()
+
+
+def _begin_pg_snapshot(conn: Connection) -> None:
+    """PostgreSQL only: a REPEATABLE READ READ ONLY transaction (one snapshot for every
+    statement in it), statements allowed PG_READ_TIMEOUT."""
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    conn.execute(f"SET LOCAL statement_timeout = '{PG_READ_TIMEOUT}'")
+
+
+@contextlib.contextmanager
+def one_snapshot(conn: Connection) -> Iterator[None]:
+    """The reads inside see one snapshot of the ledger, where that takes a transaction here.
+
+    PostgreSQL: one ``REPEATABLE READ READ ONLY`` transaction (unless ``conn`` is in a
+    transaction already, which then holds the reads); it also lets ``read_batches`` stream
+    through a server cursor. SQLite: nothing: the callers keep their own read transactions
+    (an export's slices; a statement reads statement by statement, as it always did).
+    """
+    if conn.dialect != POSTGRESQL or conn.in_transaction:
+        yield
+        return
+    _begin_pg_snapshot(conn)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(*database_errors()):  # the connection may be gone
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("ROLLBACK")  # it only read: nothing to commit
+
+
+@contextlib.contextmanager
+def _slice_reads(conn: Connection) -> Iterator[None]:
+    """One slice's rows and its fingerprint in one snapshot. SQLite: a read transaction of
+    its own (the export's consistency check then compares the slices' fingerprints with the
+    whole period's). PostgreSQL: the export's transaction holds it already (the parent's, or
+    a worker's attached to the parent's snapshot)."""
+    if conn.dialect == POSTGRESQL:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+class _Batched(Protocol):
+    def fetchmany(self, size: int) -> list[Any]: ...
+
+
+def read_batches(conn: Connection, sql: str, params: dict[str, Any], size: int
+                 ) -> Iterator[list[Any]]:
+    """The rows of ``sql`` as tuples, ``size`` at a time, without holding them all in memory.
+
+    SQLite: the cursor's fetchmany (rows are read as they are asked for). PostgreSQL: psycopg's
+    plain cursor would take the whole result into memory first, so the rows come through a
+    cursor of the server's (DECLARE / FETCH); that needs the transaction ``one_snapshot``
+    holds. Text that is not UTF-8 (only SQLite can hold it) raises _NeedsLenientText.
+    """
+    if conn.dialect == POSTGRESQL:
+        if not conn.in_transaction:
+            raise RuntimeError("read_batches on PostgreSQL runs inside one_snapshot()")
+        name = f"sg_batches_{next(_cursors)}"
+        conn.execute(f"DECLARE {name} NO SCROLL CURSOR FOR " + sql, params)
+        while True:
+            rows = conn.execute(f"FETCH FORWARD {int(size)} FROM {name}").fetchall()
+            if not rows:
+                break
+            yield rows
+        conn.execute(f"CLOSE {name}")  # (else the transaction's end closes it)
+        return
+    cur = cast(_Batched, conn.execute(sql, params))
+    while True:
+        try:
+            rows = cur.fetchmany(size)
+        except database_errors() as exc:
+            if "decode" not in str(exc).lower():
+                raise
+            raise _NeedsLenientText from exc
+        if not rows:
+            break
+        yield rows
+
+
+def _lenient_text(conn: Connection) -> None:
+    """Decode text that is not UTF-8 with replacement characters from now on (SQLite only:
+    PostgreSQL refuses to store such text)."""
+    if isinstance(conn, SQLiteConnection):
+        conn.raw.text_factory = lambda b: b.decode("utf-8", "replace")
 
 
 # -- one slice -------------------------------------------------------------------------------
@@ -105,19 +245,11 @@ class SliceResult:
     """Set when the slice wrote the final runs files itself."""
 
 
-def _open_slice_conn(db_path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"{Path(db_path).resolve().as_uri()}?mode=ro", uri=True,
-                           isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 5000")
-    conn.execute("PRAGMA query_only = 1")
-    return conn
-
-
-def _export_slice(conn: sqlite3.Connection, period: Period, index: int, lo: float, hi: float,
+def _export_slice(conn: Connection, period: Period, index: int, lo: float, hi: float,
                   csv_path: str, json_path: str,
                   progress: Callable[[int], None] | None = None, *,
                   final: bool = False) -> SliceResult:
-    """Rows of one slice of end times [lo, hi) into two files, in one read transaction.
+    """Rows of one slice of end times [lo, hi) into two files, in one snapshot.
 
     ``final``: the slice is the whole period, so these are runs.csv (header included) and
     runs.jsonl themselves: hashed and fsynced here, nothing to merge afterwards.
@@ -127,9 +259,8 @@ def _export_slice(conn: sqlite3.Connection, period: Period, index: int, lo: floa
     result = SliceResult(index)
     hashes = (hashlib.sha256(), hashlib.sha256()) if final else None
     sizes = [0, 0]
-    conn.execute("BEGIN")
-    try:
-        cur = conn.execute(_SELECT + "WHERE " + _SCOPE + _SLICE + _ORDER, params)
+    sql = _SELECT + "WHERE " + _SCOPE + _SLICE + _order(conn.dialect)
+    with _slice_reads(conn):
         with open(csv_path, "wb") as fc, open(json_path, "wb") as fj:
             outs = (fc, fj)
 
@@ -141,15 +272,7 @@ def _export_slice(conn: sqlite3.Connection, period: Period, index: int, lo: floa
 
             if final:
                 emit(0, csv_header(EXPORT_COLUMNS).encode())
-            while True:
-                try:
-                    rows = cur.fetchmany(CHUNK_ROWS)
-                except sqlite3.OperationalError as exc:
-                    if "decode" not in str(exc).lower():
-                        raise
-                    raise _NeedsLenientText from exc
-                if not rows:
-                    break
+            for rows in read_batches(conn, sql, params, CHUNK_ROWS):
                 text_csv, text_json = fmt.format(rows)
                 emit(0, text_csv.encode())
                 emit(1, text_json.encode())
@@ -161,8 +284,6 @@ def _export_slice(conn: sqlite3.Connection, period: Period, index: int, lo: floa
                     os.fsync(fh.fileno())
         result.fingerprint = _fingerprint(conn, params, sliced=True)
         result.last_change = result.fingerprint[3]
-    finally:
-        conn.execute("COMMIT")
     result.rows = fmt.rows
     result.groups = fmt.groups
     result.clusters = set(fmt.clusters)
@@ -177,25 +298,48 @@ class _NeedsLenientText(Exception):
     """A text column holds bytes that are not UTF-8: redo the slice decoding leniently."""
 
 
-def _fingerprint(conn: sqlite3.Connection, params: dict[str, Any], *,
+def _fingerprint(conn: Connection, params: dict[str, Any], *,
                  sliced: bool) -> tuple[Any, ...]:
     row = conn.execute(_FINGERPRINT + _SCOPE + (_SLICE if sliced else ""), params).fetchone()
-    # sums of whole micro-units stay exact as floats (below 2**53); inf stays inf
-    return (int(row[0]), float(row[1]), float(row[2]), row[3])
+    # sums of whole micro-units stay exact as floats (below 2**53), in any order; inf stays inf
+    return (int(row[0]), float(row[1]), float(row[2]),
+            None if row[3] is None else float(row[3]))
+
+
+def _export_slice_lenient(conn: Connection, period: Period, index: int, lo: float, hi: float,
+                          csv_path: str, json_path: str,
+                          progress: Callable[[int], None] | None = None, *,
+                          final: bool = False) -> SliceResult:
+    """``_export_slice``, again with lenient decoding when a text column is not UTF-8."""
+    try:
+        return _export_slice(conn, period, index, lo, hi, csv_path, json_path, progress,
+                             final=final)
+    except _NeedsLenientText:
+        _lenient_text(conn)
+        return _export_slice(conn, period, index, lo, hi, csv_path, json_path, progress,
+                             final=final)
+
+
+def _attach(conn: Connection, snapshot: str | None) -> None:
+    """A worker's PostgreSQL connection: a transaction reading the parent's snapshot."""
+    if snapshot is None:
+        return
+    if not _SNAPSHOT_ID.match(snapshot):  # SET TRANSACTION SNAPSHOT takes no parameter
+        raise ExportError(f"unexpected snapshot id {snapshot!r}")
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # before any other statement
+    conn.execute(f"SET LOCAL statement_timeout = '{PG_READ_TIMEOUT}'")
 
 
 def _slice_task(task: tuple[Any, ...]) -> SliceResult:
     """Worker entry point (module level so a process pool can call it)."""
-    db_path, period, index, lo, hi, csv_path, json_path = task
-    conn = _open_slice_conn(db_path)
+    target, snapshot, period, index, lo, hi, csv_path, json_path = task
+    conn = open_reader(target).conn
     try:
-        try:
-            return _export_slice(conn, period, index, lo, hi, csv_path, json_path)
-        except _NeedsLenientText:
-            conn.text_factory = lambda b: b.decode("utf-8", "replace")
-            return _export_slice(conn, period, index, lo, hi, csv_path, json_path)
+        _attach(conn, snapshot)
+        return _export_slice_lenient(conn, period, index, lo, hi, csv_path, json_path)
     finally:
-        conn.close()
+        conn.close()  # a worker's transaction only read: closing ends it
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -364,17 +508,18 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _plan(conn: sqlite3.Connection, period: Period, jobs: int) -> tuple[int, list[float]]:
+def _plan(conn: Connection, period: Period, jobs: int) -> tuple[int, list[float]]:
     """(runs in scope, slice edges): equal-count slices of end times, the last unbounded."""
     params = {"a": period.start_ts, "b": period.end_ts}
-    total = conn.execute("SELECT count(*) FROM runs WHERE " + _SCOPE, params).fetchone()[0]
+    total = int(conn.scalar("SELECT count(*) FROM runs WHERE " + _SCOPE, params))
     edges: list[float] = [float(period.start_ts)]
     if jobs > 1 and total >= PARALLEL_MIN_RUNS:
         step = max(1, total // (jobs * SLICES_PER_JOB))
         for (end_ts,) in conn.execute(
                 "SELECT end_ts FROM (SELECT end_ts, row_number() OVER (ORDER BY end_ts) AS n "
-                "FROM runs WHERE end_ts >= :a AND end_ts < :b) WHERE n % :step = 0",
-                {**params, "step": step}):
+                "FROM runs WHERE end_ts >= :a AND end_ts < :b) AS numbered "
+                "WHERE n % :step = 0 ORDER BY end_ts",
+                {**params, "step": int(step)}).fetchall():
             if end_ts > edges[-1]:
                 edges.append(float(end_ts))
     edges.append(_NO_END)
@@ -386,7 +531,8 @@ def export_period(db_path: str | os.PathLike[str], period: Period,
                   currency: str = "$", jobs: int | None = None, parquet: bool | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   attempts: int = 3) -> ExportResult:
-    """Export ``period`` from the store at ``db_path`` into ``out_dir/<label>/``.
+    """Export ``period`` from the ledger at ``db_path`` (a SQLite file or a postgresql://
+    URL, as ``[daemon] database``) into ``out_dir/<label>/``.
 
     ``jobs``: worker processes for large periods (default: CPUs, at most 8). ``parquet``:
     None writes Parquet when pyarrow imports. ``progress(done, total)`` is called as runs are
@@ -437,24 +583,17 @@ class _Changed(Exception):
     """The runs of the period changed between the slices' snapshots."""
 
 
-def _run_slices(db_path: str, period: Period, tmp: Path, edges: list[float], jobs: int,
+def _run_slices(reader: _Reader, period: Period, tmp: Path, edges: list[float], jobs: int,
                 progress: Callable[[int], None]) -> Iterator[SliceResult]:
-    tasks = [(db_path, period, i, edges[i], edges[i + 1], str(tmp / f"part-{i:04d}.csv"),
-              str(tmp / f"part-{i:04d}.jsonl")) for i in range(len(edges) - 1)]
-    if len(tasks) == 1:
-        final = (db_path, period, 0, edges[0], edges[1], str(tmp / "runs.csv"),
-                 str(tmp / "runs.jsonl"))
-        conn = _open_slice_conn(db_path)
-        try:
-            try:
-                result = _export_slice(conn, period, *final[2:], progress=progress, final=True)
-            except _NeedsLenientText:
-                conn.text_factory = lambda b: b.decode("utf-8", "replace")
-                result = _export_slice(conn, period, *final[2:], progress=progress, final=True)
-        finally:
-            conn.close()
-        yield result
+    if len(edges) == 2:  # one slice, in this process, straight into the final files
+        conn = reader.connection()
+        yield _export_slice_lenient(conn, period, 0, edges[0], edges[1], str(tmp / "runs.csv"),
+                                    str(tmp / "runs.jsonl"), progress, final=True)
         return
+    snapshot = reader.before_workers()
+    tasks = [(reader.target, snapshot, period, i, edges[i], edges[i + 1],
+              str(tmp / f"part-{i:04d}.csv"), str(tmp / f"part-{i:04d}.jsonl"))
+             for i in range(len(edges) - 1)]
     import multiprocessing
 
     methods = multiprocessing.get_all_start_methods()
@@ -465,14 +604,61 @@ def _run_slices(db_path: str, period: Period, tmp: Path, edges: list[float], job
             yield result
 
 
+class _Reader:
+    """The export's connection to the ledger, and the snapshot it reads.
+
+    SQLite: no connection may cross the fork into the worker processes, so it is closed
+    before they start and opened again for the check after them; each slice is a read
+    transaction of its own (``_slice_reads``). PostgreSQL: the connection holds one
+    REPEATABLE READ READ ONLY transaction from the plan to the unsettled count, and the
+    workers import its snapshot (pg_export_snapshot): the whole export is one snapshot. The
+    connection stays open across the fork (a worker never uses it, and a pool's worker ends
+    with os._exit, which sends nothing on it).
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.conn: Connection | None = open_reader(target).conn
+        self.pg = self.conn.dialect == POSTGRESQL
+        if self.pg:
+            # every read of the export in one snapshot (see the class's docstring)
+            _begin_pg_snapshot(self.conn)
+
+    def connection(self) -> Connection:
+        if self.conn is None:
+            self.conn = open_reader(self.target).conn
+        return self.conn
+
+    def before_workers(self) -> str | None:
+        """The snapshot the workers attach to (PostgreSQL), or None (SQLite: closed here)."""
+        conn = self.connection()
+        if self.pg:
+            return str(conn.scalar("SELECT pg_export_snapshot()"))
+        conn.close()
+        self.conn = None
+        return None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()  # PostgreSQL: ends the read-only transaction
+            self.conn = None
+
+
 def _export_into(db_path: str, period: Period, tmp: Path, *, mode: str, currency: str,
                  jobs: int, parquet: bool, progress: Callable[[int, int], None] | None
                  ) -> dict[str, Any]:
-    conn = connect_readonly(db_path)
+    reader = _Reader(db_path)
     try:
-        total, edges = _plan(conn, period, jobs)
+        return _export_reading(reader, period, tmp, mode=mode, currency=currency, jobs=jobs,
+                               parquet=parquet, progress=progress)
     finally:
-        conn.close()  # no connection may cross the fork into the workers
+        reader.close()
+
+
+def _export_reading(reader: _Reader, period: Period, tmp: Path, *, mode: str, currency: str,
+                    jobs: int, parquet: bool, progress: Callable[[int, int], None] | None
+                    ) -> dict[str, Any]:
+    total, edges = _plan(reader.connection(), period, jobs)
     done = 0
 
     def step(n: int) -> None:
@@ -493,7 +679,7 @@ def _export_into(db_path: str, period: Period, tmp: Path, *, mode: str, currency
     csv_parts: list[Path] = []
     json_parts: list[Path] = []
     single_files: dict[str, FileInfo] = {}
-    for res in _run_slices(db_path, period, tmp, edges, jobs, step):
+    for res in _run_slices(reader, period, tmp, edges, jobs, step):
         single_files.update(res.files)
         rows += res.rows
         clusters |= res.clusters
@@ -517,15 +703,12 @@ def _export_into(db_path: str, period: Period, tmp: Path, *, mode: str, currency
         csv_parts.append(tmp / f"part-{res.index:04d}.csv")
         json_parts.append(tmp / f"part-{res.index:04d}.jsonl")
     params = {"a": period.start_ts, "b": period.end_ts}
-    conn = connect_readonly(db_path)
-    try:
-        conn.execute("BEGIN")
+    conn = reader.connection()
+    with _slice_reads(conn):  # SQLite: the check and the count in one read transaction
         if parallel and tuple(fingerprint) != _fingerprint(conn, params, sliced=False):
             raise _Changed
-        unsettled = int(conn.execute(_UNSETTLED, params).fetchone()[0])
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+        unsettled = int(conn.scalar(_UNSETTLED, params))
+    reader.close()
 
     files: dict[str, FileInfo] = dict(single_files)
     if parallel:  # concatenate the parts in order; two threads (hashing releases the GIL)

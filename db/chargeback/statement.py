@@ -18,6 +18,10 @@ by the experiment tag (``[reports] experiment_tag``), plus any ``group_by`` aske
 
 The HTML page has no scripts, fonts, images or links to fetch: inline CSS and inline SVG
 only, so it opens the same from a mail attachment, a file share or offline.
+
+The ledger may be SQLite or PostgreSQL (db/backend.py): the SQL is the dialect both share,
+and on PostgreSQL the statement reads one snapshot (``db.chargeback.export.one_snapshot``),
+so the same runs give the same statement, to the byte, on either.
 """
 
 from __future__ import annotations
@@ -132,9 +136,12 @@ _SELECT = (
     "SELECT coalesce(team, ''), coalesce(project, ''), coalesce(gpu_type, ''), start_ts, "
     "end_ts, cost, cost_idle, credit, coalesce(credit_reason, ''), gpu_seconds, util_mean, "
     "cost_gpu, updated_at FROM runs WHERE "
-    "cost IS NOT NULL AND end_ts >= :a AND min(coalesce(start_ts, end_ts), end_ts) < :b "
+    "cost IS NOT NULL AND end_ts >= :a "
+    "AND CASE WHEN start_ts < end_ts THEN start_ts ELSE end_ts END < :b "
     "AND (end_ts > :a OR coalesce(start_ts, end_ts) >= end_ts)"
 )
+"""Settled runs whose wall time overlaps the month [:a, :b): the export's scope
+(db.chargeback.export._SCOPE; the CASE is min(coalesce(start_ts, end_ts), end_ts))."""
 
 
 def _number(value: Any) -> float | None:
@@ -166,13 +173,27 @@ def build_statement(store: Store, policy: Policy, month: Period, *,
     """The statement of ``month`` for every team with policy or usage (or just ``team``);
     ``efficiency_by`` adds groupings (``user``, ``tag:<key>``, ...) to the efficiency
     section."""
-    from db.reports import quota_rows
-    from policies.ledger import period_bounds
+    from db.chargeback.export import _lenient_text, _NeedsLenientText, one_snapshot
 
     if month.kind != "month":
         raise ValueError("statements are monthly: give a month like 2026-10")
+    try:
+        with one_snapshot(store.conn):
+            return _build(store, policy, month, team, efficiency_by)
+    except _NeedsLenientText:  # text that is not UTF-8 (SQLite): shown with "\ufffd", as the
+        _lenient_text(store.conn)  # exports write it
+        with one_snapshot(store.conn):
+            return _build(store, policy, month, team, efficiency_by)
+
+
+def _build(store: Store, policy: Policy, month: Period, team: str | None,
+           efficiency_by: Iterable[str]) -> Statement:
+    from db.chargeback.export import read_batches
+    from db.reports import quota_rows
+    from policies.ledger import period_bounds
+
     if team is not None and team not in policy.teams and not store._query(
-            "SELECT 1 FROM runs WHERE coalesce(team, '') = ? LIMIT 1", (team,)):
+            "SELECT 1 FROM runs WHERE coalesce(team, '') = :team LIMIT 1", {"team": team}):
         raise ValueError(f"unknown team {team!r}; teams: {', '.join(sorted(policy.teams))}")
     a, b = float(month.start_ts), float(month.end_ts)
     ndays = round((b - a) / DAY)
@@ -191,11 +212,8 @@ def build_statement(store: Store, policy: Policy, month: Period, *,
             credits[t] = {}
         return totals[t], days[t]
 
-    cur = store.conn.execute(_SELECT, {"a": month.start_ts, "b": month.end_ts})
-    while True:
-        rows = cur.fetchmany(5000)
-        if not rows:
-            break
+    for rows in read_batches(store.conn, _SELECT, {"a": month.start_ts, "b": month.end_ts},
+                             5000):
         for (t, project, gpu_type, start, end, cost, idle, credit, reason, gpu_seconds, util,
              cost_gpu, updated) in rows:
             if team is not None and t != team:
@@ -284,7 +302,7 @@ def _approvals_used(store: Store, a: float, b: float) -> dict[str, list[Approval
     info = {r["id"]: r for r in store._query("SELECT id, amount, gpu_hours, reason FROM approvals")}
     uses: dict[tuple[str, str], list[float]] = {}
     for row in store._query("SELECT team, detail FROM events WHERE kind = 'approval_use' "
-                           "AND ts >= ? AND ts < ? ORDER BY ts", (a, b)):
+                            "AND ts >= :a AND ts < :b ORDER BY ts, id", {"a": a, "b": b}):
         try:
             detail = json.loads(row["detail"] or "{}")
         except ValueError:

