@@ -66,7 +66,7 @@ class Cursor(Protocol):
 Params = Mapping[str, Any] | None
 
 
-TRANSITION_POSITIONAL = True
+TRANSITION_POSITIONAL = False
 """TEMPORARY, while db/ moves to named parameters: ``?`` with a tuple is rewritten to
 ``:_pN``. Turned off (and removed) once every statement is named."""
 

@@ -291,8 +291,9 @@ def test_a_broken_round_is_logged_and_never_raises(
         tmp_path: Path, store: Store, slurm: SyntheticSlurm) -> None:
     running(slurm, minutes=130)
     d = daemon(tmp_path, store, slurm)
-    d.policy = make_policy(tmp_path.parent / "elsewhere-that-does-not-exist")
+    gone = store.path.rsplit("/", 1)[0] + "/elsewhere-that-does-not-exist"
     store.close()  # the database went away under the daemon
+    store.path = gone  # and its readers cannot open it again
     assert IdleScan(d).maybe_scan(slurm.jobs()) is None
     assert '"idle_scan_error"' in (tmp_path / "daemon.log").read_text()
     assert d.metrics.errors.get("idle") == 1

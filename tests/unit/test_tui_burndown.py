@@ -26,7 +26,7 @@ def known(tmp_path: Path) -> Iterator[tuple[SlurmgateApp, DemoSources]]:
     with sources.writer.transaction():
         sources.writer.conn.executemany(
             "INSERT INTO usage_daily_team (day, cluster, team, runs, cost) "
-            "VALUES (?, 'demo', 'nlp', 1, 250.0)", [(FIRST + d,) for d in range(13)])
+            "VALUES (:day, 'demo', 'nlp', 1, 250.0)", [{"day": FIRST + d} for d in range(13)])
     yield SlurmgateApp(sources, export_dir=str(tmp_path)), sources
     sources.close()
 
