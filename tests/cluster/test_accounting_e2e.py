@@ -24,10 +24,10 @@ def settled_runs(cluster: Cluster, job_id: int, n: int = 1, timeout: float = 60)
     def ready():
         store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
         try:
-            runs = store._query("SELECT * FROM runs WHERE job_id = ? ORDER BY restart_count",
-                               (job_id,))
-            nodes = store._query("SELECT * FROM run_nodes WHERE job_id = ? ORDER BY node",
-                                (job_id,))
+            runs = store._query("SELECT * FROM runs WHERE job_id = :j ORDER BY restart_count",
+                                {"j": job_id})
+            nodes = store._query("SELECT * FROM run_nodes WHERE job_id = :j ORDER BY node",
+                                 {"j": job_id})
         finally:
             store.close()
         # settled, and matched to the job's reservation (team, tags and request from submit)
@@ -145,8 +145,8 @@ def test_daemon_killed_while_jobs_finish_loses_nothing_and_counts_nothing_twice(
     store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
     try:
         counts = store._query(
-            "SELECT job_id, count(*) AS n FROM runs WHERE job_id IN (?, ?, ?) GROUP BY job_id",
-            jobs)
+            "SELECT job_id, count(*) AS n FROM runs WHERE job_id IN (:a, :b, :c) "
+            "GROUP BY job_id ORDER BY job_id", dict(zip("abc", jobs, strict=True)))
     finally:
         store.close()
     assert [c["n"] for c in counts] == [1, 1, 1]
@@ -190,7 +190,8 @@ def test_node_agent_samples_land_in_sqlite(cluster: Cluster):
         store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
         try:
             return store._query("SELECT count(DISTINCT gpu_uuid) AS n FROM gpu_samples "
-                               "WHERE node = 'node2' AND ts > strftime('%s','now') - 60")[0]["n"]
+                               "WHERE node = 'node2' AND ts > :since",
+                               {"since": time.time() - 60})[0]["n"]
         finally:
             store.close()
 

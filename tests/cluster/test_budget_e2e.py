@@ -78,7 +78,7 @@ def reservation_of(cluster: Cluster, job_id: int) -> dict | None:
     rid = parse_admin_comment(cluster.job(job_id)["admin_comment"]).get("rid")
     store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
     try:
-        rows = store._query("SELECT * FROM reservations WHERE rid = ?", (rid,))
+        rows = store._query("SELECT * FROM reservations WHERE rid = :rid", {"rid": rid})
         return rows[0] if rows else None
     finally:
         store.close()

@@ -41,12 +41,13 @@ def runs_for(cluster: Cluster, job_id: int) -> list[dict]:
     """The job's runs, or its tasks' runs for an array, each with its node rows."""
     store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
     try:
-        runs = store._query("SELECT * FROM runs WHERE (job_id = ? AND array_job_id IS NULL) "
-                            "OR array_job_id = ?", (job_id, job_id))
+        runs = store._query("SELECT * FROM runs WHERE (job_id = :j AND array_job_id IS NULL) "
+                            "OR array_job_id = :j", {"j": job_id})
         for run in runs:  # as test_accounting_e2e's expected_cost reads them: gpus as JSON text
             run["node_rows"] = store._query(
-                "SELECT * FROM run_nodes WHERE cluster = ? AND job_id = ? AND restart_count = ?",
-                (run["cluster"], run["job_id"], run["restart_count"]))
+                "SELECT * FROM run_nodes WHERE cluster = :c AND job_id = :j "
+                "AND restart_count = :r",
+                {"c": run["cluster"], "j": run["job_id"], "r": run["restart_count"]})
         return runs
     finally:
         store.close()

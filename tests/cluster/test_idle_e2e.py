@@ -143,7 +143,8 @@ def test_an_idle_gpu_job_is_warned_then_cancelled_and_the_others_are_left_alone(
             store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
             try:
                 rows = store._query("SELECT DISTINCT job_id FROM gpu_samples "
-                                    "WHERE job_id IN (?, ?, ?)", jobs)
+                                    "WHERE job_id IN (:a, :b, :c)",
+                                    dict(zip("abc", jobs, strict=True)))
             finally:
                 store.close()
             return {r["job_id"] for r in rows}

@@ -36,7 +36,7 @@ def test_owner_sees_the_figures_of_a_finished_multi_gpu_job_others_are_refused(
 
     def progress() -> dict | None:
         with open_store(cluster.dir / "var/slurmgate.db", readonly=True) as store:
-            rows = store._query("SELECT * FROM run_progress WHERE job_id = ?", (job_id,))
+            rows = store._query("SELECT * FROM run_progress WHERE job_id = :j", {"j": job_id})
         return rows[0] if rows and rows[0]["epoch"] == 3 else None
 
     row = wait_for(progress, 30, 0.5, what=f"progress of job {job_id}")

@@ -97,10 +97,9 @@ def scontrol_job(cluster: Cluster, job_id: int) -> str:
 def events(cluster: Cluster, kind: str, job_id: int | None = None) -> list[dict]:
     store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
     try:
-        sql, params = "SELECT * FROM events WHERE kind = ?", [kind]
+        sql, params = "SELECT * FROM events WHERE kind = :kind", {"kind": kind, "j": job_id}
         if job_id is not None:
-            sql += " AND job_id = ?"
-            params.append(job_id)
+            sql += " AND job_id = :j"
         return store._query(sql + " ORDER BY ts", params)
     finally:
         store.close()
@@ -109,8 +108,8 @@ def events(cluster: Cluster, kind: str, job_id: int | None = None) -> list[dict]
 def runs_of(cluster: Cluster, job_id: int) -> list[dict]:
     store = open_store(cluster.dir / "var/slurmgate.db", readonly=True)
     try:
-        return store._query("SELECT * FROM runs WHERE job_id = ? ORDER BY restart_count",
-                           (job_id,))
+        return store._query("SELECT * FROM runs WHERE job_id = :j ORDER BY restart_count",
+                            {"j": job_id})
     finally:
         store.close()
 
@@ -301,13 +300,14 @@ def test_mttr_and_interruption_metrics_match_the_events(cluster: Cluster):
         since = time.time() - 3600
         m = failure_metrics(store, since, time.time())
         fails = store._query("SELECT DISTINCT job_id, restart_count FROM events "
-                            "WHERE kind = 'node_fail' AND ts >= ?", (since,))
+                            "WHERE kind = 'node_fail' AND ts >= :since", {"since": since})
         preempts = store._query("SELECT DISTINCT job_id, restart_count FROM events "
-                               "WHERE kind = 'preempt' AND ts >= ?", (since,))
+                               "WHERE kind = 'preempt' AND ts >= :since", {"since": since})
         rec = store._query("SELECT e.ts, e.job_id, f.ts AS failed FROM events e JOIN events f "
                           "ON f.job_id = e.job_id AND f.restart_count IS e.restart_count "
                           "AND f.kind IN ('node_fail', 'preempt') "
-                          "WHERE e.kind = 'recovered' AND e.ts >= ? GROUP BY e.id", (since,))
+                          "WHERE e.kind = 'recovered' AND e.ts >= :since GROUP BY e.id",
+                          {"since": since})
     finally:
         store.close()
     assert m["node_failures"] == len(fails) >= 4

@@ -81,7 +81,7 @@ def pair(pg_url: str, tmp_path: Path) -> Any:
     os.chmod(url_file, 0o600)
     spool_dir = root / "spool"
     spool_dir.mkdir()
-    os.chmod(spool_dir, 0o775)
+    os.chmod(spool_dir, 0o755)  # root's (the test policy's SlurmUser), like the daemon tests
     a, b = Daemon(root, "a", url_file, spool_dir), Daemon(root, "b", url_file, spool_dir)
     yield a, b, spool_dir, pg_url
     for d in (a, b):
@@ -101,11 +101,14 @@ def test_the_standby_takes_over_a_killed_leader_mid_ingest_and_nothing_is_ingest
     b.start()
     assert b.ping()["leader"] is False and b.ping()["ledger"] == "postgresql"
     jobs = 3000
-    for n in range(jobs):  # a backlog of finished jobs, each with its node's record
-        spool.write_record(spool_dir, make_jobcomp(10_000 + n))
-        spool.write_record(spool_dir, make_node_run(10_000 + n))
-    os.kill(b.proc.pid, signal.SIGSTOP)  # the standby waits while the leader starts
+    trust = spool.trust_for("root")  # the test policy's SlurmUser
+    for d in (a, b):  # both wait while the backlog is written: the kill must find work left
+        os.kill(d.proc.pid, signal.SIGSTOP)
     try:
+        for n in range(jobs):  # a backlog of finished jobs, each with its node's record
+            spool.write_record(spool_dir, make_jobcomp(10_000 + n), trust=trust)
+            spool.write_record(spool_dir, make_node_run(10_000 + n), trust=trust)
+        os.kill(a.proc.pid, signal.SIGCONT)
         wait_for(lambda: run_count(url) > 0, 30, interval=0.02, what="the ingest to start")
         a.kill()  # the leader's host died in the middle of the backlog
         killed_at = time.monotonic()
