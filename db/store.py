@@ -66,8 +66,9 @@ class StoreError(RuntimeError):
 
 DatabaseError = database_errors()
 """The servers' own errors (locked, corrupt, I/O, connection lost), named here so that code
-outside db can catch them (``except DatabaseError``) without importing a driver (only db
-runs SQL)."""
+outside db can catch them without importing a driver (only db runs SQL). A flat tuple:
+``except DatabaseError`` alone, or ``except (StoreError, *DatabaseError)`` with others
+(Python refuses a tuple nested in an except tuple)."""
 
 
 def _decode_tags(row: dict[str, Any]) -> dict[str, Any]:

@@ -189,7 +189,7 @@ class NodesView(View):
                 samples = store.gpu_samples(now - WINDOW_S, now)
                 failures = {r["node"]: int(r["failures"])
                             for r in node_failures(store, now - FAILURE_DAYS * 86400)}
-        except (StoreError, DatabaseError) as exc:
+        except (StoreError, *DatabaseError) as exc:
             error = f"no utilisation or failures: {exc}"
         by_node = trends(samples, now)
         infos = [NodeInfo(n, by_node.get(n.name, []), failures.get(n.name, 0))

@@ -104,7 +104,7 @@ class QueueView(View):
         try:
             with self.sources.store() as store:
                 rows = store.live_reservations()
-        except (StoreError, DatabaseError) as exc:
+        except (StoreError, *DatabaseError) as exc:
             return {}, f"accounting store unavailable, costs are estimates: {exc}"
         return {r["rid"]: r for r in rows}, None
 

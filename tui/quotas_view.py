@@ -107,7 +107,7 @@ class QuotasView(View):
                 burndowns[r["team"]] = burndown(
                     by_day.get(r["team"], {}), period_start=start, period_end=end, now=now,
                     budget=r["budget"], soft=r["soft_limit"], hard=r["hard_limit"])
-        except (StoreError, DatabaseError) as exc:
+        except (StoreError, *DatabaseError) as exc:
             error = f"no burn-down: {exc}"
         return QuotaData(quota, burndowns, max(0.0, (end - now) / DAY), now, error)
 
