@@ -209,13 +209,24 @@ class AlertLog:
                 r["payload"] = {}
         return rows
 
-    def start_attempt(self, send_id: int, *, now: float) -> int:
-        """Count an attempt before it is made (committed first: a crash during the send
-        still counts it). Returns its number."""
+    CLAIM_S = 300.0
+    """How long a started attempt holds its delivery: no other daemon (nor this one) starts
+    it again until the attempt is finished or this long has passed (the daemon died mid-send:
+    the delivery is tried again then)."""
+
+    def start_attempt(self, send_id: int, *, now: float) -> int | None:
+        """Claim a due delivery and count an attempt before it is made (committed first: a
+        crash during the send still counts it). Returns its number, or None when the
+        delivery is not due any more (another daemon on the same ledger claimed it, or it
+        is no longer pending): then nothing is sent."""
         with self.store.transaction():
             rows = self.store.conn.execute(
-                "UPDATE alert_sends SET attempts = attempts + 1, updated_at = :now "
-                "WHERE id = :id RETURNING attempts", {"now": now, "id": send_id}).fetchall()
+                "UPDATE alert_sends SET attempts = attempts + 1, updated_at = :now, "
+                "next_attempt_at = :claim WHERE id = :id AND state = 'pending' "
+                "AND next_attempt_at <= :now RETURNING attempts",
+                {"now": now, "claim": now + self.CLAIM_S, "id": send_id}).fetchall()
+            if not rows:
+                return None
             attempt = int(rows[0][0])
             # a row of this number left by an earlier try is started afresh (as REPLACE did)
             self.store.conn.execute(

@@ -305,6 +305,8 @@ class Dispatcher:
                 continue
             with self.lock:
                 attempt = self.log.start_attempt(s["id"], now=self.clock())
+            if attempt is None:  # claimed by another daemon on the ledger, or settled meanwhile
+                continue
             error, connection = self._send(policy, s, hook)
             if connection:
                 down.add(channel)

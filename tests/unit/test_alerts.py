@@ -695,7 +695,11 @@ def test_the_send_log_decides_once_counts_every_attempt_and_never_moves_its_curs
                          next_attempt_at=T0 + 60)
         assert sid not in [d["id"] for d in a.due_sends(T0 + 30)]
         two = b.start_attempt(sid, now=T0 + 61)
+        # claimed: neither daemon on the ledger starts it again while the attempt runs
+        assert a.start_attempt(sid, now=T0 + 61.5) is None
+        assert sid not in [d["id"] for d in a.due_sends(T0 + 62)]
         b.finish_attempt(sid, two, now=T0 + 62, error=None, state="sent")
+        assert b.start_attempt(sid, now=T0 + 9999) is None  # sent: never again
         a.drop(hid, "webhook:ops is no longer in the policy", now=T0 + 63)
         a.drop(sid, "too late: it was sent", now=T0 + 64)
         with pytest.raises(ValueError, match="state is one of"):
@@ -704,7 +708,7 @@ def test_the_send_log_decides_once_counts_every_attempt_and_never_moves_its_curs
         assert (one, two) == (1, 2)
         mailed = got[sid]
         assert (mailed["state"], mailed["attempts"], mailed["sent_at"], mailed["last_error"],
-                mailed["next_attempt_at"]) == ("sent", 2, T0 + 62, None, T0 + 60)
+                mailed["next_attempt_at"]) == ("sent", 2, T0 + 62, None, T0 + 61 + a.CLAIM_S)
         assert [(t["send_id"], t["attempt"], t["ok"], t["error"]) for t in mailed["tries"]] == [
             (sid, 1, 0, "relay said 451"), (sid, 2, 1, None)]
         assert (got[hid]["state"], got[hid]["last_error"], got[hid]["tries"]) == (
