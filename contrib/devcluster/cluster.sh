@@ -4,6 +4,9 @@
 #   cluster.sh start | stop | restart | status | logs [N]
 #   cluster.sh daemon start | stop | restart | reload     (reload = SIGHUP to the slurmgate daemon)
 #   cluster.sh packages | install-packages                 (the Debian packages it needs)
+#   DEVCLUSTER_HA=1 cluster.sh start | stop | restart | status | logs [N] | daemon ...
+#   DEVCLUSTER_HA=1 cluster.sh ha status | kill-primary | start-primary | kill HOST | start HOST
+#                                                          (two controllers: see ha.sh)
 #
 # Two slurmd (node1: 4x a100, node2: 4x h100, fake GPU char devices) plus slurmctld on this
 # host, all configured under $DEVCLUSTER_DIR (default <repo>/.devcluster). Needs root and
@@ -21,16 +24,24 @@
 #   SLURMGATE_VENV            venv holding the `slurmgate` CLI   (/opt/slurmgate/venv)
 #   SLURMGATE_POLICY_EXAMPLE  policy.toml to render from         (<repo>/contrib/examples/policy.toml)
 #   DEVCLUSTER_CTLD_PORT, DEVCLUSTER_NODE1_PORT, DEVCLUSTER_NODE2_PORT   (6817, 6818, 6819)
+#   DEVCLUSTER_HA=1           the HA mode (primary + backup slurmctld, contrib/devcluster/ha.sh);
+#                             its defaults: <repo>/.devcluster-ha and ports 6857, 6858, 6859
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-DIR="${DEVCLUSTER_DIR:-$REPO/.devcluster}"
+HA="${DEVCLUSTER_HA:-0}"
+case "$HA" in
+    0 | "") HA=0; DEFAULTS=(.devcluster 6817 6818 6819) ;;
+    1) DEFAULTS=(.devcluster-ha 6857 6858 6859) ;;
+    *) echo "devcluster: error: DEVCLUSTER_HA is 1 (the HA mode) or unset, not '$HA'" >&2; exit 2 ;;
+esac
+DIR="${DEVCLUSTER_DIR:-$REPO/${DEFAULTS[0]}}"
 VENV="${SLURMGATE_VENV:-/opt/slurmgate/venv}"
 POLICY_EXAMPLE="${SLURMGATE_POLICY_EXAMPLE:-$REPO/contrib/examples/policy.toml}"
-CTLD_PORT="${DEVCLUSTER_CTLD_PORT:-6817}"
-NODE1_PORT="${DEVCLUSTER_NODE1_PORT:-6818}"
-NODE2_PORT="${DEVCLUSTER_NODE2_PORT:-6819}"
+CTLD_PORT="${DEVCLUSTER_CTLD_PORT:-${DEFAULTS[1]}}"
+NODE1_PORT="${DEVCLUSTER_NODE1_PORT:-${DEFAULTS[2]}}"
+NODE2_PORT="${DEVCLUSTER_NODE2_PORT:-${DEFAULTS[3]}}"
 NODES=(node1 node2)
 RESEARCHERS=(alice bob carol mallory)
 SLURM_USER=slurm
@@ -40,6 +51,11 @@ SLURM_RELEASE=""   # e.g. 22.05.8; set by detect_slurm_release
 
 CONF="$DIR/etc/slurm.conf"
 SOCK="$DIR/run/slurmgate.sock"
+# What the rendered policy names (the HA mode moves these to each controller host's own dirs).
+LEDGER_DB="$DIR/var/slurmgate.db"
+DAEMON_LOG="$DIR/log/slurmgate.log"
+CKPT_ROOT=/var/tmp/slurmgate-ckpt
+ENV_EXTRA=""   # more lines for env.sh
 DAEMON_PID="$DIR/run/slurmgate.pid"
 CTLD_PID="$DIR/run/slurmctld.pid"
 export SLURM_CONF="$CONF"
@@ -218,7 +234,7 @@ make_state_dirs() {
     install -d -m 0700 -o root -g root "$DIR/var/node"
     # checkpoint_root of the dev policy: the Prolog creates team/user dirs (owned by the user,
     # 0700) below it; nobody else can create anything here.
-    local ckpt=/var/tmp/slurmgate-ckpt
+    local ckpt="$CKPT_ROOT"
     if [[ -d "$ckpt" && ( -L "$ckpt" || "$(stat -c '%u %a' "$ckpt")" != "0 755" ) ]]; then
         # an older dev cluster made it 1777: what users made below it is not to be trusted
         log "recreating $ckpt (was $(stat -c '%U %a' "$ckpt"))"
@@ -245,14 +261,18 @@ install_if_changed() {
 
 sed_escape() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
 
-render_template() {
-    local name="$1" tmp
-    tmp="$(mktemp "$DIR/etc/.$name.XXXXXX")"
+expand_template() {  # expand_template NAME: NAME.in with this cluster's values, on stdout
     sed -e "s|@DIR@|$(sed_escape "$DIR")|g" \
         -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
         -e "s|@NODE1_PORT@|$NODE1_PORT|g" \
         -e "s|@NODE2_PORT@|$NODE2_PORT|g" \
-        "$HERE/$name.in" >"$tmp"
+        "$HERE/$1.in"
+}
+
+render_template() {
+    local name="$1" tmp
+    tmp="$(mktemp "$DIR/etc/.$name.XXXXXX")"
+    expand_template "$name" >"$tmp"
     install_if_changed "$tmp" "$DIR/etc/$name" 0644
 }
 
@@ -321,7 +341,8 @@ EOF
     write_hook_wrapper prolog
     write_hook_wrapper epilog
     write_hook_wrapper jobcomp
-    write_file "$DIR/env.sh" 0644 <<EOF
+    {
+        cat <<EOF
 # shellcheck shell=bash
 # source me: points Slurm clients and the slurmgate CLI at the dev cluster
 export DEVCLUSTER_DIR="$DIR"
@@ -330,6 +351,8 @@ export SLURM_CONF="$CONF"
 export SLURMGATE_CONFIG="$DIR/etc/policy.toml"
 case ":\$PATH:" in *":$DIR/bin:"*) ;; *) export PATH="$DIR/bin:\$PATH" ;; esac
 EOF
+        printf '%s' "$ENV_EXTRA"
+    } | write_file "$DIR/env.sh" 0644
 }
 
 render_policy() {
@@ -338,16 +361,16 @@ render_policy() {
     d="$(sed_escape "$DIR")"
     tmp="$(mktemp "$DIR/etc/.policy.toml.XXXXXX")"
     sed -E \
-        -e "s|^([[:space:]]*socket[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/run/slurmgate.sock\"|" \
-        -e "s|^([[:space:]]*database[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/var/slurmgate.db\"|" \
+        -e "s|^([[:space:]]*socket[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$(sed_escape "$SOCK")\"|" \
+        -e "s|^([[:space:]]*database[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$(sed_escape "$LEDGER_DB")\"|" \
         -e "s|^([[:space:]]*spool_dir[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/spool\"|" \
-        -e "s|^([[:space:]]*log_file[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/log/slurmgate.log\"|" \
+        -e "s|^([[:space:]]*log_file[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$(sed_escape "$DAEMON_LOG")\"|" \
         -e "s|^([[:space:]]*slurm_user[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$SLURM_USER\"|" \
         -e "s|^([[:space:]]*state_dir[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$d/var/node\"|" \
-        -e "s|^([[:space:]]*checkpoint_root[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"/var/tmp/slurmgate-ckpt\"|" \
+        -e "s|^([[:space:]]*checkpoint_root[[:space:]]*=[[:space:]]*)\"[^\"]*\"|\1\"$(sed_escape "$CKPT_ROOT")\"|" \
         -e '/^\[nvml\]/,/^\[/ s|^([[:space:]]*backend[[:space:]]*=[[:space:]]*)"real"|\1"fake"|' \
         "$POLICY_EXAMPLE" >"$tmp"
-    grep -qF "\"$DIR/run/slurmgate.sock\"" "$tmp" \
+    grep -qF "\"$SOCK\"" "$tmp" \
         || log "warning: no 'socket = ...' line in $POLICY_EXAMPLE; the daemon may listen elsewhere"
     chmod 0644 "$tmp"
     mv -f "$tmp" "$DIR/etc/policy.toml"
@@ -474,14 +497,23 @@ cancel_running_jobs() {
 }
 
 stop_slurm() {
-    local pid n
     if ctld_pid >/dev/null; then cancel_running_jobs; fi
     # Controller first: stopped slurmds would leave it waiting on RPCs to them at shutdown.
+    stop_controllers
+    stop_slurmds
+}
+
+stop_controllers() {
+    local pid
     if pid="$(ctld_pid)"; then
         log "stopping slurmctld ($pid)"
         terminate "$pid" slurmctld
     fi
-    local slurmds=()
+}
+
+# The slurmds, then whatever job processes of this cluster outlived them.
+stop_slurmds() {
+    local pid n slurmds=()
     for n in "${NODES[@]}"; do
         if pid="$(slurmd_pid "$n")"; then
             log "stopping slurmd $n ($pid)"
@@ -604,5 +636,11 @@ main() {
            exit 2 ;;
     esac
 }
+
+# The HA mode redefines the commands (and what they start) for two controller hosts.
+if ((HA)); then
+    # shellcheck source=contrib/devcluster/ha.sh
+    source "$HERE/ha.sh"
+fi
 
 main "$@"
