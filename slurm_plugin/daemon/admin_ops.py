@@ -98,5 +98,8 @@ class AdminOps(DaemonState):
     def op_reconcile(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         if not self.is_admin(peer):
             raise Forbidden(f"only slurmgate admins may reconcile; you are {user_name(peer.uid)}")
+        if not self.leadership.check():
+            return {"ok": False, "error": "this daemon is the standby: another controller's "
+                                          "daemon leads the once-only work; run reconcile there"}
         self.ingest_wakeup.set()
         return {"ok": True, "result": self.reconcile_once()}

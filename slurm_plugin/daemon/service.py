@@ -229,6 +229,7 @@ class Daemon(AdminOps, Workers, JobOps):
             "decision", job_name=job.name if job else None, user=job.user if job else None,
             uid=raw.get("uid") if isinstance(raw.get("uid"), int) else None,
             account=job.account if job else None, team=decision.team,
+            rid=decision.rid if decision.verdict == "accept" else None,
             verdict=decision.verdict, reason=decision.reason, tags=decision.tags,
             est_cost=decision.estimate.amount if decision.estimate else None,
             set=decision.set_fields, latency_ms=round(latency_ms, 3),

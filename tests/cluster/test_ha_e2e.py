@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from db.store import Store, open_store
 from tests.conftest import FINAL_STATES, REPO, Cluster
 from tests.waiting import wait_for
 
@@ -154,3 +156,121 @@ def test_the_backup_takes_over_and_its_own_daemon_decides(ha: HACluster):
     assert ha.decision("ctl2", back) is None
     status = ha.ctl("ha", "status")
     assert re.search(r"^ctl2 .* standing by ", status, re.M), status
+
+
+SUBMISSIONS = 200
+KILL_AFTER = 60
+RUN_EVERY = 20
+"""Of the 200 jobs, every 20th runs (and is charged); the rest are held (reserved only)."""
+
+
+def _ledger(ha: HACluster) -> Store:
+    url = (ha.dir / "etc" / "ledger.url").read_text().strip()
+    return open_store(url, readonly=True)
+
+
+def test_200_submissions_across_a_primary_kill_are_each_decided_and_reserved_once(
+        ha: HACluster) -> None:
+    if ha.ledger != "postgresql":
+        pytest.skip("one ledger for both controllers needs the PostgreSQL one")
+    if ha.active() != "ctl1":
+        ha.ctl("ha", "start-primary")
+    assert wait_for(lambda: ha.active() == "ctl1", 60, 0.5, what="ctl1 in control")
+    tag = uuid.uuid4().hex[:6]
+    accepted: dict[int, str] = {}
+    failed: list[tuple[int, str]] = []
+    killed_at: list[float] = []
+
+    def submit(n: int) -> None:
+        held = [] if n % RUN_EVERY == 0 else ["--hold"]
+        res = ha.sbatch("alice", "-J", f"ha200-{tag}-{n}", *held)
+        if res.returncode == 0:
+            accepted[int(res.stdout.decode().strip().split(";")[0])] = f"ha200-{tag}-{n}"
+        else:
+            failed.append((n, res.stderr.decode(errors="replace").strip()[-300:]))
+
+    killer = None
+    for n in range(SUBMISSIONS):  # one submitter, as a user's loop of sbatch calls would be
+        if n == KILL_AFTER:  # the primary's host dies while submissions keep coming
+            def kill() -> None:
+                out = ha.ctl("ha", "kill-primary")
+                killed_at.append(float(re.search(r"killed ctl1 at ([0-9.]+)", out).group(1)))
+
+            killer = threading.Thread(target=kill)
+            killer.start()
+        submit(n)
+    assert killer is not None
+    killer.join(60)
+    assert killed_at and ha.active() == "ctl2"
+    # sbatch retries through the failover by itself: every submission got a job
+    assert not failed, failed[:3]
+    assert len(accepted) == SUBMISSIONS
+
+    # Slurm's own loss: slurmctld saves job_state every few seconds, so the jobs the primary
+    # accepted since its last save are gone with it (the backup logs "Vestigial state files")
+    jobs = ha.jobs()
+    ours = {j: jobs[j] for j in accepted if j in jobs}
+    lost = sorted(set(accepted) - set(ours))
+    print(f"{len(lost)} of {SUBMISSIONS} accepted jobs lost by slurmctld's crash: {lost[:5]}...")
+    # every job Slurm kept was decided by a daemon (none unchecked)
+    rids: dict[int, str] = {}
+    for job_id, job in ours.items():
+        comment = job["admin_comment"]
+        assert comment.startswith("slurmgate:v2;team=vision;"), (job_id, comment)
+        assert "unchecked" not in comment
+        rids[job_id] = re.search(r"rid=(r[0-9a-f]+)", comment).group(1)
+    decisions = [e for host in ("ctl1", "ctl2") for e in ha.host_events(host, "decision")
+                 if str(e.get("job_name", "")).startswith(f"ha200-{tag}-")]
+    assert {e["job_name"] for e in decisions} == set(accepted.values())
+    assert all(e["verdict"] == "accept" for e in decisions)
+    assert len(decisions) == SUBMISSIONS, "a submission was decided twice"
+    assert {e["job_name"] for e in ha.host_events("ctl2", "decision")} & set(accepted.values())
+
+    # the ledger: exactly one reservation per decision, none doubled, none lost
+    def ours_in_ledger() -> list[dict]:
+        with _ledger(ha) as store:
+            return store.conn.query(
+                "SELECT rid, job_id, state, est_cost FROM reservations WHERE created_at >= :t0 "
+                "AND rid IN (" + ", ".join(f"'{e['rid']}'" for e in decisions if e.get("rid"))
+                + ")", {"t0": min(killed_at) - 900})
+
+    assert all(e.get("rid") for e in decisions)
+    resv = ours_in_ledger()
+    assert len(resv) == SUBMISSIONS and len({r["rid"] for r in resv}) == SUBMISSIONS
+    assert set(rids.values()) <= {r["rid"] for r in resv}
+    gone = {r["rid"] for r in resv} - set(rids.values())  # the lost jobs' reservations
+    assert len(gone) == len(lost)
+
+    # the running jobs finish on the backup, each charged once against its reservation
+    runners = [j for j, name in accepted.items()
+               if j in ours and int(name.rsplit("-", 1)[1]) % RUN_EVERY == 0]
+    for job_id in runners:
+        ha.wait_state(job_id, FINAL_STATES, timeout=180)
+    held = [j for j in ours if j not in runners]
+    ha.scancel(*held)
+
+    def settled() -> bool:
+        with _ledger(ha) as store:
+            runs = store.conn.query(
+                "SELECT job_id, count(*) AS n, count(cost) AS priced FROM runs "
+                "WHERE job_id IN (" + ", ".join(str(j) for j in runners) + ") GROUP BY job_id")
+            live = store.conn.scalar(
+                "SELECT count(*) FROM reservations WHERE state IN ('reserved', 'bound') "
+                "AND rid IN (" + ", ".join(f"'{r}'" for r in rids.values()) + ")")
+        return len(runs) == len(runners) and all(r["n"] == 1 == r["priced"] for r in runs) \
+            and live == 0
+
+    wait_for(settled, 180, 1.0, what="every run charged once and every reservation closed")
+    # the lost jobs' reservations hold no money for ever: the reconcile pass releases them
+    # once they have been missing from Slurm for the vanished grace (120 s)
+    wait_for(lambda: all(r["state"] == "released" for r in ours_in_ledger()
+                         if r["rid"] in gone), 300, 2.0,
+             what="the reservations of the jobs Slurm lost to be released")
+    with _ledger(ha) as store:
+        spent = store.conn.query(
+            "SELECT r.rid, r.state, u.cost FROM reservations r JOIN runs u ON u.rid = r.rid "
+            "WHERE r.rid IN (" + ", ".join(f"'{rids[j]}'" for j in runners) + ")")
+    assert len(spent) == len(runners) and all(s["state"] == "settled" for s in spent)
+    assert all(s["cost"] > 0 for s in spent)
+    ha.ctl("ha", "start-primary")
+    assert wait_for(lambda: ha.active() == "ctl1", 60, 0.5, what="ctl1 in control again")
