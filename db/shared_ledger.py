@@ -18,7 +18,6 @@ file; ``lock_team`` does nothing there.
 
 from __future__ import annotations
 
-import math
 import zlib
 from typing import TYPE_CHECKING
 
@@ -47,36 +46,19 @@ def lock_team(store: Store, team: str, cluster: str | None) -> None:
 def team_standing(store: Store, team: str, period_start_ts: float, period_end_ts: float, *,
                   cluster: str | None = None) -> tuple[float, float]:
     """(net spend, reserved) of ``team`` in the period, as the ledger has them now: the
-    settled cost less credits of runs that ended in the period (the daily rollup for whole
-    UTC days, the runs for the partial days at the edges), and what its live reservations
-    hold less what their already-settled runs were charged (never below zero each). The
-    same figures ``db.reports.quota_rows`` gives, for one team (``cluster`` None: all)."""
-    conn = store.conn
-    where_c = "" if cluster is None else " AND cluster = :cluster"
-    params: dict[str, object] = {"team": team, "cluster": cluster}
-    first_day = math.ceil(period_start_ts / 86400.0)
-    end_day = math.floor(period_end_ts / 86400.0)
-    runs = ("SELECT cost, credit FROM runs WHERE team = :team AND end_ts >= :{a} "
-            "AND end_ts < :{b} AND cost IS NOT NULL" + where_c)
-    if end_day < first_day:  # inside one day
-        parts = [runs.format(a="s0", b="e0")]
-        params.update(s0=period_start_ts, e0=period_end_ts)
-    else:
-        parts = [runs.format(a="s0", b="e0"), runs.format(a="s1", b="e1"),
-                 "SELECT cost, credit FROM usage_daily_team WHERE team = :team "
-                 "AND day >= :d0 AND day < :d1" + where_c]
-        params.update(s0=period_start_ts, e0=first_day * 86400.0, s1=end_day * 86400.0,
-                      e1=period_end_ts, d0=first_day, d1=end_day)
-    net = conn.scalar("SELECT coalesce(sum(cost), 0) - coalesce(sum(credit), 0) FROM ("
-                      + " UNION ALL ".join(parts) + ") AS spend", params)
-    rwhere = "" if cluster is None else " AND r.cluster = :cluster"
-    held = conn.scalar(
-        "SELECT coalesce(sum(CASE WHEN r.est_cost > coalesce(p.paid, 0) "
-        "THEN r.est_cost - coalesce(p.paid, 0) ELSE 0 END), 0) "
-        "FROM reservations r LEFT JOIN (SELECT u.rid, sum(u.cost - u.credit) AS paid "
-        "FROM runs u JOIN reservations q ON q.rid = u.rid "
-        "WHERE q.team = :team AND q.state IN ('reserved', 'bound') AND u.cost IS NOT NULL "
-        "GROUP BY u.rid) p ON p.rid = r.rid "
-        "WHERE r.team = :team AND r.state IN ('reserved', 'bound')" + rwhere,
-        {"team": team, "cluster": cluster})
-    return float(net or 0.0), float(held or 0.0)
+    settled cost less credits of runs that ended in the period, and what its live
+    reservations hold less what their already-settled runs were charged (never below zero
+    each); ``cluster`` None: every cluster's (a global budget).
+
+    These are ``db.reports.team_figures`` for one team: the definition ``quota_rows`` (the
+    daemon's in-memory ledger, `slurmgate quota`) reads too, so a decision on a shared
+    ledger and the quota view never count differently. Two statements, both filtered by
+    team (the runs' (team, end_ts) index, the daily team rollup, the live-reservations
+    index): this runs inside the team's lock."""
+    from db.reports import team_figures
+
+    row = team_figures(store, period_start_ts, period_end_ts, team=team,
+                       cluster=cluster).get(team)
+    if row is None:
+        return 0.0, 0.0
+    return float(row["net"]), float(row["reserved"])

@@ -143,12 +143,17 @@ def cmd_quota(args: argparse.Namespace) -> int:
     req: dict = {"op": "quota"}
     if args.team:
         req["team"] = args.team
+    if args.cluster:
+        req["cluster"] = args.cluster
     resp = _call(args, req)
     if args.json:
         print(json.dumps(resp, indent=2))
         return 0
     cur = resp["currency"]
-    print(f"budget period {resp['period']} ({resp['mode']})")
+    # the daemon's budgets: its cluster's ("cluster" scope) or one across clusters ("global")
+    where = (f"cluster {resp['cluster']}" if resp.get("cluster")
+             else "all clusters (global budgets)" if resp.get("scope") == "global" else "")
+    print(f"budget period {resp['period']} ({resp['mode']})" + (f", {where}" if where else ""))
     header = f"{'team':<14}{'budget':>13}{'spent':>13}{'reserved':>13}{'remaining':>13}" \
              f"{'used':>6}{'fairshare':>10}"
     print(header)
@@ -386,7 +391,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             res = export_period(policy.daemon.ledger(), p, args.out or policy.export.out_dir,
                                 mode=policy.budgets.mode, currency=policy.rates.currency,
                                 jobs=args.jobs, parquet=False if args.no_parquet else None,
-                                progress=terminal_progress(p.label) if show else None)
+                                progress=terminal_progress(p.label) if show else None,
+                                cluster=args.cluster)
         except ExportError as exc:
             raise SystemExit(f"slurmgate export: {exc}") from exc
         if not args.quiet:
@@ -410,7 +416,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = _read_store(args)
     try:
         statement = build_statement(store, policy, month, team=args.team,
-                                    efficiency_by=args.by or ())
+                                    efficiency_by=args.by or (), cluster=args.cluster)
     except ValueError as exc:
         raise SystemExit(f"slurmgate report: {exc}") from exc
     finally:
@@ -463,7 +469,7 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
 def cmd_tui(args: argparse.Namespace) -> int:
     from tui.app import run
 
-    return run(config_path(args), demo=args.demo)
+    return run(config_path(args), demo=args.demo, cluster=args.cluster)
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -506,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sbatch options and/or the batch script, as you would give sbatch")
     sp = add("quota", cmd_quota, "budget, spent, reserved, remaining and fairshare per team")
     sp.add_argument("--team", help="one team (you see only teams you belong to)")
+    sp.add_argument("--cluster", metavar="NAME",
+                    help="another cluster's quotas on a shared ledger (admins; default: this "
+                         "daemon's, [daemon] cluster, or every cluster with global budgets)")
     sp.add_argument("--json", action="store_true")
     sp = add("job", cmd_job, "report of one job: allocation, runs, GPU use, cost, advice")
     sp.add_argument("jobid", metavar="JOBID", help="job id, or ARRAYID_TASK for an array task")
@@ -555,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="export directory (default [export] out_dir)")
     sp.add_argument("--jobs", type=int, help="worker processes for big periods (default: CPUs)")
     sp.add_argument("--no-parquet", action="store_true", help="skip Parquet even with pyarrow")
+    sp.add_argument("--cluster", metavar="NAME",
+                    help="only this cluster's runs, into OUT/cluster=NAME/LABEL/ (default: "
+                         "every cluster on the ledger, into OUT/LABEL/)")
     sp.add_argument("--if-leader", action="store_true",
                     help="controller pairs on one ledger: export only where this host's "
                          "daemon leads (the systemd timer runs on both)")
@@ -562,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("report", cmd_report, "monthly statement per team (text, --json, --html FILE)")
     sp.add_argument("--month", default="last", help="2026-10, last (default) or this")
     sp.add_argument("--team", help="one team")
+    sp.add_argument("--cluster", metavar="NAME",
+                    help="only this cluster's runs (default: every cluster on the ledger)")
     sp.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
     sp.add_argument("--by", action="append", metavar="GROUP",
                     help="add an efficiency table by GROUP: user, project or tag:KEY "
@@ -580,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exit 1 when [alerts] has problems (they never stop the daemon)")
     sp = add("tui", cmd_tui, "open the admin terminal UI")
     sp.add_argument("--demo", action="store_true", help="show a fixed sample dataset")
+    sp.add_argument("--cluster", metavar="NAME",
+                    help="quotas, chargeback and events of this cluster only (default: every "
+                         "cluster on the ledger; quotas: the daemon's own)")
     from slurm_plugin.db_migrate import add_parser as add_db
 
     add_db(sub, cmd_db)

@@ -202,22 +202,43 @@ class SlurmgateApp(App[int]):
         return console.export_text()
 
 
-def run(config_path: str, demo: bool = False) -> int:
-    """Entry point of `slurmgate tui`; returns the exit status."""
+def unknown_cluster(sources: Sources) -> str | None:
+    """Why ``sources.cluster`` cannot be shown (the ledger has nothing of it), or None (also
+    when the ledger cannot be read now: the views then say so themselves)."""
+    from db.reports import unknown_cluster_message
+    from db.store import DatabaseError, StoreError
+
+    if sources.cluster is None:
+        return None
+    try:
+        with sources.store() as store:
+            return unknown_cluster_message(store, sources.cluster)
+    except (StoreError, DatabaseError):
+        return None
+
+
+def run(config_path: str, demo: bool = False, cluster: str | None = None) -> int:
+    """Entry point of `slurmgate tui`; returns the exit status. ``cluster``: the quotas,
+    chargeback and events views show that cluster's (None: every cluster on the ledger)."""
     from policies.config import PolicyError
 
     if demo:
         from tui.demo import demo_sources
 
-        sources: Sources = demo_sources()
+        sources: Sources = demo_sources(cluster=cluster)
     else:
         from tui.sources import open_sources
 
         try:
-            sources = open_sources(config_path)
+            sources = open_sources(config_path, cluster)
         except (PolicyError, ValueError) as exc:
             print(f"slurmgate tui: {exc}", file=sys.stderr)
             return 2
+    problem = unknown_cluster(sources)
+    if problem is not None:
+        sources.close()
+        print(f"slurmgate tui: --cluster: {problem}", file=sys.stderr)
+        return 2
     app = SlurmgateApp(sources, intervals=intervals_from_env())
     try:
         app.run()

@@ -2,7 +2,8 @@
 days; net, efficiency (GPU efficiency, idle cost, cost per run, experiments per 1k, cost per
 epoch), then cost, credits, energy and GPU-hours by type. ``e`` exports the rows shown to CSV.
 
-Money is settled runs by the time they ended (``db.reports.chargeback``), months in UTC. The
+Money is settled runs by the time they ended (``db.reports.chargeback``), months in UTC, of
+the view's cluster (``slurmgate tui --cluster``; every cluster's by default). The
 efficiency figures are policies.efficiency's, over the same runs (``db.efficiency``), worked
 out for each level of the tree from the runs themselves (a ratio or a count of distinct
 experiments does not add up from the rows below it). The columns that say where money goes
@@ -140,6 +141,12 @@ def group_cells(g: Group, cur: str) -> tuple[str | Text, ...]:
             right(fmt.money(t["credits"], cur)), right(f"{t['energy_kwh']:.1f}"), types)
 
 
+def defuse_name(name: str) -> str:
+    """``name`` as one safe file name: anything but letters, digits, '.', '-' and '_' is
+    '_' (a cluster name is the admin's text, never a path)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name)
+
+
 def write_csv(path: str, groups: list[Group], label: str) -> None:
     """Write the table as CSV: a fresh temporary file beside ``path`` (never a predictable name
     that a planted symlink could redirect), then one rename. Text cells are defused against
@@ -201,12 +208,13 @@ class ChargebackView(View):
         self.table.focus()
 
     def _fetch(self) -> tuple[Range, list[dict[str, Any]], Figures]:
-        period = self.period
+        period, cluster = self.period, self.sources.cluster
         with self.sources.store() as store:
-            rows = chargeback(store, period[0], period[1], LEVELS)
+            rows = chargeback(store, period[0], period[1], LEVELS, cluster=cluster)
             runs = efficiency_runs(store, period[0], period[1])
         viewer = self.sources.viewer
-        runs = [r for r in runs if viewer.sees(r["team"])]
+        runs = [r for r in runs if viewer.sees(r["team"])
+                and (cluster is None or r["cluster"] == cluster)]
         figures = tree_figures(runs, self.sources.policy.reports.experiment_tag)
         return period, [r for r in rows if viewer.sees(r["team"])], figures
 
@@ -230,7 +238,8 @@ class ChargebackView(View):
         busy = sum(g.figures.get("busy_gpu_hours") or 0.0 for g in teams)
         measured = sum(g.figures.get("measured_gpu_hours") or 0.0 for g in teams)
         eff = fmt.share(busy / measured if measured > 0 else None)
-        self.set_info(f"Chargeback {self.period[2]} | {len(teams)} teams, net "
+        self.set_info(f"Chargeback {self.period[2]}, {fmt.clusters(self.sources.cluster)} | "
+                      f"{len(teams)} teams, net "
                       f"{fmt.money(net, cur)}, idle {fmt.money(idle, cur)}, GPU eff {eff} | "
                       f"depth {LEVELS[self.depth - 1]}")
 
@@ -255,7 +264,9 @@ class ChargebackView(View):
 
     def action_export(self) -> None:
         groups, label = list(self.groups), self.period[2]
-        path = os.path.join(self.export_dir, f"slurmgate-chargeback-{label}.csv")
+        cluster = self.sources.cluster
+        name = f"slurmgate-chargeback-{label}" + (f"-{cluster}" if cluster else "")
+        path = os.path.join(self.export_dir, defuse_name(name) + ".csv")
         self.run_worker(lambda: self._export(path, groups, label), thread=True,
                         group="export", exit_on_error=False)
 

@@ -291,7 +291,8 @@ class DemoSources(Sources):
     demo = True
 
     def __init__(self, n_jobs: int = 60, n_nodes: int = 6, *,
-                 slurm: SlurmClient | None = None, fill_store: bool = True) -> None:
+                 slurm: SlurmClient | None = None, fill_store: bool = True,
+                 cluster: str | None = None) -> None:
         self.tmpdir = tempfile.mkdtemp(prefix="slurmgate-demo-")
         self.db_path = str(Path(self.tmpdir) / "demo.db")
         policy = demo_policy(self.db_path)
@@ -299,7 +300,7 @@ class DemoSources(Sources):
                                         base_ts=DEMO_NOW, cluster=CLUSTER,
                                         clock=lambda: DEMO_NOW)
         viewer = Viewer("admin", True, frozenset(policy.teams))
-        super().__init__(policy, slurm, viewer, clock=lambda: DEMO_NOW)
+        super().__init__(policy, slurm, viewer, clock=lambda: DEMO_NOW, cluster=cluster)
         self.writer = open_store(self.db_path)
         self.writer_lock = threading.Lock()
         if fill_store:
@@ -309,11 +310,17 @@ class DemoSources(Sources):
             fill(self.writer, policy, slurm)
 
     def quota(self) -> dict[str, Any]:
-        """What the daemon's quota op answers, computed from the demo store."""
+        """What the daemon's quota op answers for ``quota_request()``, computed from the demo
+        store: the request's cluster, else the daemon's (its cluster with a budget per
+        cluster, every cluster with global budgets)."""
         policy = self.policy
+        scope = policy.budgets.scope
+        cluster = self.quota_request().get("cluster") or (
+            policy.daemon.cluster if scope == "cluster" else None)
         start, end, label = period_bounds(policy.budgets.period, DEMO_NOW)
         with self.writer_lock:
-            used = {r["team"]: r for r in quota_rows(self.writer, start, end, period=label)}
+            used = {r["team"]: r for r in quota_rows(self.writer, start, end, period=label,
+                                                      cluster=cluster)}
             half_life = policy.fairshare.half_life_hours
             usage = decayed_usage(self.writer.team_usage_gpu_hours(
                 DEMO_NOW - 10 * half_life * 3600), DEMO_NOW, half_life)
@@ -329,7 +336,7 @@ class DemoSources(Sources):
                          "hard_limit": t.hard_limit * t.budget,
                          "fairshare": round(fair.get(team, 1.0), 6), "share": t.share})
         return {"ok": True, "period": label, "currency": policy.rates.currency,
-                "mode": policy.budgets.mode, "teams": rows}
+                "mode": policy.budgets.mode, "scope": scope, "cluster": cluster, "teams": rows}
 
     def action(self, request: dict[str, Any]) -> str:
         action = request["action"]
@@ -355,5 +362,6 @@ class DemoSources(Sources):
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def demo_sources(n_jobs: int = 60, n_nodes: int = 6) -> DemoSources:
-    return DemoSources(n_jobs, n_nodes)
+def demo_sources(n_jobs: int = 60, n_nodes: int = 6, *,
+                 cluster: str | None = None) -> DemoSources:
+    return DemoSources(n_jobs, n_nodes, cluster=cluster)

@@ -1,7 +1,9 @@
 """Events view: the daemon's event log, newest first, filterable by kind (``k``/``K``).
 
 No kind is filtered out: the kinds to cycle through are those the log holds (idle-GPU
-warnings and actions, failed alert deliveries and any kind added later included).
+warnings and actions, failed alert deliveries and any kind added later included). With
+``slurmgate tui --cluster NAME`` the view shows that cluster's events (every cluster's by
+default); the header names it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Static
 
-from db.reports import events
+from db.reports import event_count, events
 from tui import format as fmt
 from tui.keyed_table import KeyedTable, Row
 from tui.sources import Sources
@@ -63,11 +65,11 @@ class EventsView(View):
         self.table.focus()
 
     def _fetch(self) -> tuple[str | None, list[str], list[dict[str, Any]], int]:
-        kind = self.kind
+        kind, cluster = self.kind, self.sources.cluster
         with self.sources.store() as store:
             kinds = store.event_kinds()
-            total = store.event_count(kind)
-            rows = events(store, [kind] if kind else None, LIMIT)
+            total = event_count(store, kind, cluster=cluster)
+            rows = events(store, [kind] if kind else None, LIMIT, cluster=cluster)
         viewer = self.sources.viewer
         if not viewer.admin:
             rows = [e for e in rows if viewer.sees(e.get("team")) or e.get("user") == viewer.user]
@@ -81,8 +83,9 @@ class EventsView(View):
             return
         table_rows: list[Row] = [(str(e["id"]), event_cells(e)) for e in rows]
         self.table.sync(table_rows)
-        self.set_info(f"Showing {len(rows):,} of {total:,} events, newest first | kind: "
-                      f"{kind or 'all'} (k: next kind, K: all)")
+        self.set_info(f"{fmt.clusters(self.sources.cluster)} | Showing {len(rows):,} of "
+                      f"{total:,} events, newest first | kind: {kind or 'all'} (k: next kind, "
+                      "K: all)")
 
     def action_next_kind(self) -> None:
         options: list[str | None] = [None, *self.kinds]

@@ -27,6 +27,11 @@ def duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def clusters(name: str | None) -> str:
+    """Which clusters a view shows, for its header: ``cluster gpu-east``, ``all clusters``."""
+    return "all clusters" if name is None else f"cluster {name}"
+
+
 def money(amount: float | None, currency: str) -> str:
     return "-" if amount is None else format_money(amount, currency)
 

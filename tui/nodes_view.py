@@ -187,8 +187,10 @@ class NodesView(View):
         try:
             with self.sources.store() as store:
                 samples = store.gpu_samples(now - WINDOW_S, now)
+                # Slurm's nodes are this cluster's; node names repeat across clusters
                 failures = {r["node"]: int(r["failures"])
-                            for r in node_failures(store, now - FAILURE_DAYS * 86400)}
+                            for r in node_failures(store, now - FAILURE_DAYS * 86400,
+                                                   cluster=self.sources.slurm_cluster)}
         except (StoreError, *DatabaseError) as exc:
             error = f"no utilisation or failures: {exc}"
         by_node = trends(samples, now)
@@ -206,7 +208,8 @@ class NodesView(View):
         used = sum(i.allocated for i in infos)
         idle = sum(i.allocated_idle or 0 for i in infos)
         drained = sum(1 for i in infos if i.node.drained or i.node.state == "down")
-        self.set_info(f"{len(infos)} nodes ({drained} drained/down) | GPUs {used}/{total} "
+        self.set_info(f"{self.sources.slurm_cluster}: {len(infos)} nodes, {drained} "
+                      f"drained/down | GPUs {used}/{total} "
                       f"allocated, {idle} allocated but idle | "
                       f"{fmt.clock(now)[-5:]} UTC")
         self._show_gpus()

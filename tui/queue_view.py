@@ -14,6 +14,7 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Input, Static
 
 from db.store import DatabaseError, StoreError
+from tui import format as fmt
 from tui.confirm import ConfirmScreen
 from tui.filter_screen import Filters, FilterScreen
 from tui.job_detail import JobDetail, JobLedger, job_ledger
@@ -162,7 +163,8 @@ class QueueView(View):
         if r is None:
             return
         q = r.query
-        text = f"Showing {len(r.shown):,} of {r.matched:,} jobs"
+        text = (f"{fmt.clusters(self.sources.slurm_cluster)} | Showing {len(r.shown):,} of "
+                f"{r.matched:,} jobs")
         if r.matched != r.total:
             text += f" ({r.total:,} in queue)"
         label = dict(COLUMNS)[q.sort]

@@ -2,10 +2,13 @@
 the projected spend at the end of the budget period and the date the budget runs out; under
 the table, the highlighted team's burn-down chart (tui.burndown_chart).
 
-The burn-down comes from the daily team rollup (db.rollups.team_spend_by_day) through
-policies.burndown: burn rate is the team's net settled spend per day over the last 7 UTC days
-of the period, today included (or since the period began, when that is shorter); projected =
-spent + burn x days left. Reads and the math run in the poller's worker thread.
+The rows are the daemon's quota answer for the view's cluster (``Sources.quota_request``:
+the daemon's own budgets, or another cluster's with ``--cluster``); the header names it.
+The burn-down comes from the daily team rollup (db.reports.spend_by_day, of the same
+cluster, or of every cluster with global budgets) through policies.burndown: burn rate is
+the team's net settled spend per day over the last 7 UTC days of the period, today included
+(or since the period began, when that is shorter); projected = spent + burn x days left.
+Reads and the math run in the poller's worker thread.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from db.rollups import team_spend_by_day
+from db.reports import spend_by_day
 from db.store import DatabaseError, StoreError
 from policies.burndown import RATE_DAYS, Burndown, burndown
 from policies.ledger import period_bounds
@@ -102,7 +105,7 @@ class QuotasView(View):
         error = None
         try:
             with self.sources.store() as store:
-                by_day = team_spend_by_day(store, start, end)
+                by_day = spend_by_day(store, start, end, cluster=quota.get("cluster"))
             for r in quota.get("teams", []):
                 burndowns[r["team"]] = burndown(
                     by_day.get(r["team"], {}), period_start=start, period_end=end, now=now,
@@ -120,6 +123,7 @@ class QuotasView(View):
         self.table.sync(rows)
         mode = data.quota.get("mode", "")
         self.set_info(f"Budget period {data.quota.get('period', '?')} ({mode}), "
+                      f"{fmt.clusters(data.quota.get('cluster'))}, "
                       f"{data.days_left:.1f} days left | burn = last {RATE_DAYS} days | "
                       f"{fmt.clock(data.now)[-5:]} UTC")
         self._show_burndown()

@@ -4,6 +4,11 @@ worker threads only.
 
 ``Sources`` is what the views use. ``LiveSources`` reads the real cluster; ``tui.demo``
 builds a fixed synthetic one for screenshots and tests.
+
+A ledger may hold several clusters' runs (one PostgreSQL ledger). ``cluster`` is the view
+filter of ``slurmgate tui --cluster NAME``: the quotas, chargeback and events views show that
+cluster's figures (None: every cluster's; the quotas, the daemon's own). The queue and the
+nodes are Slurm's, so always this cluster's (``slurm_cluster``: ``[daemon] cluster``).
 """
 
 from __future__ import annotations
@@ -52,17 +57,32 @@ class Sources:
     demo = False
 
     def __init__(self, policy: Policy, slurm: SlurmClient, viewer: Viewer,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, cluster: str | None = None) -> None:
         self.policy = policy
         self.slurm = slurm
         self.viewer = viewer
         self.clock = clock
+        self.cluster = cluster
+        """The ledger views' cluster (None: every cluster on the ledger)."""
         self._store: Store | None = None
         self._store_lock = threading.Lock()
 
     @property
     def currency(self) -> str:
         return self.policy.rates.currency
+
+    @property
+    def slurm_cluster(self) -> str:
+        """The cluster Slurm answers for (the queue and nodes views): ``[daemon] cluster``."""
+        return self.policy.daemon.cluster
+
+    def quota_request(self) -> dict[str, Any]:
+        """The daemon's quota op for the view: another cluster's with a budget per cluster;
+        with global budgets there is one quota, across clusters, whatever the filter."""
+        request: dict[str, Any] = {"op": "quota"}
+        if self.cluster is not None and self.policy.budgets.scope == "cluster":
+            request["cluster"] = self.cluster
+        return request
 
     def jobs(self) -> list[Job]:
         return self.slurm.jobs()
@@ -82,6 +102,7 @@ class Sources:
             yield self._store
 
     def quota(self) -> dict[str, Any]:
+        """What the daemon's quota op answers for ``quota_request()``."""
         raise NotImplementedError
 
     def action(self, request: dict[str, Any]) -> str:
@@ -102,8 +123,10 @@ class LiveSources(Sources):
     """The real cluster: Slurm through ``open_client``, quotas and actions via the daemon."""
 
     def __init__(self, policy: Policy, slurm: SlurmClient | None = None,
-                 viewer: Viewer | None = None, socket_path: str | None = None) -> None:
-        super().__init__(policy, slurm or open_client(policy), viewer or viewer_for(policy))
+                 viewer: Viewer | None = None, socket_path: str | None = None, *,
+                 cluster: str | None = None) -> None:
+        super().__init__(policy, slurm or open_client(policy), viewer or viewer_for(policy),
+                         cluster=cluster)
         self.socket_path = socket_path or policy.daemon.socket
 
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +141,7 @@ class LiveSources(Sources):
         return resp
 
     def quota(self) -> dict[str, Any]:
-        return self._call({"op": "quota"})
+        return self._call(self.quota_request())
 
     def action(self, request: dict[str, Any]) -> str:
         self._call({"op": "action", **request})
@@ -126,9 +149,10 @@ class LiveSources(Sources):
         return f"{request['action']} {target}: done"
 
 
-def open_sources(config_path: str) -> LiveSources:
-    """Sources for the live cluster named by the policy file (raises PolicyError)."""
-    return LiveSources(load_policy(config_path))
+def open_sources(config_path: str, cluster: str | None = None) -> LiveSources:
+    """Sources for the live cluster named by the policy file (raises PolicyError); the
+    ledger views show ``cluster`` (None: every cluster)."""
+    return LiveSources(load_policy(config_path), cluster=cluster)
 
 
 __all__ = ["DaemonError", "LiveSources", "Sources", "StoreError", "Viewer", "open_sources",

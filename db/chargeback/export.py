@@ -84,6 +84,20 @@ _SCOPE = (
     "AND (end_ts > :a OR coalesce(start_ts, end_ts) >= end_ts)"
 )
 _SLICE = " AND end_ts >= :lo AND end_ts < :hi"
+_CLUSTER = " AND cluster = :cluster"
+"""``slurmgate export --cluster NAME``: that cluster's runs only (params carry "cluster")."""
+
+
+def _scope(params: dict[str, Any]) -> str:
+    """_SCOPE, limited to the cluster ``params`` name when they name one."""
+    return _SCOPE + (_CLUSTER if params.get("cluster") is not None else "")
+
+
+def _scope_params(period: Period, cluster: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"a": period.start_ts, "b": period.end_ts}
+    if cluster is not None:
+        params["cluster"] = str(cluster)
+    return params
 _ORDER = " ORDER BY end_ts, cluster, job_id, restart_count"
 
 
@@ -112,8 +126,8 @@ _FINGERPRINT = (
 )
 _UNSETTLED = (
     "SELECT (SELECT count(*) FROM runs WHERE end_ts >= :a AND cost IS NULL "
-    "AND coalesce(start_ts, end_ts) < :b) + (SELECT count(*) FROM runs WHERE end_ts IS NULL "
-    "AND cost IS NULL AND coalesce(start_ts, :a) < :b)"
+    "AND coalesce(start_ts, end_ts) < :b{0}) + (SELECT count(*) FROM runs WHERE end_ts IS NULL "
+    "AND cost IS NULL AND coalesce(start_ts, :a) < :b{0})"
 )
 _NO_END = 1e18
 
@@ -248,18 +262,18 @@ class SliceResult:
 def _export_slice(conn: Connection, period: Period, index: int, lo: float, hi: float,
                   csv_path: str, json_path: str,
                   progress: Callable[[int], None] | None = None, *,
-                  final: bool = False) -> SliceResult:
+                  final: bool = False, cluster: str | None = None) -> SliceResult:
     """Rows of one slice of end times [lo, hi) into two files, in one snapshot.
 
     ``final``: the slice is the whole period, so these are runs.csv (header included) and
     runs.jsonl themselves: hashed and fsynced here, nothing to merge afterwards.
     """
-    params = {"a": period.start_ts, "b": period.end_ts, "lo": lo, "hi": hi}
+    params = {**_scope_params(period, cluster), "lo": lo, "hi": hi}
     fmt = RowFormatter(period)
     result = SliceResult(index)
     hashes = (hashlib.sha256(), hashlib.sha256()) if final else None
     sizes = [0, 0]
-    sql = _SELECT + "WHERE " + _SCOPE + _SLICE + _order(conn.dialect)
+    sql = _SELECT + "WHERE " + _scope(params) + _SLICE + _order(conn.dialect)
     with _slice_reads(conn):
         with open(csv_path, "wb") as fc, open(json_path, "wb") as fj:
             outs = (fc, fj)
@@ -300,7 +314,8 @@ class _NeedsLenientText(Exception):
 
 def _fingerprint(conn: Connection, params: dict[str, Any], *,
                  sliced: bool) -> tuple[Any, ...]:
-    row = conn.execute(_FINGERPRINT + _SCOPE + (_SLICE if sliced else ""), params).fetchone()
+    row = conn.execute(_FINGERPRINT + _scope(params) + (_SLICE if sliced else ""),
+                       params).fetchone()
     # sums of whole micro-units stay exact as floats (below 2**53), in any order; inf stays inf
     return (int(row[0]), float(row[1]), float(row[2]),
             None if row[3] is None else float(row[3]))
@@ -309,15 +324,15 @@ def _fingerprint(conn: Connection, params: dict[str, Any], *,
 def _export_slice_lenient(conn: Connection, period: Period, index: int, lo: float, hi: float,
                           csv_path: str, json_path: str,
                           progress: Callable[[int], None] | None = None, *,
-                          final: bool = False) -> SliceResult:
+                          final: bool = False, cluster: str | None = None) -> SliceResult:
     """``_export_slice``, again with lenient decoding when a text column is not UTF-8."""
     try:
         return _export_slice(conn, period, index, lo, hi, csv_path, json_path, progress,
-                             final=final)
+                             final=final, cluster=cluster)
     except _NeedsLenientText:
         _lenient_text(conn)
         return _export_slice(conn, period, index, lo, hi, csv_path, json_path, progress,
-                             final=final)
+                             final=final, cluster=cluster)
 
 
 def _attach(conn: Connection, snapshot: str | None) -> None:
@@ -333,11 +348,12 @@ def _attach(conn: Connection, snapshot: str | None) -> None:
 
 def _slice_task(task: tuple[Any, ...]) -> SliceResult:
     """Worker entry point (module level so a process pool can call it)."""
-    target, snapshot, period, index, lo, hi, csv_path, json_path = task
+    target, snapshot, period, index, lo, hi, csv_path, json_path, cluster = task
     conn = open_reader(target).conn
     try:
         _attach(conn, snapshot)
-        return _export_slice_lenient(conn, period, index, lo, hi, csv_path, json_path)
+        return _export_slice_lenient(conn, period, index, lo, hi, csv_path, json_path,
+                                     cluster=cluster)
     finally:
         conn.close()  # a worker's transaction only read: closing ends it
 
@@ -508,16 +524,18 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _plan(conn: Connection, period: Period, jobs: int) -> tuple[int, list[float]]:
+def _plan(conn: Connection, period: Period, jobs: int, cluster: str | None = None
+          ) -> tuple[int, list[float]]:
     """(runs in scope, slice edges): equal-count slices of end times, the last unbounded."""
-    params = {"a": period.start_ts, "b": period.end_ts}
-    total = int(conn.scalar("SELECT count(*) FROM runs WHERE " + _SCOPE, params))
+    params = _scope_params(period, cluster)
+    total = int(conn.scalar("SELECT count(*) FROM runs WHERE " + _scope(params), params))
     edges: list[float] = [float(period.start_ts)]
     if jobs > 1 and total >= PARALLEL_MIN_RUNS:
         step = max(1, total // (jobs * SLICES_PER_JOB))
         for (end_ts,) in conn.execute(
                 "SELECT end_ts FROM (SELECT end_ts, row_number() OVER (ORDER BY end_ts) AS n "
-                "FROM runs WHERE end_ts >= :a AND end_ts < :b) AS numbered "
+                "FROM runs WHERE end_ts >= :a AND end_ts < :b"
+                + (_CLUSTER if cluster is not None else "") + ") AS numbered "
                 "WHERE n % :step = 0 ORDER BY end_ts",
                 {**params, "step": int(step)}).fetchall():
             if end_ts > edges[-1]:
@@ -530,9 +548,11 @@ def export_period(db_path: str | os.PathLike[str], period: Period,
                   out_dir: str | os.PathLike[str], *, mode: str = "chargeback",
                   currency: str = "$", jobs: int | None = None, parquet: bool | None = None,
                   progress: Callable[[int, int], None] | None = None,
-                  attempts: int = 3) -> ExportResult:
+                  attempts: int = 3, cluster: str | None = None) -> ExportResult:
     """Export ``period`` from the ledger at ``db_path`` (a SQLite file or a postgresql://
-    URL, as ``[daemon] database``) into ``out_dir/<label>/``.
+    URL, as ``[daemon] database``) into ``out_dir/<label>/``: every cluster's runs, or with
+    ``cluster`` that cluster's only, into ``out_dir/cluster=<name>/<label>/`` (so it never
+    replaces the export of every cluster; the manifest's ``cluster_filter`` names it).
 
     ``jobs``: worker processes for large periods (default: CPUs, at most 8). ``parquet``:
     None writes Parquet when pyarrow imports. ``progress(done, total)`` is called as runs are
@@ -541,6 +561,9 @@ def export_period(db_path: str | os.PathLike[str], period: Period,
     if mode not in ("chargeback", "showback"):
         raise ExportError(f"mode must be chargeback or showback, not {mode!r}")
     out = Path(out_dir)
+    if cluster is not None:
+        _check_cluster(db_path, cluster)
+        out = out / f"cluster={cluster}"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -561,7 +584,8 @@ def export_period(db_path: str | os.PathLike[str], period: Period,
             tmp.mkdir(mode=0o750)
             try:
                 manifest = _export_into(str(db_path), period, tmp, mode=mode, currency=currency,
-                                        jobs=jobs, parquet=with_parquet, progress=progress)
+                                        jobs=jobs, parquet=with_parquet, progress=progress,
+                                        cluster=cluster)
             except _Changed:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if attempt + 1 == attempts:
@@ -583,16 +607,40 @@ class _Changed(Exception):
     """The runs of the period changed between the slices' snapshots."""
 
 
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""A cluster name that is safe as a folder name (Slurm's ClusterName is letters, digits,
+'-' and '_')."""
+
+
+def _check_cluster(db_path: str | os.PathLike[str], cluster: str) -> None:
+    """ExportError unless ``cluster`` is a name the folders can carry and the ledger has
+    runs or reservations of (a typo would otherwise export nothing, silently)."""
+    from db.reports import unknown_cluster_message
+
+    if not _CLUSTER_NAME.match(cluster):
+        raise ExportError(f"--cluster {cluster!r}: a cluster name is letters, digits, '.', "
+                          "'-' and '_' (at most 64)")
+    store = open_reader(db_path)
+    try:
+        unknown = unknown_cluster_message(store, cluster)
+    finally:
+        store.close()
+    if unknown is not None:
+        raise ExportError(unknown)
+
+
 def _run_slices(reader: _Reader, period: Period, tmp: Path, edges: list[float], jobs: int,
-                progress: Callable[[int], None]) -> Iterator[SliceResult]:
+                progress: Callable[[int], None], cluster: str | None = None
+                ) -> Iterator[SliceResult]:
     if len(edges) == 2:  # one slice, in this process, straight into the final files
         conn = reader.connection()
         yield _export_slice_lenient(conn, period, 0, edges[0], edges[1], str(tmp / "runs.csv"),
-                                    str(tmp / "runs.jsonl"), progress, final=True)
+                                    str(tmp / "runs.jsonl"), progress, final=True,
+                                    cluster=cluster)
         return
     snapshot = reader.before_workers()
     tasks = [(reader.target, snapshot, period, i, edges[i], edges[i + 1],
-              str(tmp / f"part-{i:04d}.csv"), str(tmp / f"part-{i:04d}.jsonl"))
+              str(tmp / f"part-{i:04d}.csv"), str(tmp / f"part-{i:04d}.jsonl"), cluster)
              for i in range(len(edges) - 1)]
     import multiprocessing
 
@@ -645,20 +693,20 @@ class _Reader:
 
 
 def _export_into(db_path: str, period: Period, tmp: Path, *, mode: str, currency: str,
-                 jobs: int, parquet: bool, progress: Callable[[int, int], None] | None
-                 ) -> dict[str, Any]:
+                 jobs: int, parquet: bool, progress: Callable[[int, int], None] | None,
+                 cluster: str | None = None) -> dict[str, Any]:
     reader = _Reader(db_path)
     try:
         return _export_reading(reader, period, tmp, mode=mode, currency=currency, jobs=jobs,
-                               parquet=parquet, progress=progress)
+                               parquet=parquet, progress=progress, cluster=cluster)
     finally:
         reader.close()
 
 
 def _export_reading(reader: _Reader, period: Period, tmp: Path, *, mode: str, currency: str,
-                    jobs: int, parquet: bool, progress: Callable[[int, int], None] | None
-                    ) -> dict[str, Any]:
-    total, edges = _plan(reader.connection(), period, jobs)
+                    jobs: int, parquet: bool, progress: Callable[[int, int], None] | None,
+                    cluster: str | None = None) -> dict[str, Any]:
+    total, edges = _plan(reader.connection(), period, jobs, cluster)
     done = 0
 
     def step(n: int) -> None:
@@ -679,7 +727,7 @@ def _export_reading(reader: _Reader, period: Period, tmp: Path, *, mode: str, cu
     csv_parts: list[Path] = []
     json_parts: list[Path] = []
     single_files: dict[str, FileInfo] = {}
-    for res in _run_slices(reader, period, tmp, edges, jobs, step):
+    for res in _run_slices(reader, period, tmp, edges, jobs, step, cluster):
         single_files.update(res.files)
         rows += res.rows
         clusters |= res.clusters
@@ -702,12 +750,13 @@ def _export_reading(reader: _Reader, period: Period, tmp: Path, *, mode: str, cu
                 fingerprint[3] = res.fingerprint[3]
         csv_parts.append(tmp / f"part-{res.index:04d}.csv")
         json_parts.append(tmp / f"part-{res.index:04d}.jsonl")
-    params = {"a": period.start_ts, "b": period.end_ts}
+    params = _scope_params(period, cluster)
     conn = reader.connection()
     with _slice_reads(conn):  # SQLite: the check and the count in one read transaction
         if parallel and tuple(fingerprint) != _fingerprint(conn, params, sliced=False):
             raise _Changed
-        unsettled = int(conn.scalar(_UNSETTLED, params))
+        unsettled = int(conn.scalar(
+            _UNSETTLED.format(_CLUSTER if cluster is not None else ""), params))
     reader.close()
 
     files: dict[str, FileInfo] = dict(single_files)
@@ -749,6 +798,7 @@ def _export_reading(reader: _Reader, period: Period, tmp: Path, *, mode: str, cu
         "mode": mode,
         "currency": currency,
         "clusters": sorted(clusters),
+        "cluster_filter": cluster,
         "pro_rata": "runs crossing the period's edges are split by wall time; amounts in "
                     "cents per row, split so the pieces of a run add up to the run",
         "totals": {c.name: (v if c.kind == "int" else money(v) if c.kind == "money"

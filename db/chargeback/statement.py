@@ -19,6 +19,13 @@ by the experiment tag (``[reports] experiment_tag``), plus any ``group_by`` aske
 The HTML page has no scripts, fonts, images or links to fetch: inline CSS and inline SVG
 only, so it opens the same from a mail attachment, a file share or offline.
 
+A ledger may hold several clusters' runs. A statement covers every cluster's (and names
+them) or, with ``cluster``, one cluster's runs, approvals and efficiency. Budget use follows
+``[budgets] scope``: with global budgets it is the team's use across every cluster (the
+one budget there is, whatever the statement covers); with a budget per cluster it is that
+cluster's use, and a statement of several clusters shows each cluster's use against its own
+budget (``TeamStatement.budget_by_cluster``).
+
 The ledger may be SQLite or PostgreSQL (db/backend.py): the SQL is the dialect both share,
 and on PostgreSQL the statement reads one snapshot (``db.chargeback.export.one_snapshot``),
 so the same runs give the same statement, to the byte, on either.
@@ -109,6 +116,9 @@ class TeamStatement:
     credits_by_reason: dict[str, int]
     approvals: list[ApprovalUse] = field(default_factory=list)
     efficiency: dict[str, Any] = field(default_factory=dict)
+    budget_by_cluster: dict[str, float] = field(default_factory=dict)
+    """With a budget per cluster and a statement of several clusters: each cluster's use of
+    its own budget (``budget`` each); ``budget_used`` is then their sum. Empty otherwise."""
     """``totals`` (one db.efficiency row) and ``by`` {grouping: rows}: by project, user, the
     experiment tag and what the report asked for."""
 
@@ -125,6 +135,19 @@ class Statement:
     budget_period_kind: str
     teams: list[TeamStatement]
     data_as_of: str | None
+    cluster: str | None = None
+    """The cluster the statement is limited to (None: every cluster on the ledger)."""
+    clusters: list[str] = field(default_factory=list)
+    """The clusters it covers: ``cluster``, or those whose runs are in the month."""
+    budget_scope: str = "cluster"
+    """``[budgets] scope``: "cluster" (a budget per cluster) or "global"."""
+
+    @property
+    def covers(self) -> str:
+        """Which clusters, in words: "cluster c1", "all clusters (c1, c2)"."""
+        if self.cluster is not None:
+            return f"cluster {self.cluster}"
+        return "all clusters" + (f" ({', '.join(self.clusters)})" if self.clusters else "")
 
     def team(self, name: str) -> TeamStatement:
         return next(t for t in self.teams if t.team == name)
@@ -135,13 +158,14 @@ class Statement:
 _SELECT = (
     "SELECT coalesce(team, ''), coalesce(project, ''), coalesce(gpu_type, ''), start_ts, "
     "end_ts, cost, cost_idle, credit, coalesce(credit_reason, ''), gpu_seconds, util_mean, "
-    "cost_gpu, updated_at FROM runs WHERE "
+    "cost_gpu, updated_at, cluster FROM runs WHERE "
     "cost IS NOT NULL AND end_ts >= :a "
     "AND CASE WHEN start_ts < end_ts THEN start_ts ELSE end_ts END < :b "
     "AND (end_ts > :a OR coalesce(start_ts, end_ts) >= end_ts)"
 )
 """Settled runs whose wall time overlaps the month [:a, :b): the export's scope
-(db.chargeback.export._SCOPE; the CASE is min(coalesce(start_ts, end_ts), end_ts))."""
+(db.chargeback.export._SCOPE; the CASE is min(coalesce(start_ts, end_ts), end_ts)); one
+cluster's with `` AND cluster = :cluster``."""
 
 
 def _number(value: Any) -> float | None:
@@ -169,29 +193,58 @@ def _day_pieces(start: float, end: float, a: float, b: float
 
 def build_statement(store: Store, policy: Policy, month: Period, *,
                     team: str | None = None,
-                    efficiency_by: Iterable[str] = ()) -> Statement:
+                    efficiency_by: Iterable[str] = (),
+                    cluster: str | None = None) -> Statement:
     """The statement of ``month`` for every team with policy or usage (or just ``team``);
     ``efficiency_by`` adds groupings (``user``, ``tag:<key>``, ...) to the efficiency
-    section."""
+    section; ``cluster``: that cluster's runs only (None: every cluster's)."""
     from db.chargeback.export import _lenient_text, _NeedsLenientText, one_snapshot
 
     if month.kind != "month":
         raise ValueError("statements are monthly: give a month like 2026-10")
     try:
         with one_snapshot(store.conn):
-            return _build(store, policy, month, team, efficiency_by)
+            return _build(store, policy, month, team, efficiency_by, cluster)
     except _NeedsLenientText:  # text that is not UTF-8 (SQLite): shown with "\ufffd", as the
         _lenient_text(store.conn)  # exports write it
         with one_snapshot(store.conn):
-            return _build(store, policy, month, team, efficiency_by)
+            return _build(store, policy, month, team, efficiency_by, cluster)
+
+
+def _budget_use(store: Store, policy: Policy, start: float, end: float,
+                cluster: str | None) -> tuple[dict[str, float], dict[str, dict[str, float]],
+                                              list[str]]:
+    """What the budget ledger counted from ``start`` to ``end``: net per team ('' for none)
+    against the budget there is; and, with a budget per cluster, no ``cluster`` and more than
+    one cluster's runs on the ledger, each cluster's net per team and those clusters ({} and
+    [] otherwise)."""
+    from db.reports import quota_rows, usage_rows
+
+    if policy.budgets.scope == "global":  # one budget across every cluster
+        return {r["team"] or NO_TEAM: r["net"] for r in quota_rows(store, start, end)}, {}, []
+    if cluster is not None:
+        return {r["team"] or NO_TEAM: r["net"]
+                for r in quota_rows(store, start, end, cluster=cluster)}, {}, []
+    per: dict[str, dict[str, float]] = {}
+    for r in usage_rows(store, start, end, ("cluster", "team")):
+        per.setdefault(r["team"], {})[r["cluster"]] = r["cost"] - r["credit"]
+    used = {t: sum(by.values()) for t, by in per.items()}
+    clusters = sorted({c for by in per.values() for c in by})
+    if len(clusters) <= 1:  # one cluster's budget: quota_rows' figure
+        return used, {}, []
+    return used, per, clusters
 
 
 def _build(store: Store, policy: Policy, month: Period, team: str | None,
-           efficiency_by: Iterable[str]) -> Statement:
+           efficiency_by: Iterable[str], cluster: str | None = None) -> Statement:
     from db.chargeback.export import read_batches
-    from db.reports import quota_rows
+    from db.reports import unknown_cluster_message
     from policies.ledger import period_bounds
 
+    if cluster is not None:
+        unknown = unknown_cluster_message(store, cluster)
+        if unknown is not None:
+            raise ValueError(unknown)
     if team is not None and team not in policy.teams and not store._query(
             "SELECT 1 FROM runs WHERE coalesce(team, '') = :team LIMIT 1", {"team": team}):
         raise ValueError(f"unknown team {team!r}; teams: {', '.join(sorted(policy.teams))}")
@@ -202,6 +255,7 @@ def _build(store: Store, policy: Policy, month: Period, team: str | None,
     gpu_types: dict[tuple[str, str], Line] = {}
     days: dict[str, list[Line]] = {}
     credits: dict[str, dict[str, int]] = {}
+    seen_clusters: set[str] = set()
     last_change: float | None = None
 
     def lines_for(t: str) -> tuple[Line, list[Line]]:
@@ -212,12 +266,17 @@ def _build(store: Store, policy: Policy, month: Period, team: str | None,
             credits[t] = {}
         return totals[t], days[t]
 
-    for rows in read_batches(store.conn, _SELECT, {"a": month.start_ts, "b": month.end_ts},
-                             5000):
+    params: dict[str, Any] = {"a": month.start_ts, "b": month.end_ts}
+    sql = _SELECT
+    if cluster is not None:
+        sql += " AND cluster = :cluster"
+        params["cluster"] = cluster
+    for rows in read_batches(store.conn, sql, params, 5000):
         for (t, project, gpu_type, start, end, cost, idle, credit, reason, gpu_seconds, util,
-             cost_gpu, updated) in rows:
+             cost_gpu, updated, run_cluster) in rows:
             if team is not None and t != team:
                 continue
+            seen_clusters.add(str(run_cluster))
             end = _number(end)
             if end is None:
                 continue
@@ -250,9 +309,9 @@ def _build(store: Store, policy: Policy, month: Period, team: str | None,
     names = sorted(set(totals) | ({team} if team is not None else set(policy.teams)),
                    key=lambda n: (n == NO_TEAM, n))  # "(no team)" last
     bp_start, bp_end, bp_label = period_bounds(policy.budgets.period, a)
-    used = {r["team"] or NO_TEAM: r["net"]
-            for r in quota_rows(store, bp_start, min(bp_end, b))}
-    approvals = _approvals_used(store, a, b)
+    used, used_by_cluster, budget_clusters = _budget_use(store, policy, bp_start,
+                                                         min(bp_end, b), cluster)
+    approvals = _approvals_used(store, a, b, cluster)
     teams = []
     for name in names:
         tot, by_day = lines_for(name)
@@ -271,10 +330,15 @@ def _build(store: Store, policy: Policy, month: Period, team: str | None,
             by_day=by_day,
             credits_by_reason=dict(sorted(credits[name].items())),
             approvals=approvals.get(name, []),
-            efficiency=_efficiency(store, policy, a, b, name, efficiency_by),
+            efficiency=_efficiency(store, policy, a, b, name, efficiency_by, cluster),
+            budget_by_cluster={c: used_by_cluster.get(name, {}).get(c, 0.0)
+                               for c in budget_clusters},
         ))
     return Statement(month, policy.budgets.mode, policy.rates.currency, policy.budgets.period,
-                     teams, iso_utc(last_change) if last_change is not None else None)
+                     teams, iso_utc(last_change) if last_change is not None else None,
+                     cluster=cluster,
+                     clusters=[cluster] if cluster is not None else sorted(seen_clusters),
+                     budget_scope=policy.budgets.scope)
 
 
 def efficiency_groupings(policy: Policy, extra: Iterable[str] = ()) -> list[str]:
@@ -285,24 +349,35 @@ def efficiency_groupings(policy: Policy, extra: Iterable[str] = ()) -> list[str]
 
 
 def _efficiency(store: Store, policy: Policy, a: float, b: float, team: str,
-                extra: Iterable[str]) -> dict[str, Any]:
-    from db.efficiency import efficiency
+                extra: Iterable[str], cluster: str | None = None) -> dict[str, Any]:
+    """db.efficiency.efficiency of the team's runs (of ``cluster`` when given), whole and by
+    each grouping: the runs are read once and grouped in Python for every table."""
+    from db.efficiency import _check_group, efficiency_runs
+    from policies.efficiency import group_figures
 
     tag = policy.reports.experiment_tag
-    # runs without a team are stored with team NULL; efficiency() matches team = ?
-    rows = efficiency(store, a, b, (), experiment_tag=tag, team=team) if team else []
+    groupings = [_check_group((g,))[0] for g in efficiency_groupings(policy, extra)]
+    # runs without a team are stored with team NULL; efficiency_runs() matches team = ?
+    runs = efficiency_runs(store, a, b, team=team) if team else []
+    if cluster is not None:  # (db.efficiency reads every cluster's runs)
+        runs = [r for r in runs if r["cluster"] == cluster]
+    rows = group_figures(runs, (), experiment_tag=tag) if runs else []
     out: dict[str, Any] = {"totals": rows[0] if rows else None, "by": {}}
     if rows:
-        for g in efficiency_groupings(policy, extra):
-            out["by"][g] = efficiency(store, a, b, (g,), experiment_tag=tag, team=team)
+        for g in groupings:
+            out["by"][g] = group_figures(runs, (g,), experiment_tag=tag)
     return out
 
 
-def _approvals_used(store: Store, a: float, b: float) -> dict[str, list[ApprovalUse]]:
+def _approvals_used(store: Store, a: float, b: float,
+                    cluster: str | None = None) -> dict[str, list[ApprovalUse]]:
     info = {r["id"]: r for r in store._query("SELECT id, amount, gpu_hours, reason FROM approvals")}
     uses: dict[tuple[str, str], list[float]] = {}
+    where, params = "", {"a": a, "b": b, "cluster": cluster}
+    if cluster is not None:
+        where = " AND cluster = :cluster"
     for row in store._query("SELECT team, detail FROM events WHERE kind = 'approval_use' "
-                            "AND ts >= :a AND ts < :b ORDER BY ts, id", {"a": a, "b": b}):
+                            f"AND ts >= :a AND ts < :b{where} ORDER BY ts, id", params):
         try:
             detail = json.loads(row["detail"] or "{}")
         except ValueError:
@@ -344,17 +419,23 @@ def mode_sentence(mode: str) -> str:
 def render_text(st: Statement) -> str:
     cur = st.currency
     out = [f"slurmgate statement {st.month.label}: {month_name(st.month)} (UTC)",
-           f"mode: {mode_sentence(st.mode)}"]
+           f"mode: {mode_sentence(st.mode)}", f"covers: {st.covers}"]
     for t in st.teams:
         tot = t.totals
         out.append("")
         out.append(f"Team {t.label}" + (f"  (cost centre {t.cost_center})" if t.cost_center
                                         else ""))
-        if t.budget:
+        if t.budget and t.budget_by_cluster:
+            out.append(f"  budget {t.budget_period}: {_fmt(round(t.budget * 100), cur)} on each "
+                       "cluster; used " + ", ".join(
+                           f"{c} {_fmt(round(u * 100), cur)} ({_pct(u, t.budget)})"
+                           for c, u in t.budget_by_cluster.items()))
+        elif t.budget:
             left = round((t.budget - t.budget_used) * 100)
             rest = (f"remaining {_fmt(left, cur)}" if left >= 0
                     else f"over budget by {_fmt(-left, cur)}")
-            out.append(f"  budget {t.budget_period}: {_fmt(round(t.budget * 100), cur)}; used "
+            out.append(f"  budget {t.budget_period}{_budget_where(st)}: "
+                       f"{_fmt(round(t.budget * 100), cur)}; used "
                        f"{_fmt(round(t.budget_used * 100), cur)} "
                        f"({_pct(t.budget_used, t.budget)}); {rest}")
         else:
@@ -385,6 +466,14 @@ def render_text(st: Statement) -> str:
     out.append("")
     out.append(_METHOD_NOTE)
     return "\n".join(out) + "\n"
+
+
+def _budget_where(st: Statement) -> str:
+    """Whose budget use the budget line shows, where the statement's runs do not say it:
+    a global budget on a statement of one cluster counts every cluster's runs."""
+    if st.budget_scope == "global" and st.cluster is not None:
+        return " (one budget across every cluster)"
+    return ""
 
 
 def _money_or_dash(amount: float | None, cur: str) -> str:
@@ -595,8 +684,12 @@ def _team_html(t: TeamStatement, st: Statement) -> str:
     parts.append('<div class="cards">' + "".join(
         f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for v, k in cards)
         + "</div>")
-    parts.append(f"<h3>Budget {_e(t.budget_period)}</h3>")
-    if t.budget:
+    parts.append(f"<h3>Budget {_e(t.budget_period)}{_e(_budget_where(st))}</h3>")
+    if t.budget and t.budget_by_cluster:
+        for c, u in t.budget_by_cluster.items():
+            parts.append(f'<p class="sub">cluster {_e(c)}</p>')
+            parts.append(svg_budget_gauge(u, t.budget, m_float))
+    elif t.budget:
         parts.append(svg_budget_gauge(t.budget_used, t.budget, m_float))
     else:
         parts.append("<p>No budget is set for this team.</p>")
@@ -675,7 +768,7 @@ def render_html(st: Statement) -> str:
         f"<meta name=\"viewport\" content=\"width=device-width\"><title>{_e(title)}</title>"
         f"<style>{_CSS}</style></head><body><main>"
         f"<h1>{_e(title)}</h1>"
-        f'<p class="sub">{_e(month_name(st.month))} (UTC days){_e(asof)} '
+        f'<p class="sub">{_e(month_name(st.month))} (UTC days), {_e(st.covers)}{_e(asof)} '
         f'<span class="mode {_e(st.mode)}">{_e(st.mode)}</span></p>'
         f"<p>{_e(mode_sentence(st.mode).capitalize())}.</p>"
         f"{teams}<p class=\"note\">{_e(_METHOD_NOTE)} Currency: {_e(st.currency)}.</p>"
@@ -697,11 +790,15 @@ def statement_json(st: Statement) -> dict[str, Any]:
 
     return {
         "month": st.month.as_dict(), "mode": st.mode, "currency": st.currency,
-        "data_as_of": st.data_as_of,
+        "data_as_of": st.data_as_of, "cluster": st.cluster, "clusters": st.clusters,
+        "budget_scope": st.budget_scope,
         "teams": [{
             "team": t.team or None, "cost_center": t.cost_center or None,
             "budget": {"period": t.budget_period, "amount": f"{t.budget:.2f}",
-                       "used": f"{t.budget_used:.2f}"},
+                       "used": f"{t.budget_used:.2f}",
+                       **({"used_by_cluster": {c: f"{u:.2f}" for c, u in
+                                               t.budget_by_cluster.items()}}
+                          if t.budget_by_cluster else {})},
             "totals": line(t.totals), "by_project": [line(x) for x in t.by_project],
             "by_gpu_type": [line(x) for x in t.by_gpu_type],
             "by_day": [line(x) for x in t.by_day],

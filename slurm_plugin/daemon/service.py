@@ -440,6 +440,12 @@ class Daemon(AdminOps, Workers, JobOps):
         return self.policy.teams_of_user(user_name(peer.uid))
 
     def op_quota(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """Budget, spent, reserved, remaining and fairshare per visible team, from the
+        daemon's ledger: this cluster's runs and reservations (``[budgets] scope =
+        "cluster"``) or every cluster's (``"global"``), as the decisions count them.
+        ``cluster``: another cluster's figures (admins only, read from the ledger; a user
+        may name this cluster only); refused with global budgets, which have no per-cluster
+        quota."""
         wanted = req.get("team")
         visible = self.visible_teams(peer)
         if wanted is not None:
@@ -451,10 +457,51 @@ class Daemon(AdminOps, Workers, JobOps):
                                 f"{wanted}; teams you can see: {', '.join(visible) or 'none'}")
             visible = [wanted]
         policy = self.policy
-        if self.ledger.period != period_bounds(policy.budgets.period, time.time())[2]:
-            with self.lock:
-                self.roll_period(policy, time.time())
-        ledger = self.ledger  # read beside the decisions: two dict entries per team
+        scope, own = policy.budgets.scope, policy.daemon.cluster
+        cluster = req.get("cluster")
+        if cluster is not None:
+            if not isinstance(cluster, str) or not cluster.strip() or len(cluster) > 256:
+                raise ProtocolError("'cluster' must be a cluster name")
+            if scope == "global":
+                return {"ok": False, "error": "budgets are global here ([budgets] scope = "
+                        "\"global\"): each team has one budget across every cluster, so "
+                        "there is no quota per cluster; ask without --cluster (per-cluster "
+                        "spend: slurmgate report --cluster NAME)"}
+            if cluster != own and not self.is_admin(peer):
+                raise Forbidden(f"you ({user_name(peer.uid)}) may see the quotas of this "
+                                f"cluster ({own}) only; ask on cluster {cluster}'s own "
+                                "daemon, or an admin")
+        if cluster is None or cluster == own:
+            if self.ledger.period != period_bounds(policy.budgets.period, time.time())[2]:
+                with self.lock:
+                    self.roll_period(policy, time.time())
+            ledger = self.ledger  # read beside the decisions: two dict entries per team
+        else:  # another cluster's: read from the ledger, beside the decisions when we can
+            from db.reports import quota_rows, unknown_cluster_message
+
+            start, end, label = period_bounds(policy.budgets.period, time.time())
+
+            def read(store: Store) -> Ledger | str:
+                unknown = unknown_cluster_message(store, cluster)
+                if unknown is not None:
+                    return unknown
+                found = Ledger(period=label)
+                for row in quota_rows(store, start, end, cluster=cluster):
+                    found.spent[row["team"] or ""] = row["net"]
+                    found.reserved[row["team"] or ""] = row["reserved"]
+                return found
+
+            reader = self.reader()
+            if reader is not None:
+                answer = read(reader)
+            elif self.store is not None:
+                with self.lock:
+                    answer = read(self.store)
+            else:
+                answer = f"this daemon has no ledger to read cluster {cluster}'s quotas from"
+            if isinstance(answer, str):
+                return {"ok": False, "error": answer}
+            ledger = answer
         rows = []
         for team in visible:
             b = team_budget(policy, ledger, team)
@@ -466,7 +513,8 @@ class Daemon(AdminOps, Workers, JobOps):
                 "share": policy.teams[team].share,
             })
         return {"ok": True, "period": ledger.period, "currency": policy.rates.currency,
-                "mode": policy.budgets.mode, "teams": rows}
+                "mode": policy.budgets.mode, "scope": scope,
+                "cluster": (cluster or own) if scope == "cluster" else None, "teams": rows}
 
     def op_nudge(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         self.require_controller(peer, "nudge")
@@ -500,7 +548,9 @@ class Daemon(AdminOps, Workers, JobOps):
             self.refresh_ledger(policy, now)
 
     def refresh_ledger(self, policy: Policy | None = None, now: float | None = None) -> None:
-        """Rebuild spend, reservations and fairshare from SQLite (caller may hold the lock)."""
+        """Rebuild spend, reservations and fairshare from the ledger (caller may hold the
+        lock). Spend and reservations follow ``[budgets] scope``: this cluster's
+        (``"cluster"``) or every cluster's on the ledger (``"global"``)."""
         if self.store is None:
             return
         from db.reports import quota_rows
@@ -508,9 +558,12 @@ class Daemon(AdminOps, Workers, JobOps):
         policy = policy or self.policy
         now = time.time() if now is None else now
         start, end, label = period_bounds(policy.budgets.period, now)
+        # the budget's scope: this cluster's runs and reservations, or every cluster's (the
+        # same choice decide_shared makes for team_standing)
+        cluster = policy.daemon.cluster if policy.budgets.scope == "cluster" else None
         with self.lock:
             ledger = Ledger(period=label)
-            rows = quota_rows(self.store, start, end)
+            rows = quota_rows(self.store, start, end, cluster=cluster)
             for row in rows:
                 team = row["team"] or ""
                 ledger.spent[team] = row["net"]
