@@ -213,7 +213,7 @@ def unknown_cluster(sources: Sources) -> str | None:
     try:
         with sources.store() as store:
             return unknown_cluster_message(store, sources.cluster)
-    except (StoreError, DatabaseError):
+    except (StoreError, *DatabaseError):
         return None
 
 
