@@ -213,7 +213,8 @@ def _job_report_from_db(args: argparse.Namespace, job_id: int, task: int | None)
         team = report["job"].get("team")
         if team in policy.teams:
             start, end, label = period_bounds(policy.budgets.period, time.time())
-            row = next((r for r in quota_rows(store, start, end)
+            scope = policy.daemon.cluster if policy.budgets.scope == "cluster" else None
+            row = next((r for r in quota_rows(store, start, end, cluster=scope)
                         if r["team"] == team), None)
             spent, reserved = (row["net"], row["reserved"]) if row else (0.0, 0.0)
             budget = policy.teams[team].budget
