@@ -23,6 +23,7 @@ TABLES = (
     "reservations", "runs", "run_nodes", "events", "approvals", "gpu_samples",
     "gpu_samples_hourly", "usage_daily", "usage_daily_team", "usage_daily_project",
     "alerts", "alert_sends", "alert_attempts", "alert_cursors", "run_progress",
+    "team_versions",
 )
 """Every table of the ledger, parents before children (alert_sends refer to alerts)."""
 

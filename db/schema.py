@@ -21,6 +21,8 @@ version or untouched. Never edit a released migration; add the next number inste
 - v9: ``gpu_samples.job_id`` (the job holding the GPU, from the node agent's tag) and an index
   by job and time, for the idle-GPU policy.
 - v10: an index of runs by array job and task.
+- v11: ``team_versions``, one row per (scope, team) that the daemons deciding against a
+  shared ledger lock and count up with every reservation (db/shared_ledger.py).
 
 PostgreSQL (db/backend.py) starts at v10: ``PG_BASELINE`` is the schema v1..v10 leave on
 SQLite, in PostgreSQL's types (``DOUBLE PRECISION`` for every REAL: float8, the same IEEE
@@ -427,6 +429,25 @@ CREATE INDEX runs_array ON runs (cluster, array_job_id, array_task_id)
     WHERE array_job_id IS NOT NULL;
 """
 
+SCHEMA_V11: Mapping[str, str] = {
+    "sqlite": """
+CREATE TABLE team_versions (
+    scope TEXT NOT NULL,
+    team TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (scope, team)
+);
+""",
+    "postgresql": """
+CREATE TABLE team_versions (
+    scope TEXT NOT NULL,
+    team TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    PRIMARY KEY (scope, team)
+);
+""",
+}
+
 MIGRATIONS: list[tuple[int, Step]] = [
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
@@ -438,6 +459,7 @@ MIGRATIONS: list[tuple[int, Step]] = [
     (8, SCHEMA_V8),
     (9, SCHEMA_V9),
     (10, SCHEMA_V10),
+    (11, SCHEMA_V11),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

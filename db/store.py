@@ -148,12 +148,20 @@ class Store:
         for key in ("gpus", "est_cost"):
             if row.get(key) is None:
                 row[key] = 0.0
+        if self.readonly:
+            raise StoreError(f"{redact(self.path)}: opened read-only; only the daemon writes")
+        # one statement, no savepoint: on the decision path every round trip counts, and a
+        # rid taken already is answered by ON CONFLICT, not by an error that would abort a
+        # PostgreSQL transaction around it
         try:
-            with self.transaction():  # plain SQL: on the decision path, every µs counts
-                self.conn.execute(_insert_sql("reservations", tuple(row)), row)
+            added = self.conn.execute(
+                _insert_sql("reservations", tuple(row)) + " ON CONFLICT (rid) DO NOTHING "
+                "RETURNING rid", row).fetchone()
         except _INTEGRITY_ERRORS as exc:
             raise ValueError(f"reservation {row['rid']} cannot be added: "
                              f"{str(exc).strip()}") from exc
+        if added is None:
+            raise ValueError(f"reservation {row['rid']} cannot be added: that rid exists")
         return str(row["rid"])
 
     def bind_reservation(self, rid: str, job_id: int, cluster: str, *,

@@ -82,6 +82,9 @@ class Daemon(AdminOps, Workers, JobOps):
         self.metrics.set_leader(self.leadership.is_leader)
         self.ledger_error = ""
         """The last shared-ledger error of a decision ("" since one succeeded)."""
+        self.team_versions: dict[tuple[str, str], int] = {}
+        """(scope, team) -> the team's version in the shared ledger that this daemon's
+        in-memory figures are of (db/shared_ledger.py); cleared by every refresh."""
         self.failures = None
         if store is not None and slurm is not None:
             from slurm_plugin.daemon.requeue import FailureHandler
@@ -267,25 +270,38 @@ class Daemon(AdminOps, Workers, JobOps):
         one team at once are serialised by the lock, so neither can spend what the other just
         reserved. A ledger that cannot be reached raises LedgerUnavailable: the submission
         gets no verdict and job_submit.lua follows its fail mode."""
-        from db.shared_ledger import lock_team, team_standing
+        from db.shared_ledger import lock_team, relax_commit, scope_of, team_standing
         from db.store import DatabaseError
 
         team = policy.team_for(job.account, job.user)
         assert self.store is not None
+        seen: tuple[tuple[str, str], int] | None = None
         try:
             with self.store.transaction():
+                relax = not policy.daemon.decision_synchronous_commit
                 now = time.time()
                 self.roll_period(policy, now)
                 if team:
                     start, end, period = period_bounds(policy.budgets.period, now)
                     cluster = policy.daemon.cluster if policy.budgets.scope == "cluster" \
                         else None
-                    lock_team(self.store, team, cluster)
-                    net, reserved = team_standing(self.store, team, start, end, cluster=cluster)
-                    self.ledger.spent[team] = net
-                    self.ledger.reserved[team] = reserved
+                    version = lock_team(self.store, team, cluster, relax_commit=relax)
+                    key = (scope_of(cluster), team)
+                    known = self.team_versions.pop(key, None)
+                    if version is None or known is None or known != version - 1:
+                        # another daemon reserved for the team since this one last did
+                        net, reserved = team_standing(self.store, team, start, end,
+                                                      cluster=cluster)
+                        self.ledger.spent[team] = net
+                        self.ledger.reserved[team] = reserved
+                    if version is not None:
+                        seen = (key, version)
+                elif relax:
+                    relax_commit(self.store)
                 decision = self.decide(job, policy)
                 self.record(job, decision, policy, origin=origin)
+            if seen is not None:  # committed: the figures in memory are those of this version
+                self.team_versions[seen[0]] = seen[1]
             self.ledger_error = ""
         except DatabaseError as exc:
             self.ledger_error = str(exc).strip()[:300]
@@ -577,3 +593,4 @@ class Daemon(AdminOps, Workers, JobOps):
             usage = decayed_usage(self.store.team_usage_gpu_hours(since), now, half_life)
             self.fairshare = factors(policy, usage)
             self.ledger = ledger
+            self.team_versions = {}  # fresh figures, of no known version: read at next use
