@@ -28,6 +28,7 @@ WITH_CLUSTER_ENV := source $(DEVCLUSTER_DIR)/env.sh &&
 
 help:
 	@echo "targets: venv install cluster stop status logs [N=50] test unit [PYTEST_ARGS=...] lint check demo"
+	@echo "         ha-cluster ha-stop ha [ARGS=status|kill-primary|start-primary]  (host Slurm only)"
 	@echo "         add SLURM=<$$(bash contrib/devcluster/chroot.sh versions | paste -sd'|')> to run one in that Slurm's chroot"
 	@echo "venv: $(VENV)   cluster state: $(DEVCLUSTER_DIR)"
 
@@ -130,5 +131,19 @@ check: install
 
 demo: cluster
 	$(WITH_CLUSTER_ENV) bash contrib/examples/demo.sh
+
+# The HA dev cluster (contrib/devcluster/ha.sh): a primary and a backup slurmctld, each with
+# its own daemon, one PostgreSQL ledger; beside the default cluster, on its own ports.
+# `make ha-cluster`, then e.g. `make ha ARGS=kill-primary` (status | kill-primary | start-primary).
+HA_ENV := DEVCLUSTER_HA=1 DEVCLUSTER_DIR=$(CURDIR)/.devcluster-ha
+.PHONY: ha-cluster ha-stop ha
+ha-cluster: install
+	$(HA_ENV) $(CLUSTER) start
+
+ha-stop:
+	$(HA_ENV) $(CLUSTER) stop
+
+ha:
+	$(HA_ENV) $(CLUSTER) ha $(or $(ARGS),status)
 
 endif

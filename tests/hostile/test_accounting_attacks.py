@@ -329,3 +329,32 @@ def test_a_symlinked_spool_directory_is_refused_and_nothing_is_lost(cluster: Clu
     later = genuine_job(cluster)        # its jobcomp hook forwards the kept record first
     assert len(settled(cluster, job_id)) == 1
     assert len(settled(cluster, later)) == 1
+
+
+def test_users_cannot_read_other_clusters_or_the_ledger_server_or_move_the_ledger(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The multi-cluster and shared-ledger surface, as an unprivileged user: another
+    cluster's quota is refused, ping tells a user no more than that the ledger is down, and
+    `slurmgate db migrate` cannot read the ledger (nor copy it anywhere)."""
+    probe = as_user("mallory", (
+        "import json\n"
+        "from slurm_plugin.protocol import call\n"
+        f"sock = {cluster.socket!r}\n"
+        "print(json.dumps([call(sock, {'op': 'quota', 'cluster': 'elsewhere'}),\n"
+        "                  call(sock, {'op': 'ping'})]))\n"))
+    assert probe.returncode == 0, probe.stderr
+    quota, ping = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert quota["ok"] is False and "this cluster" in quota["error"]
+    assert ping["ok"] is True and ping.get("ledger") == "sqlite"
+    assert "ledger_error" not in ping or ping["ledger_error"] == "unreachable"
+    target = tmp_path / "stolen.url"
+    target.write_text("postgresql://mallory:x@127.0.0.1:1/stolen\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(target, 0o644)
+    out = as_user("mallory", (
+        "import sys\n"
+        "from slurm_plugin.cli import main\n"
+        f"sys.exit(main(['--config', {str(cluster.dir / 'etc/policy.toml')!r}, 'db', "
+        f"'migrate', '--to-file', {str(target)!r}]))\n"))
+    assert out.returncode != 0
+    assert "Permission denied" in out.stderr or "cannot" in out.stderr, out.stderr
