@@ -3,13 +3,17 @@ bench starts, contrib/devcluster/postgres.sh) and one spool. Each trial SIGKILLs
 daemon (its host died), then times
 
 - kill -> the standby says it leads (``ping``), and
-- kill -> singleton work resumed: a jobcomp record written right after the kill is in the
-  ledger (ingested by the new leader),
+- kill -> singleton work resumed: a finished job's records (its node's and its completion)
+  written right after the kill are in the ledger (ingested by the new leader),
 
 then restarts the killed daemon as the new standby. The baseline in the same run is a
 SQLite daemon's own ingest latency for the same record (write -> in the ledger) with no
 failover at all: what the first figure adds to it is the failover.
 
+Run it beside a Slurm the daemons can ask (the dev cluster's environment): the ingest asks
+Slurm about jobs it has no reservation for, and without a Slurm that question times out.
+
+    make cluster && source .devcluster/env.sh
     /opt/slurmgate/venv/bin/python bench/bench_ha.py [--trials 5]
 """
 
@@ -37,7 +41,7 @@ from bench_decisions import start_postgresql, stop_postgresql  # noqa: E402
 from db.store import open_store  # noqa: E402
 from slurm_plugin.node import spool  # noqa: E402
 from slurm_plugin.protocol import call  # noqa: E402
-from tests.unit.test_db_ingest import make_jobcomp  # noqa: E402
+from tests.unit.test_db_ingest import make_jobcomp, make_node_run  # noqa: E402
 
 
 def policy(root: Path, name: str, ledger_line: str, spool_dir: Path) -> Path:
@@ -107,6 +111,7 @@ def main() -> int:
         procs.append(proc)
         base = []
         for n in range(args.trials):
+            spool.write_record(root / "lone-spool", make_node_run(90_000 + n), trust=trust)
             spool.write_record(root / "lone-spool", make_jobcomp(90_000 + n), trust=trust)
             base.append(until(lambda n=n: has_run(f"{root}/lone.db", 90_000 + n), 30))
         proc.send_signal(signal.SIGTERM)
@@ -123,6 +128,7 @@ def main() -> int:
             running[leader].send_signal(signal.SIGKILL)
             t0 = time.monotonic()
             running[leader].wait(10)
+            spool.write_record(spool_dir, make_node_run(50_000 + n), trust=trust)
             spool.write_record(spool_dir, make_jobcomp(50_000 + n), trust=trust)
             until(lambda s=standby: leads(s), 30)
             to_lead.append(time.monotonic() - t0)
