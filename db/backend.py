@@ -247,16 +247,22 @@ class PostgresConnection(Connection):
         self.raw.close()
 
 
-def database_errors() -> tuple[type[BaseException], ...]:
-    """The errors either server raises (locked, gone, refused, corrupt), for ``except``."""
-    errors: list[type[BaseException]] = [sqlite3.Error]
+def driver_errors(kind: str = "Error") -> tuple[type[BaseException], ...]:
+    """Each installed driver's DB-API exception class ``kind`` ("Error", "IntegrityError",
+    "OperationalError"...), for ``except``: code outside this module imports no driver."""
+    modules: list[Any] = [sqlite3]
     try:
         import psycopg
     except ImportError:
         pass
     else:
-        errors.append(psycopg.Error)
-    return tuple(errors)
+        modules.append(psycopg)
+    return tuple(getattr(m, kind) for m in modules)
+
+
+def database_errors() -> tuple[type[BaseException], ...]:
+    """The errors either server raises (locked, gone, refused, corrupt), for ``except``."""
+    return driver_errors("Error")
 
 
 def connect_postgresql(url: str, *, readonly: bool, connect_timeout: float = 5.0,

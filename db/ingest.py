@@ -53,13 +53,12 @@ from __future__ import annotations
 import functools
 import json
 import operator
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from db.backend import POSTGRESQL, Connection, database_errors
+from db.backend import POSTGRESQL, Connection, driver_errors
 from db.rollups import RollupStore, apply_rollup_delta
 from policies import settlement
 from policies.records import is_complete, validate
@@ -184,14 +183,8 @@ def _one_of(conn: Connection, column: str, name: str, values: Iterable[Any],
 def _retry_errors() -> tuple[type[BaseException], ...]:
     """The errors that mean "the server, not the record": locked past busy_timeout or
     lock_timeout, a statement timeout, a deadlock, disk full, the connection lost. Each
-    driver names them OperationalError (DB-API 2); taken from the drivers'
-    ``db.backend.database_errors()`` so that this module imports no driver."""
-    out: list[type[BaseException]] = []
-    for base in database_errors():
-        err = getattr(sys.modules[base.__module__], "OperationalError", None)
-        if isinstance(err, type) and issubclass(err, BaseException):
-            out.append(err)
-    return tuple(out)
+    driver names them OperationalError (DB-API 2)."""
+    return driver_errors("OperationalError")
 
 
 @dataclass

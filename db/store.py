@@ -33,6 +33,7 @@ from db.backend import (
     SQLiteConnection,
     connect_postgresql,
     database_errors,
+    driver_errors,
     is_postgresql,
     redact,
     split_in,
@@ -647,18 +648,7 @@ def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
             f"VALUES ({', '.join(':' + c for c in columns)})")
 
 
-def _integrity_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [sqlite3.IntegrityError]
-    try:
-        import psycopg
-    except ImportError:
-        pass
-    else:
-        errors.append(psycopg.IntegrityError)
-    return tuple(errors)
-
-
-_INTEGRITY_ERRORS = _integrity_errors()
+_INTEGRITY_ERRORS = driver_errors("IntegrityError")
 """A duplicate key or a failed CHECK, on either server."""
 
 # The ledger's spend: runs that ended in the period, read from the runs table for the partial
