@@ -215,6 +215,10 @@ def test_200_submissions_across_a_primary_kill_are_each_decided_and_reserved_onc
     assert all(abs(ts - killed_at[0]) < 30 for _, ts, _ in slurm_errors), slurm_errors
     tried = set(accepted.values()) | {name for name, _, _ in slurm_errors}
 
+    # the shim never fell back on its fail mode: open or closed, nothing was left to it
+    for host in ("ctl1", "ctl2"):
+        ctld_log = (ha.dir / "hosts" / host / "log" / "slurmctld.log").read_text(errors="replace")
+        assert "policy daemon unavailable" not in ctld_log, host
     # Slurm's own loss: slurmctld saves job_state every few seconds, so the jobs the primary
     # accepted since its last save are gone with it (the backup logs "Vestigial state files")
     jobs = ha.jobs()
