@@ -163,15 +163,16 @@ class QueueView(View):
         if r is None:
             return
         q = r.query
-        text = (f"{fmt.clusters(self.sources.slurm_cluster)} | Showing {len(r.shown):,} of "
-                f"{r.matched:,} jobs")
+        text = f"Showing {len(r.shown):,} of {r.matched:,} jobs"
         if r.matched != r.total:
             text += f" ({r.total:,} in queue)"
         label = dict(COLUMNS)[q.sort]
         text += f" | sort {label} {'desc' if q.reverse else 'asc'}"
         if q.describe():
             text += f" | {q.describe()}"
-        text += f" | {time.strftime('%H:%M:%S', time.gmtime(r.now))} UTC"
+        # the cluster after what the user set: a narrow terminal cuts the end of the line
+        text += (f" | {fmt.clusters(self.sources.slurm_cluster)} | "
+                 f"{time.strftime('%H:%M:%S', time.gmtime(r.now))} UTC")
         self.set_info(text)
 
     def _reselect(self) -> None:

@@ -124,7 +124,7 @@ def test_the_views_show_the_cluster_asked_for_and_say_which(shown) -> None:  # n
         fails = dict(zip(nodes.table.keys, column(nodes.table, "fail"), strict=True))
         assert fails["gpu001"] == "1"  # demo's failure, not west's two
         await loaded(pilot, "queue")
-        await until(pilot, lambda: "cluster demo | Showing" in app.screen_text(), 10,
+        await until(pilot, lambda: "| cluster demo |" in app.screen_text(), 10,
                     "the queue header")
 
     drive(app, scenario, size=SIZE)
