@@ -27,7 +27,15 @@ from db.store import Store, open_store
 from tests.conftest import FINAL_STATES, REPO, Cluster
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.slurm
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(os.geteuid() != 0,
+                       reason="the HA dev cluster needs root (namespaces, slurmctld as SlurmUser)"),
+    pytest.mark.skipif(bool(os.environ.get("SLURMGATE_CHROOT")),
+                       reason="the HA dev cluster runs on the host's Slurm (its ports are the "
+                              "host's)"),
+]
+SHARED_LEDGER = os.environ.get("DEVCLUSTER_HA_LEDGER", "postgresql") == "postgresql"
 
 CLUSTER_SH = REPO / "contrib/devcluster/cluster.sh"
 HA_DIR = REPO / ".devcluster-ha"
@@ -78,10 +86,6 @@ class HACluster(Cluster):
 
 @pytest.fixture(scope="module")
 def ha() -> Iterator[HACluster]:
-    if os.geteuid() != 0:
-        pytest.skip("the HA dev cluster needs root (namespaces, slurmctld as SlurmUser)")
-    if os.environ.get("SLURMGATE_CHROOT"):
-        pytest.skip("the HA dev cluster runs on the host's Slurm (its ports are the host's)")
     c = HACluster(HA_DIR)
     try:
         out = subprocess.run(["bash", str(CLUSTER_SH), "start"], env=c.env, text=True,
@@ -169,10 +173,10 @@ def _ledger(ha: HACluster) -> Store:
     return open_store(url, readonly=True)
 
 
+@pytest.mark.skipif(not SHARED_LEDGER,
+                    reason="one ledger for both controllers needs the PostgreSQL one")
 def test_200_submissions_across_a_primary_kill_are_each_decided_and_reserved_once(
         ha: HACluster) -> None:
-    if ha.ledger != "postgresql":
-        pytest.skip("one ledger for both controllers needs the PostgreSQL one")
     if ha.active() != "ctl1":
         ha.ctl("ha", "start-primary")
     assert wait_for(lambda: ha.active() == "ctl1", 60, 0.5, what="ctl1 in control")
