@@ -66,22 +66,6 @@ class Cursor(Protocol):
 Params = Mapping[str, Any] | None
 
 
-TRANSITION_POSITIONAL = False
-"""TEMPORARY, while db/ moves to named parameters: ``?`` with a tuple is rewritten to
-``:_pN``. Turned off (and removed) once every statement is named."""
-
-
-def _positional(sql: str, params: Any) -> tuple[str, Mapping[str, Any]]:
-    parts = sql.split("?")
-    values = list(params)
-    if len(parts) - 1 != len(values):
-        raise TypeError(f"{len(parts) - 1} placeholders, {len(values)} parameters")
-    out = parts[0]
-    for i, part in enumerate(parts[1:]):
-        out += f":_p{i}" + part
-    return out, {f"_p{i}": v for i, v in enumerate(values)}
-
-
 def _check(params: Params) -> Mapping[str, Any]:
     if type(params) is dict:
         return params
@@ -150,14 +134,9 @@ class SQLiteConnection(Connection):
         self._depth = 0
 
     def execute(self, sql: str, params: Params = None) -> Cursor:
-        if TRANSITION_POSITIONAL and isinstance(params, (tuple, list)):
-            return self.raw.execute(sql, params)
         return self.raw.execute(sql, _check(params))
 
     def executemany(self, sql: str, rows: Iterable[Mapping[str, Any]]) -> None:
-        if TRANSITION_POSITIONAL:
-            self.raw.executemany(sql, rows)
-            return
         self.raw.executemany(sql, (_check(r) for r in rows))
 
     def executescript_statement(self, sql: str) -> None:
@@ -218,16 +197,11 @@ class PostgresConnection(Connection):
         self.target = target
 
     def execute(self, sql: str, params: Params = None) -> Cursor:
-        if TRANSITION_POSITIONAL and isinstance(params, (tuple, list)):
-            sql, params = _positional(sql, params)
         p = _check(params)
         return self.raw.execute(_pg_sql(sql), p)  # a mapping even when empty: %% -> %
 
     def executemany(self, sql: str, rows: Iterable[Mapping[str, Any]]) -> None:
         batch = list(rows)
-        if TRANSITION_POSITIONAL and batch and isinstance(batch[0], (tuple, list)):
-            named = [_positional(sql, r) for r in batch]
-            sql, batch = named[0][0], [n[1] for n in named]
         with self.raw.cursor() as cur:
             cur.executemany(_pg_sql(sql), [_check(r) for r in batch])
 
