@@ -182,6 +182,7 @@ def test_200_submissions_across_a_primary_kill_are_each_decided_and_reserved_onc
     assert wait_for(lambda: ha.active() == "ctl1", 60, 0.5, what="ctl1 in control")
     tag = uuid.uuid4().hex[:6]
     accepted: dict[int, str] = {}
+    number: dict[int, int] = {}  # job id -> which of the 200 submissions it is
     slurm_errors: list[tuple[str, float, str]] = []
     killed_at: list[float] = []
 
@@ -193,7 +194,8 @@ def test_200_submissions_across_a_primary_kill_are_each_decided_and_reserved_onc
             name = f"ha200-{tag}-{n}" + (f"-r{attempt}" if attempt else "")
             res = ha.sbatch("alice", "-J", name, *held)
             if res.returncode == 0:
-                accepted[int(res.stdout.decode().strip().split(";")[0])] = name
+                job_id = int(res.stdout.decode().strip().split(";")[0])
+                accepted[job_id], number[job_id] = name, n
                 return
             err = res.stderr.decode(errors="replace").strip()
             assert "slurmgate" not in err, f"{name} rejected by slurmgate: {err}"
@@ -262,8 +264,7 @@ def test_200_submissions_across_a_primary_kill_are_each_decided_and_reserved_onc
     assert len(gone) == len(decisions) - len(rids)
 
     # the running jobs finish on the backup, each charged once against its reservation
-    runners = [j for j, name in accepted.items()
-               if j in ours and int(name.rsplit("-", 1)[1]) % RUN_EVERY == 0]
+    runners = [j for j in accepted if j in ours and number[j] % RUN_EVERY == 0]
     for job_id in runners:
         ha.wait_state(job_id, FINAL_STATES, timeout=180)
     held = [j for j in ours if j not in runners]
