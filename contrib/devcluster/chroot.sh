@@ -168,6 +168,17 @@ stop_munged_inside() {
     done < <(processes_inside "$root")
 }
 
+stop_slurm_clients_inside() {
+    local root="$1" pid comm
+    while read -r pid comm; do
+        case "$comm" in squeue | sinfo | scontrol | sbatch | scancel | sacct | srun) ;; *) continue ;; esac
+        log "ending $comm ($pid), left waiting on the stopped cluster in $root"
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done < <(processes_inside "$root")
+}
+
 cluster_processes_inside() { processes_inside "$1" | awk '$2 != "munged"'; }
 nothing_but_munged_inside() { [[ -z "$(cluster_processes_inside "$1")" ]]; }
 
@@ -176,6 +187,9 @@ unmount_chroot() {
     root="$(chroot_dir "$version")"
     # a Slurm client the cluster's stop just ran may take a moment to exit
     for _ in $(seq 25); do nothing_but_munged_inside "$root" && break; sleep 0.2; done
+    # one still waiting on the stopped controller (squeue retries for its MessageTimeout, and
+    # a stopped daemon's reconcile may have left one behind) is ended: nothing answers it
+    stop_slurm_clients_inside "$root"
     others="$(cluster_processes_inside "$root")"
     [[ -z "$others" ]] || die "still running in the $version chroot: $(paste -sd, <<<"$others");" \
         "stop its cluster first: make stop SLURM=$version"
