@@ -158,26 +158,20 @@ processes_inside() {
     return 0
 }
 
-stop_munged_inside() {
-    local root="$1" pid comm
+# end_inside ROOT REGEX WHY: SIGTERM each process in ROOT whose command name matches REGEX and
+# wait up to 5 s for it (then SIGKILL)
+end_inside() {
+    local root="$1" names="$2" why="$3" pid comm
     while read -r pid comm; do
-        [[ "$comm" == munged ]] || continue
-        log "stopping munged ($pid) of $root"
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    done < <(processes_inside "$root")
-}
-
-stop_slurm_clients_inside() {
-    local root="$1" pid comm
-    while read -r pid comm; do
-        case "$comm" in squeue | sinfo | scontrol | sbatch | scancel | sacct | srun) ;; *) continue ;; esac
-        log "ending $comm ($pid), left waiting on the stopped cluster in $root"
+        [[ "$comm" =~ ^($names)$ ]] || continue
+        log "stopping $comm ($pid) $why in $root"
         kill -TERM "$pid" 2>/dev/null || true
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$pid" 2>/dev/null || true
     done < <(processes_inside "$root")
 }
+
+stop_munged_inside() { end_inside "$1" munged "(the chroot's own munged)"; }
 
 cluster_processes_inside() { processes_inside "$1" | awk '$2 != "munged"'; }
 nothing_but_munged_inside() { [[ -z "$(cluster_processes_inside "$1")" ]]; }
@@ -189,7 +183,8 @@ unmount_chroot() {
     for _ in $(seq 25); do nothing_but_munged_inside "$root" && break; sleep 0.2; done
     # one still waiting on the stopped controller (squeue retries for its MessageTimeout, and
     # a stopped daemon's reconcile may have left one behind) is ended: nothing answers it
-    stop_slurm_clients_inside "$root"
+    end_inside "$root" "squeue|sinfo|scontrol|sbatch|scancel|sacct|srun" \
+        "(left waiting on the stopped cluster)"
     others="$(cluster_processes_inside "$root")"
     [[ -z "$others" ]] || die "still running in the $version chroot: $(paste -sd, <<<"$others");" \
         "stop its cluster first: make stop SLURM=$version"
